@@ -1,0 +1,1 @@
+"""UniMMAD in JAX/Flax."""

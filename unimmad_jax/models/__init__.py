@@ -1,0 +1,1 @@
+"""Flax modules of UniMMAD (SPEC 2)."""
