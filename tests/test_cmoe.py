@@ -1,0 +1,97 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unimmad_jax.models import cmoe, layers
+
+C, R, N, K = 8, 4, 3, 2
+
+
+def conv_same(x, kernel):
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def test_identity_kernel_convolution_is_identity():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, C))
+    for k in (1, 3, 5):
+        np.testing.assert_allclose(conv_same(x, cmoe.identity_kernel(None, (k, k, C, C))), x, atol=1e-6)
+
+
+def test_router_dense_gate_holds_renormalised_top_k():
+    stats = jax.random.normal(jax.random.key(0), (5, C))
+    router = cmoe.Router(R, K)
+    routing, = [router.apply(router.init(jax.random.key(1), stats), stats)]
+    probs = np.asarray(routing.probs)
+    expected_index = np.argsort(-probs, axis=1)[:, :K]
+    np.testing.assert_array_equal(routing.index, expected_index)
+    gate = np.asarray(routing.gate)
+    assert ((gate > 0).sum(axis=1) == K).all()
+    np.testing.assert_allclose(gate.sum(axis=1), 1.0, atol=1e-6)
+    top = np.take_along_axis(probs, expected_index, axis=1)
+    np.testing.assert_allclose(np.take_along_axis(gate, expected_index, axis=1), top / top.sum(1, keepdims=True),
+                               rtol=1e-6)
+
+
+def test_balance_loss_values():
+    logits = jnp.zeros((3, R))
+    uniform = cmoe.Routing(logits, jax.nn.softmax(logits), None, None, None)
+    mask = jnp.array([True, True, False])
+    # Uniform routing: no imbalance; z-loss = 1e-4 * log(R)^2.
+    np.testing.assert_allclose(cmoe.balance_loss(uniform, mask), 1e-4 * np.log(R) ** 2, rtol=1e-6)
+    skewed = jnp.array([[10.0, 0, 0, 0], [10.0, 0, 0, 0], [0, 0, 0, 10.0]])
+    routing = cmoe.Routing(skewed, jax.nn.softmax(skewed), None, None, None)
+    importance = np.asarray(jax.nn.softmax(skewed))[:2].mean(0)  # the padded third pair does not count
+    cv2 = importance.var() / importance.mean() ** 2
+    z = 1e-4 * np.mean(np.asarray(jax.nn.logsumexp(skewed, axis=-1))[:2] ** 2)
+    np.testing.assert_allclose(cmoe.balance_loss(routing, mask), cv2 + z, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+def test_fused_branch_equals_three_convolutions(kernel):
+    """One convolution with the folded kernel == fixed + each routed expert + post 1x1, as the reference runs it."""
+    batch, slots = 2, 2
+    key = jax.random.normal(jax.random.key(0), (batch, 7, 7, C))
+    stats = jax.random.normal(jax.random.key(1), (slots * batch, C))
+    base = jax.random.normal(jax.random.key(2), (N, kernel, kernel, C, C)) / (kernel * np.sqrt(C))
+    module = cmoe.MiMoE(kernel, C, R, K)
+    params = module.init(jax.random.key(3), key, stats, base)["params"]
+    params["fixed_expert"] = params["fixed_expert"] + 0.1 * jax.random.normal(jax.random.key(4),
+                                                                              params["fixed_expert"].shape)
+    fused, routing = module.apply({"params": params}, key, stats, base)
+
+    x = layers.ConvNormAct(C).apply({"params": params["pre"]}, key)
+    mix = jax.nn.softmax(params["leader_logits"], axis=1)  # [R, N, C]
+    leaders = jnp.einsum("rnc,nhwic->rhwic", mix, base)  # W_r, per output channel c
+    for pair in range(slots * batch):
+        sample = pair % batch
+        xs = x[sample:sample + 1]
+        fixed = conv_same(xs, params["fixed_expert"])
+        routed = sum(routing.score[pair, j] * conv_same(xs, leaders[routing.index[pair, j]]) for j in range(K))
+        y = jnp.concatenate([fixed, routed], axis=-1) @ params["post"]
+        expected = layers.NormAct().apply({"params": params["post_norm"]}, y)
+        np.testing.assert_allclose(fused[pair], expected[0], atol=2e-5)
+
+
+def cross_moe_run(prior, mask, train=True):
+    general = jax.random.normal(jax.random.key(5), (2, 8, 8, 16))
+    module = cmoe.CrossMoE(16, embed_dim=C, base_num=N, router_num=R, top_k=K)
+    variables = module.init(jax.random.key(6), general, prior, mask, train=False)
+    (y, loss, _), updates = module.apply(variables, general, prior, mask, train=train, mutable=["batch_stats"])
+    return y, loss, updates["batch_stats"]
+
+
+def test_padded_pairs_change_no_output_loss_or_statistic():
+    prior = jax.random.normal(jax.random.key(7), (4, 8, 8, 16))  # 2 slots x 2 samples, slot-major
+    mask = jnp.array([True, True, True, False])  # sample 1 has one modality
+    y, loss, stats = cross_moe_run(prior, mask)
+    y2, loss2, stats2 = cross_moe_run(prior.at[3].set(50.0), mask)
+    np.testing.assert_allclose(y[:3], y2[:3], atol=1e-5)
+    np.testing.assert_allclose(loss, loss2, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(stats), jax.tree_util.tree_leaves(stats2)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    _, loss_all_valid, stats_all_valid = cross_moe_run(prior.at[3].set(50.0), jnp.ones(4, bool))
+    assert abs(float(loss_all_valid) - float(loss)) > 1e-6  # the mask is what kept the garbage out
+    assert not np.allclose(stats_all_valid["cond_bn"]["var"], stats["cond_bn"]["var"])

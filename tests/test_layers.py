@@ -1,0 +1,74 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unimmad_jax.models import layers
+
+
+def torch_conv_transpose(x, weight, stride, padding, bias=None):
+    """PyTorch's ConvTranspose2d by its definition: each input pixel scatters `weight[i, o]` into the output.
+
+    x `[C_in, H, W]`, weight `[C_in, C_out, k, k]` (PyTorch layout).
+    """
+    c_in, h, w = x.shape
+    _, c_out, k, _ = weight.shape
+    full = np.zeros((c_out, (h - 1) * stride + k, (w - 1) * stride + k))
+    for i in range(h):
+        for j in range(w):
+            full[:, i * stride:i * stride + k, j * stride:j * stride + k] += np.einsum("c,cokl->okl", x[:, i, j], weight)
+    out = full[:, padding:full.shape[1] - padding, padding:full.shape[2] - padding]
+    return out if bias is None else out + bias[:, None, None]
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (4, 2, 1)])
+def test_conv_transpose_is_pytorch_scatter(kernel, stride, padding):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 6))
+    weight = rng.standard_normal((3, 4, kernel, kernel))
+    bias = rng.standard_normal(4)
+    module = layers.conv_transpose(4, kernel, stride=stride, padding=padding, bias=True)
+    params = {"params": {"kernel": jnp.asarray(weight.transpose(2, 3, 1, 0)), "bias": jnp.asarray(bias)}}
+    ours = module.apply(params, jnp.asarray(x.transpose(1, 2, 0))[None])[0]
+    expected = torch_conv_transpose(x, weight, stride, padding, bias)
+    assert ours.shape == (5 * stride, 6 * stride, 4)
+    np.testing.assert_allclose(np.asarray(ours).transpose(2, 0, 1), expected, atol=1e-5)
+
+
+def test_group_count_is_first_divisor():
+    assert [layers.group_count(c) for c in (512, 170, 24, 9, 7)] == [32, 2, 8, 1, 1]
+
+
+def test_conv_pads_symmetrically_like_pytorch():
+    """A 3x3/2 conv with padding 1 (PyTorch) differs from XLA's 'SAME' on even sizes: check its first output."""
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    kernel = jnp.ones((3, 3, 1, 1))
+    out = layers.conv(1, 3, stride=2).apply({"params": {"kernel": kernel}}, x)
+    assert out.shape == (1, 2, 2, 1)
+    assert float(out[0, 0, 0, 0]) == 0 + 1 + 4 + 5  # the window centred on (0, 0), its top and left padded
+
+
+def test_batch_norm_mask_ignores_padded_rows():
+    x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2))
+    mask = jnp.array([True, True, False, False])
+    bn = layers.batch_norm(train=True)
+    variables = bn.init(jax.random.key(1), x)
+    out_masked, stats_masked = bn.apply(variables, x, mask=mask[:, None, None, None], mutable=["batch_stats"])
+    garbage = x.at[2:].set(100.0)
+    out_garbage, stats_garbage = bn.apply(variables, garbage, mask=mask[:, None, None, None], mutable=["batch_stats"])
+    out_valid_only, stats_valid_only = bn.apply(variables, x[:2], mutable=["batch_stats"])
+    np.testing.assert_allclose(out_masked[:2], out_valid_only, atol=1e-6)
+    np.testing.assert_allclose(out_garbage[:2], out_valid_only, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(stats_garbage), jax.tree_util.tree_leaves(stats_valid_only)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_l2_normalize_unit_norm_and_zero_safe():
+    x = jnp.array([[3.0, 4.0], [0.0, 0.0]])
+    out = layers.l2_normalize(x)
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
+
+
+def test_gelu_is_exact_erf_form():
+    x = jnp.array(1.0)
+    assert abs(float(layers.gelu(x)) - 0.8413447460685429) < 1e-6  # x * Phi(x); tanh form gives 0.84119

@@ -1,0 +1,41 @@
+"""Model checkpoints: a model config and its variables, written atomically with orbax.
+
+A folder holds `model_config` (JSON: the `ModelConfig` fields and what the folder is) and
+`variables` (`params` and `batch_stats`).  `kind` is "model" for a complete model and
+"prior" for the prior generator alone (the other parts are initialised from scratch).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from unimmad_jax.models.unimmad import ModelConfig
+
+KINDS = ("model", "prior")
+
+
+def save(directory: str | Path, cfg: ModelConfig, variables: dict, kind: str = "model") -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+    meta = {"kind": kind, "model": dataclasses.asdict(cfg)}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(Path(directory).absolute(), ocp.args.Composite(
+            model_config=ocp.args.JsonSave(meta), variables=ocp.args.StandardSave(variables)), force=True)
+
+
+def load(directory: str | Path) -> tuple[str, ModelConfig, dict]:
+    """(kind, model config, variables as numpy arrays) of a folder written by `save`."""
+    directory = Path(directory).absolute()
+    if not (directory / "model_config").is_dir():
+        raise FileNotFoundError(f"{directory}: not a model checkpoint (no model_config inside); "
+                                f"make one with `python -m unimmad_jax.convert`")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(directory, ocp.args.Composite(
+            model_config=ocp.args.JsonRestore(), variables=ocp.args.StandardRestore()))
+    meta = restored["model_config"]
+    variables = jax.tree_util.tree_map(np.asarray, restored["variables"])
+    return meta["kind"], ModelConfig.from_mapping(meta["model"]), variables

@@ -1,0 +1,155 @@
+"""Cross Mixture-of-Experts (SPEC 2.4): router, MoE-in-MoE branches (MiMoE) and the C-MoE of one level.
+
+Pairs are (sample, modality slot) combinations packed slot-major: pair `p = slot * B + sample`,
+as the reference packs them.  Every pair is computed (static shapes); `pair_mask` marks the
+valid ones, and padded pairs change no statistic, loss or valid output.
+
+Routing is dense: the top-K scores are scattered into a `[P, R]` gate, so a pair's expert
+kernel is a masked einsum over all R leader experts.  Each branch then runs ONE convolution
+per pair: everything between the branch's input and its GroupNorm is linear in the kernel,
+so the fixed expert, the routed experts with their scores and the `post` 1x1 conv fold into
+
+    K_p = F . Post_a + (sum_r gate[p, r] W_r) . Post_b,
+    W_r[c] = sum_n softmax_n(L_r)[n, c] Base[n, c]      (c: output channel of the base kernels).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unimmad_jax.models.layers import ConvNormAct, Dtype, NormAct, batch_norm, conv, gelu
+
+
+class Routing(NamedTuple):
+    """Router output for P pairs: logits and probabilities `[P, R]`, the top-K `[P, K]`, the dense gate `[P, R]`."""
+    logits: jax.Array
+    probs: jax.Array
+    index: jax.Array
+    score: jax.Array
+    gate: jax.Array
+
+
+class Router(nn.Module):
+    """`softmax(Linear(stats))`, top-K renormalised (`s_j = p_j / (sum_K p + 1e-8)`) and scattered densely."""
+    router_num: int
+    top_k: int
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, stats: jax.Array) -> Routing:
+        logits = nn.Dense(self.router_num, dtype=self.dtype, name="gate")(stats)
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        probs = jax.nn.softmax(logits, axis=-1)
+        top_probs, index = jax.lax.top_k(probs, self.top_k)
+        score = top_probs / (jnp.sum(top_probs, axis=-1, keepdims=True) + 1e-8)
+        gate = jnp.einsum("pk,pkr->pr", score, jax.nn.one_hot(index, self.router_num, dtype=score.dtype))
+        return Routing(logits, probs, index, score, gate)
+
+
+def balance_loss(routing: Routing, pair_mask: jax.Array) -> jax.Array:
+    """Load-balance loss of one branch over the valid pairs: `cv^2` of the mean router probabilities + z-loss."""
+    weights = pair_mask.astype(routing.probs.dtype)[:, None]
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+    importance = jnp.sum(routing.probs * weights, axis=0) / count
+    mean = jnp.mean(importance)
+    cv_squared = jnp.mean(jnp.square(importance - mean)) / (jnp.square(mean) + 1e-8)
+    z_loss = 1e-4 * jnp.sum(jnp.square(jax.nn.logsumexp(routing.logits, axis=-1)) * weights[:, 0]) / count
+    return cv_squared + z_loss
+
+
+def identity_kernel(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    """A `[k, k, C, C]` delta kernel: the convolution it defines is the identity."""
+    del key
+    k, _, channels, _ = shape
+    return jnp.zeros(shape, dtype).at[k // 2, k // 2].set(jnp.eye(channels, dtype=dtype))
+
+
+def per_sample_conv(x: jax.Array, kernels: jax.Array) -> jax.Array:
+    """Convolve sample b of `x [B, h, w, C]` with its own kernel `kernels[b] [k, k, C, O]` ('same' padding)."""
+    pad = kernels.shape[1] // 2
+
+    def one(image, kernel):
+        return jax.lax.conv_general_dilated(image[None], kernel, (1, 1), ((pad, pad), (pad, pad)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+
+    return jax.vmap(one)(x, kernels)
+
+
+class MiMoE(nn.Module):
+    """One kernel-size branch: `pre`, router, leader experts over the shared base bank, fixed expert, `post`."""
+    kernel: int
+    embed_dim: int
+    router_num: int
+    top_k: int
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, key: jax.Array, stats: jax.Array, base: jax.Array) -> tuple[jax.Array, Routing]:
+        """`key [B, h, w, C]` per sample, `stats [P, C]` per pair (P = S * B), `base [N, k, k, C, C]`."""
+        c, k = self.embed_dim, self.kernel
+        x = ConvNormAct(c, dtype=self.dtype, name="pre")(key)
+        routing = Router(self.router_num, self.top_k, self.dtype, name="router")(stats)
+        leader_logits = self.param("leader_logits", nn.initializers.normal(1.0), (self.router_num, base.shape[0], c))
+        fixed = self.param("fixed_expert", identity_kernel, (k, k, c, c))
+        post = self.param("post", nn.initializers.lecun_normal(), (2 * c, c))
+
+        dtype = self.dtype or jnp.result_type(x, base)
+        mixing = jnp.einsum("pr,rnc->pnc", routing.gate.astype(dtype),
+                            jax.nn.softmax(leader_logits, axis=1).astype(dtype))
+        routed = jnp.einsum("pnc,nhwic->phwic", mixing, base.astype(dtype))
+        post = post.astype(dtype)
+        kernels = (jnp.einsum("hwic,co->hwio", fixed.astype(dtype), post[:c])
+                   + jnp.einsum("phwic,co->phwio", routed, post[c:]))
+
+        num_samples = x.shape[0]
+        slots = kernels.shape[0] // num_samples
+        # Sample b's S pair kernels side by side: one convolution per sample yields all its pairs.
+        per_sample = kernels.reshape(slots, num_samples, k, k, c, c).transpose(1, 2, 3, 4, 0, 5)
+        y = per_sample_conv(x.astype(dtype), per_sample.reshape(num_samples, k, k, c, slots * c))
+        y = y.reshape(*y.shape[:3], slots, c).transpose(3, 0, 1, 2, 4).reshape(-1, *y.shape[1:3], c)
+        return NormAct(self.dtype, name="post_norm")(y), routing
+
+
+class CrossMoE(nn.Module):
+    """The C-MoE of one level: general feature `[B, h, w, D]` and pair priors `[P, h, w, D]` -> `[P, h, w, D]`.
+
+    Returns the decompressed pair features, the level's load-balance loss (summed over its
+    branches) and each branch's routing.
+    """
+    features: int
+    embed_dim: int = 256
+    base_num: int = 8
+    router_num: int = 32
+    top_k: int = 2
+    kernels: Sequence[int] = (1, 3, 5)
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, general: jax.Array, prior: jax.Array, pair_mask: jax.Array,
+                 train: bool) -> tuple[jax.Array, jax.Array, list[Routing]]:
+        c = self.embed_dim
+        slots = prior.shape[0] // general.shape[0]
+        key = ConvNormAct(c, dtype=self.dtype, name="key")(general)
+        query = ConvNormAct(c, dtype=self.dtype, name="query")(prior)
+        cond = conv(c, 3, dtype=self.dtype, name="cond_conv")(
+            jnp.concatenate([jnp.tile(key, (slots, 1, 1, 1)), query], axis=-1))
+        cond = batch_norm(train, dtype=self.dtype, name="cond_bn")(cond, mask=pair_mask[:, None, None, None])
+        cond = NormAct(self.dtype, name="cond_act")(gelu(cond))
+        cond = ConvNormAct(c, dtype=self.dtype, name="cond_proj")(cond)
+        stats = jnp.mean(cond, axis=(1, 2))
+
+        outputs, routings = [], []
+        for k in self.kernels:
+            base = self.param(f"base_k{k}", nn.initializers.lecun_normal(in_axis=(1, 2, 3), out_axis=4,
+                                                                         batch_axis=0),
+                              (self.base_num, k, k, c, c))
+            out, routing = MiMoE(k, c, self.router_num, self.top_k, self.dtype, name=f"mimoe_k{k}")(key, stats, base)
+            outputs.append(out)
+            routings.append(routing)
+        y = ConvNormAct(self.features, dtype=self.dtype, name="out")(jnp.concatenate(outputs, axis=-1))
+        loss = sum(balance_loss(r, pair_mask) for r in routings)
+        return y, loss, routings

@@ -1,0 +1,34 @@
+"""Input embedding (SPEC 2.1): the share image plus a learned map, through a small stem and a 1x1 shortcut."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unimmad_jax.models.layers import Dtype, batch_norm, conv
+
+
+class InputEmbedding(nn.Module):
+    """`out = stem(img + P) + shortcut(img + P)`; 3 channels out, for the general encoder.
+
+    `P` (`input_embedding`, `[H, W, channels]`, N(0, 0.02^2)) ties the model to one image size.
+    """
+    image_size: int
+    channels: int = 12
+    stem_widths: Sequence[int] = (24, 48)
+    out_channels: int = 3
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, share_image: jax.Array, train: bool) -> jax.Array:
+        position = self.param("input_embedding", nn.initializers.normal(0.02),
+                              (self.image_size, self.image_size, self.channels))
+        x = share_image + jnp.asarray(position, self.dtype or jnp.result_type(share_image, position))
+        y = x
+        for i, width in enumerate(self.stem_widths):
+            y = conv(width, 3, bias=True, dtype=self.dtype, name=f"stem_conv{i}")(y)
+            y = nn.relu(batch_norm(train, dtype=self.dtype, name=f"stem_bn{i}")(y))
+        y = conv(self.out_channels, 3, bias=True, dtype=self.dtype, name=f"stem_conv{len(self.stem_widths)}")(y)
+        return y + conv(self.out_channels, 1, bias=True, dtype=self.dtype, name="shortcut")(x)

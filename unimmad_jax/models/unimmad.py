@@ -1,0 +1,145 @@
+"""The whole UniMMAD model: share image, general encoder, FCM/decoder, frozen prior, three C-MoEs."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unimmad_jax.models.cmoe import CrossMoE, Routing
+from unimmad_jax.models.embedding import InputEmbedding
+from unimmad_jax.models.fcm import FeatureDecompressor
+from unimmad_jax.models.layers import l2_normalize
+from unimmad_jax.models.wide_resnet import EXPANSION, WideResNetFeatures
+
+IMAGE_SIZE_MULTIPLE = 32
+"""The deepest level is at stride 32, and every level must tile it exactly."""
+
+FROZEN = ("prior",)
+"""Top-level parameter collections that training never updates (the prior generator)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Widths and depths of the model; the defaults are the paper's (SPEC 2)."""
+    image_size: int = 256
+    max_modalities: int = 4
+    embedding_widths: tuple[int, ...] = (24, 48)
+    planes: tuple[int, ...] = (64, 128, 256)
+    blocks: tuple[int, ...] = (3, 4, 6)
+    width_factor: int = 2
+    stem_width: int = 64
+    fcm_dim: int = 512
+    moe_dim: int = 256
+    base_num: int = 8
+    router_num: int = 32
+    top_k: int = 2
+    moe_kernels: tuple[int, ...] = (1, 3, 5)
+    dtype: str | None = None
+    """Compute dtype ('bfloat16', 'float32'); None follows the parameters and inputs."""
+
+    def __post_init__(self):
+        if self.image_size % IMAGE_SIZE_MULTIPLE:
+            raise ValueError(f"model.image_size={self.image_size} is not a multiple of {IMAGE_SIZE_MULTIPLE}: "
+                             f"the model's levels sit at strides 4 to 32 and must tile the image")
+        if not 1 <= self.top_k <= self.router_num:
+            raise ValueError(f"model.top_k={self.top_k} must be between 1 and model.router_num={self.router_num}")
+
+    @classmethod
+    def from_mapping(cls, fields: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a config section (e.g. `config.model`), naming unknown fields."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in fields.items()})
+
+    @property
+    def feature_dims(self) -> tuple[int, ...]:
+        """Channels of the three levels (WRN-50-2: 256, 512, 1024)."""
+        return tuple(EXPANSION * p for p in self.planes)
+
+    @property
+    def compute_dtype(self):
+        return None if self.dtype is None else jnp.dtype(self.dtype)
+
+
+class ModelOutput(NamedTuple):
+    """Per level l: `prior[l]`, `decompressed[l]` `[P, h, w, D]` for the P = S * B pairs (slot-major).
+
+    `pair_mask [P]` marks valid pairs; `moe_loss [levels]` is each C-MoE's load-balance loss;
+    `routing[l][branch]` the routers' decisions.
+    """
+    prior: list[jax.Array]
+    decompressed: list[jax.Array]
+    pair_mask: jax.Array
+    moe_loss: jax.Array
+    routing: list[list[Routing]]
+
+
+def share_image(specific_images: jax.Array, max_modalities: int) -> jax.Array:
+    """SPEC 1's `img`: slot m in channels 3m..3m+2, zero-padded to `3 * max_modalities` channels."""
+    batch, slots, height, width, channels = specific_images.shape
+    stacked = specific_images.transpose(0, 2, 3, 1, 4).reshape(batch, height, width, slots * channels)
+    return jnp.pad(stacked, ((0, 0), (0, 0), (0, 0), (0, (max_modalities - slots) * channels)))
+
+
+def slot_major(x: jax.Array) -> jax.Array:
+    """`[B, S, ...]` -> `[S * B, ...]`, the pair order of the reference."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+class UniMMAD(nn.Module):
+    """`specific_images [B, S, H, W, 3]` and `modality_mask [B, S]` (S <= max_modalities) -> `ModelOutput`."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, specific_images: jax.Array, modality_mask: jax.Array, train: bool) -> ModelOutput:
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        _, slots, height, width, _ = specific_images.shape
+        if slots > cfg.max_modalities or (height, width) != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"images {specific_images.shape[1:]} do not fit a model of image_size "
+                             f"{cfg.image_size} with at most {cfg.max_modalities} modalities")
+        # Padded slots are zero in the share image whatever the batch holds there.
+        specific_images = jnp.where(modality_mask[:, :, None, None, None], specific_images, 0)
+        if dtype is not None:
+            specific_images = specific_images.astype(dtype)
+        wrn = dict(planes=cfg.planes, blocks=cfg.blocks, width_factor=cfg.width_factor,
+                   stem_width=cfg.stem_width, dtype=dtype)
+
+        embedded = InputEmbedding(cfg.image_size, 3 * cfg.max_modalities, cfg.embedding_widths, dtype=dtype,
+                                  name="embedding")(share_image(specific_images, cfg.max_modalities), train)
+        encoded = WideResNetFeatures(**wrn, name="encoder")(embedded, train)
+        general = FeatureDecompressor(cfg.planes, cfg.blocks, cfg.width_factor, cfg.fcm_dim, dtype=dtype,
+                                      name="fcm")(encoded, train)
+        # The prior generator is frozen: eval-mode BN, and no gradient flows into it.
+        prior = WideResNetFeatures(**wrn, name="prior")(slot_major(specific_images), train=False)
+        prior = [l2_normalize(jax.lax.stop_gradient(f)) for f in prior]
+
+        pair_mask = slot_major(modality_mask)
+        decompressed, moe_loss, routing = [], [], []
+        for level, (g, u) in enumerate(zip(general, prior)):
+            y, loss, level_routing = CrossMoE(u.shape[-1], cfg.moe_dim, cfg.base_num, cfg.router_num, cfg.top_k,
+                                              cfg.moe_kernels, dtype=dtype, name=f"cmoe{level}")(
+                l2_normalize(g), u, pair_mask, train)
+            decompressed.append(y)
+            moe_loss.append(loss)
+            routing.append(level_routing)
+        return ModelOutput(prior, decompressed, pair_mask, jnp.stack(moe_loss), routing)
+
+
+def init_variables(model: UniMMAD, seed: int, slots: int = 1) -> dict:
+    """Randomly initialised variables, in one compiled call.
+
+    The key is an `rbg` key: XLA compiles its generator in a fraction of the time that
+    hundreds of threefry draws (one per parameter) take on a CPU.
+    """
+    size = model.config.image_size
+    images = jnp.zeros((1, slots, size, size, 3), jnp.float32)
+    mask = jnp.ones((1, slots), bool)
+    init = jax.jit(lambda key, x, m: model.init(key, x, m, train=False))
+    return init(jax.random.key(seed, impl="rbg"), images, mask)
