@@ -1,0 +1,316 @@
+"""Tests of unimmad_jax.metrics against the reference fixture, a slow reference, and properties."""
+
+import json
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import average_precision_score
+
+from unimmad_jax.metrics import (
+    ALL_CLASS_MEAN,
+    ALL_DATASETS_MEAN,
+    METRIC_NAMES,
+    UndefinedMetricWarning,
+    aupro,
+    compute_metrics,
+    summarize,
+    to_markdown,
+    to_text,
+)
+
+FIXTURE = Path(__file__).resolve().parents[1].parent / "shared/parity/cases/metrics_official.npz"
+# SPEC 8: metrics 1e-6 absolute, AUPRO 1e-4.
+SPEC_TOLERANCE = {name: 1e-4 if name == "aupro_0.3" else 1e-6 for name in METRIC_NAMES}
+
+
+# ----------------------------------------------------------------------------
+# The reference's own values
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not FIXTURE.exists(), reason=f"fixture {FIXTURE} not present")
+def test_matches_reference_fixture():
+    case = np.load(FIXTURE)
+    metrics = compute_metrics(
+        case["image_labels"], case["image_scores"], case["masks"], case["anomaly_maps"]
+    )
+    assert set(metrics) == set(METRIC_NAMES)
+    for name in METRIC_NAMES:
+        assert isinstance(metrics[name], float)
+        assert abs(metrics[name] - float(case[name])) <= SPEC_TOLERANCE[name], name
+    # The reading of SPEC 5 documented in `aupro` reproduces the reference exactly.
+    assert abs(metrics["aupro_0.3"] - float(case["aupro_0.3"])) < 1e-12
+
+
+# ----------------------------------------------------------------------------
+# An unseen case against a slow, loop-based reference
+# ----------------------------------------------------------------------------
+
+
+def _structured_case(seed=0, num_images=30, size=48):
+    """Blob and diagonal-chain defects, noisy maps correlated with them, quantized so scores tie."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:size, :size]
+    masks = np.zeros((num_images, size, size), dtype=np.uint8)
+    signal = np.zeros((num_images, size, size))
+    labels = (rng.random(num_images) < 0.6).astype(np.int64)
+    labels[:2] = (0, 1)
+    for image in np.flatnonzero(labels):
+        for _ in range(rng.integers(1, 4)):
+            defect = np.zeros((size, size), dtype=bool)
+            if rng.random() < 0.7:
+                cy, cx = rng.integers(6, size - 6, 2)
+                ry, rx = rng.uniform(1.5, 6, 2)
+                defect[((rows - cy) / ry) ** 2 + ((cols - cx) / rx) ** 2 <= 1] = True
+            else:  # pixels touching only by their corners: one region under 8-connectivity
+                start = rng.integers(2, size - 12, 2)
+                steps = np.arange(rng.integers(3, 10))
+                defect[start[0] + steps, start[1] + steps] = True
+            masks[image][defect] = 1
+            signal[image][defect] = rng.uniform(0.2, 1.0)
+    maps = ndimage.gaussian_filter(signal, (0, 1.5, 1.5)) + 0.35 * rng.random(masks.shape)
+    maps = np.round(maps * 32) / 32
+    scores = maps.reshape(num_images, -1).max(axis=1) + 0.3 * rng.random(num_images)
+    scores = np.round(scores * 16) / 16
+    return labels, scores, masks, maps
+
+
+def _reference_roc_auc(labels, scores):
+    """Trapezoids over (FPR, TPR) at every distinct threshold ``score >= t``, counted directly."""
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    area, previous_fpr, previous_tpr = 0.0, 0.0, 0.0
+    for threshold in np.unique(scores)[::-1]:
+        tpr = np.count_nonzero(positives >= threshold) / positives.size
+        fpr = np.count_nonzero(negatives >= threshold) / negatives.size
+        area += (fpr - previous_fpr) * (tpr + previous_tpr) / 2
+        previous_fpr, previous_tpr = fpr, tpr
+    return area
+
+
+def _reference_ap_and_f1_max(labels, scores):
+    """AP = sum (R_k - R_{k-1}) P_k and max F1 over every distinct threshold ``score >= t``."""
+    num_positive = np.count_nonzero(labels)
+    average_precision, previous_recall, best_f1 = 0.0, 0.0, 0.0
+    for threshold in np.unique(scores)[::-1]:
+        predicted = scores >= threshold
+        true_positives = np.count_nonzero(predicted & (labels == 1))
+        precision = true_positives / np.count_nonzero(predicted)
+        recall = true_positives / num_positive
+        average_precision += (recall - previous_recall) * precision
+        best_f1 = max(best_f1, 2 * precision * recall / (precision + recall + 1e-8))
+        previous_recall = recall
+    return average_precision, best_f1
+
+
+def _reference_regions(mask):
+    """Pixel lists of the 8-connected regions of one binary image, by flood fill."""
+    seen = np.zeros(mask.shape, dtype=bool)
+    regions = []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        region, frontier = [], deque([start])
+        while frontier:
+            y, x = frontier.popleft()
+            region.append((y, x))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = y + dy, x + dx
+                    inside = 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1]
+                    if inside and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        frontier.append((ny, nx))
+        regions.append(region)
+    return regions
+
+
+def _reference_aupro(masks, maps, fpr_limit=0.3):
+    """SPEC 5 with explicit loops over thresholds, regions and curve segments."""
+    region_scores = [
+        np.array([maps[image][pixel] for pixel in region])
+        for image in range(masks.shape[0])
+        for region in _reference_regions(masks[image])
+    ]
+    normal_scores = sorted(maps[masks == 0].tolist())
+    num_normal = len(normal_scores)
+    curve = [(1.0, 1.0)]
+    for position in np.linspace(0, num_normal - 1, 99):
+        position = int(position)
+        threshold = normal_scores[position]
+        pro = sum(np.mean(scores > threshold) for scores in region_scores) / len(region_scores)
+        curve.append((1 - (position + 1) / num_normal, pro))
+    curve.sort(key=lambda point: point[0])
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 >= fpr_limit:
+            break
+        if x1 > fpr_limit:  # close the area at the limit, on the segment's straight line
+            y1 = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+            x1 = fpr_limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / fpr_limit
+
+
+def test_matches_slow_reference_on_unseen_case():
+    labels, scores, masks, maps = _structured_case()
+    pixel_labels, pixel_scores = masks.ravel(), maps.ravel()
+    image_ap, image_f1 = _reference_ap_and_f1_max(labels, scores)
+    pixel_ap, pixel_f1 = _reference_ap_and_f1_max(pixel_labels, pixel_scores)
+    expected = {
+        "i_auroc": _reference_roc_auc(labels, scores),
+        "i_ap": image_ap,
+        "i_f1max": image_f1,
+        "p_auroc": _reference_roc_auc(pixel_labels, pixel_scores),
+        "p_f1max": pixel_f1,
+        "aupro_0.3": _reference_aupro(masks, maps),
+        "p_ap": pixel_ap,
+    }
+    metrics = compute_metrics(labels, scores, masks, maps)
+    for name in METRIC_NAMES:
+        assert metrics[name] == pytest.approx(expected[name], abs=1e-12), name
+    # Ties between region pixels and thresholds exist, so `>` vs `>=` is exercised here.
+    assert 0.05 < expected["aupro_0.3"] < 0.95
+    # AP read off the shared PR curve is scikit-learn's average_precision_score.
+    assert metrics["p_ap"] == average_precision_score(pixel_labels, pixel_scores)
+    assert metrics["i_ap"] == average_precision_score(labels, scores)
+
+
+# ----------------------------------------------------------------------------
+# Properties
+# ----------------------------------------------------------------------------
+
+
+def test_perfect_scores_give_one_everywhere():
+    labels, _, masks, _ = _structured_case(seed=1)
+    metrics = compute_metrics(labels, labels.astype(float), masks, masks.astype(float))
+    for name in METRIC_NAMES:
+        # F1max is 2 / (2 + 1e-8) at best, by its epsilon.
+        assert metrics[name] == pytest.approx(1.0, abs=1e-8), name
+
+
+def test_inverted_scores_give_auroc_zero():
+    labels, scores, masks, maps = _structured_case(seed=2)
+    perfect_inverse_scores = -labels + 0.1 * np.random.default_rng(0).random(labels.size)
+    metrics = compute_metrics(labels, perfect_inverse_scores, masks, -masks.astype(float))
+    assert metrics["i_auroc"] == 0.0
+    assert metrics["p_auroc"] == 0.0
+    assert metrics["aupro_0.3"] == 0.0
+
+
+def _image_with_blocks(blocks, size=12):
+    """Mask and map of one image: normal pixels score in [0, 1), each (corner, side, score)
+    block is a defect."""
+    mask = np.zeros((size, size), dtype=bool)
+    scores = np.random.default_rng(0).random((size, size))
+    for (row, col), side, score in blocks:
+        mask[row : row + side, col : col + side] = True
+        scores[row : row + side, col : col + side] = score
+    return mask, scores
+
+
+# A 2x2 block scoring above every normal pixel (detected) and a 4x4 one below all of them (missed).
+DETECTED_2X2, MISSED_4X4 = 2.0, -1.0
+
+
+def test_aupro_uses_eight_connectivity():
+    # The 2x2 block ends at (3, 3) and the 4x4 block starts at (4, 4): they touch only by a corner.
+    mask, scores = _image_with_blocks([((2, 2), 2, DETECTED_2X2), ((4, 4), 4, MISSED_4X4)])
+    assert ndimage.label(mask)[1] == 2  # 4-connectivity: two regions, PRO (1 + 0) / 2 = 0.5
+    # 8-connectivity: one 20-pixel region, 4 pixels detected, PRO 0.2 at every threshold.
+    assert aupro(mask[None], scores[None]) == pytest.approx(0.2, abs=1e-12)
+
+
+def test_aupro_keeps_regions_of_different_images_apart():
+    # The two blocks overlap in position but lie in two images: two regions, PRO (1 + 0) / 2.
+    first_mask, first_scores = _image_with_blocks([((2, 2), 2, DETECTED_2X2)])
+    second_mask, second_scores = _image_with_blocks([((2, 2), 4, MISSED_4X4)])
+    masks, maps = np.stack([first_mask, second_mask]), np.stack([first_scores, second_scores])
+    assert aupro(masks, maps) == pytest.approx(0.5, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------
+
+
+def test_shape_mismatch_names_the_arrays():
+    labels, scores, masks, maps = _structured_case(seed=3, num_images=4)
+    with pytest.raises(ValueError, match=r"masks \(4, 48, 48\) and anomaly_maps \(4, 48, 40\)"):
+        compute_metrics(labels, scores, masks, maps[..., :40])
+    with pytest.raises(ValueError, match=r"image_labels \(4,\) and image_scores \(3,\)"):
+        compute_metrics(labels, scores[:3], masks, maps)
+    with pytest.raises(ValueError, match=r"image_labels has 3 images but masks has 4"):
+        compute_metrics(labels[:3], scores[:3], masks, maps)
+
+
+def test_non_binary_and_non_finite_inputs_are_rejected():
+    labels, scores, masks, maps = _structured_case(seed=3, num_images=4)
+    with pytest.raises(ValueError, match="masks must hold only 0 and 1"):
+        compute_metrics(labels, scores, masks * 255, maps)
+    with pytest.raises(ValueError, match="image_labels must hold only 0 and 1"):
+        compute_metrics(labels + 1, scores, masks, maps)
+    maps[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="anomaly_maps must be finite"):
+        compute_metrics(labels, scores, masks, maps)
+
+
+def test_single_class_labels_give_nan_with_a_warning():
+    labels, scores, masks, maps = _structured_case(seed=4)
+    anomalous = labels == 1
+    with pytest.warns(UndefinedMetricWarning, match="image_labels holds only 1 \\(anomalous\\)"):
+        metrics = compute_metrics(
+            labels[anomalous], scores[anomalous], masks[anomalous], maps[anomalous]
+        )
+    assert all(np.isnan(metrics[name]) for name in ("i_auroc", "i_ap", "i_f1max"))
+    assert all(np.isfinite(metrics[name]) for name in ("p_auroc", "p_f1max", "aupro_0.3", "p_ap"))
+
+    with pytest.warns(UndefinedMetricWarning, match="masks holds only 0 \\(normal\\)"):
+        metrics = compute_metrics(labels, scores, np.zeros_like(masks), maps)
+    assert all(np.isnan(metrics[name]) for name in ("p_auroc", "p_f1max", "aupro_0.3", "p_ap"))
+    assert np.isfinite(metrics["i_auroc"])
+
+
+# ----------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------
+
+
+def _constant_metrics(value):
+    return dict.fromkeys(METRIC_NAMES, value)
+
+
+def test_summary_means():
+    results = {
+        "D1": {"a": _constant_metrics(0.9), "b": _constant_metrics(0.7)},
+        "D2": {"c": _constant_metrics(0.2)},
+    }
+    summary = summarize(results)
+    assert summary["datasets"]["D1"]["mean"]["i_auroc"] == pytest.approx(0.8)
+    assert summary["datasets"]["D2"]["mean"]["p_ap"] == pytest.approx(0.2)
+    assert summary[ALL_CLASS_MEAN]["aupro_0.3"] == pytest.approx((0.9 + 0.7 + 0.2) / 3)
+    assert summary[ALL_DATASETS_MEAN]["aupro_0.3"] == pytest.approx((0.8 + 0.2) / 2)
+    assert json.loads(json.dumps(summary)) == summary
+
+    markdown = to_markdown(summary)
+    assert "| Dataset | Class | I-AUROC |" in markdown
+    assert "| D1 | mean | 80.00 | 80.00 |" in markdown
+    assert "| All_Datasets_Mean |  | 50.00 |" in markdown
+
+    lines = to_text(summary).splitlines()
+    assert len(lines) == 2 + 3 + 2 + 2  # header, rule, classes, dataset means, overall means
+    assert len({len(line) for line in lines}) == 1  # aligned columns
+    assert lines[-2].split()[:2] == [ALL_CLASS_MEAN, "60.00"]
+
+
+def test_summary_propagates_nan_and_checks_keys():
+    undefined_image_auroc = {**_constant_metrics(0.5), "i_auroc": float("nan")}
+    results = {"D": {"a": _constant_metrics(0.5), "b": undefined_image_auroc}}
+    summary = summarize(results)
+    assert np.isnan(summary[ALL_CLASS_MEAN]["i_auroc"])
+    assert summary[ALL_CLASS_MEAN]["p_ap"] == 0.5
+    with pytest.raises(ValueError, match=r"metrics of D/a lack \['p_ap'\]"):
+        summarize({"D": {"a": {name: 0.5 for name in METRIC_NAMES if name != "p_ap"}}})

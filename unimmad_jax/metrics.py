@@ -1,0 +1,346 @@
+"""Anomaly-detection metrics of one class, and tables of many classes (SPEC 5).
+
+Per class, ``compute_metrics`` returns
+
+* ``i_auroc``, ``i_ap``, ``i_f1max``: over the image scores of the class;
+* ``p_auroc``, ``p_f1max``, ``p_ap``: over every pixel of every image of the class;
+* ``aupro_0.3``: the normalised area under the per-region-overlap curve up to a
+  false-positive rate of 30 % (see ``aupro``).
+
+AUROC is ``sklearn.metrics.roc_auc_score``. AP and F1max both come from one
+``sklearn.metrics.precision_recall_curve`` (one point per distinct score as the
+threshold ``score >= t``, plus the final point P = 1, R = 0): AP is the step sum
+``-sum(diff(R) * P[:-1])`` = ``sum_n (R_n - R_{n-1}) P_n`` without interpolation,
+which is what ``sklearn.metrics.average_precision_score`` computes on that same
+curve for binary labels (the tests check the two agree), and F1max is the
+maximum of ``2 P R / (P + R + 1e-8)`` over the curve's points. Sharing the curve
+saves one of three sorts of all pixels.
+
+A metric is undefined when its labels hold one class only (all images normal or
+all anomalous; no anomalous pixel or no normal pixel). It is then returned as NaN
+with an ``UndefinedMetricWarning`` naming the cause, so the other metrics of the
+class are still reported; ``summarize`` lets NaN propagate into every mean it
+enters, so an average is never silently taken over fewer classes.
+
+Cost, for a class of ``n`` pixels of which ``p`` are anomalous: the pixel metrics
+sort all pixels twice inside scikit-learn (``roc_auc_score`` and
+``precision_recall_curve``, O(n log n) each); AUPRO sorts the normal pixels once,
+labels the ground truth once (O(n)) and places each anomalous pixel among the 99
+thresholds with a binary search (O(p log 99)), with no loop over thresholds.
+Measured for 150 images of 256 x 256 (~10M pixels) on a shared 2-core Xeon:
+~11 s in all, of which ~10 s are the two scikit-learn calls and ~0.2 s AUPRO;
+peak memory ~0.55 GB above the inputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+METRIC_NAMES = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_f1max", "aupro_0.3", "p_ap")
+DISPLAY_NAMES = {
+    "i_auroc": "I-AUROC",
+    "i_ap": "I-AP",
+    "i_f1max": "I-F1max",
+    "p_auroc": "P-AUROC",
+    "p_f1max": "P-F1max",
+    "aupro_0.3": "AUPRO@30%",
+    "p_ap": "P-AP",
+}
+ALL_CLASS_MEAN = "All_Class_Mean"
+ALL_DATASETS_MEAN = "All_Datasets_Mean"
+
+AUPRO_FPR_LIMIT = 0.3
+AUPRO_NUM_THRESHOLDS = 99
+F1_EPSILON = 1e-8
+# Two pixels belong to one ground-truth region when they touch by a side or a corner.
+EIGHT_CONNECTIVITY = np.ones((3, 3), dtype=bool)
+
+
+class UndefinedMetricWarning(UserWarning):
+    """A metric is NaN because its labels hold a single class."""
+
+
+# ----------------------------------------------------------------------------
+# One class
+# ----------------------------------------------------------------------------
+
+
+def compute_metrics(image_labels, image_scores, masks, anomaly_maps) -> dict[str, float]:
+    """All seven metrics of one class, as python floats keyed by ``METRIC_NAMES``.
+
+    Args:
+      image_labels: ``[N]``, 1 for an anomalous image, 0 for a normal one.
+      image_scores: ``[N]``, higher means more anomalous.
+      masks: ``[N, h, w]`` ground truth, 1 on anomalous pixels, 0 elsewhere.
+      anomaly_maps: ``[N, h, w]``, higher means more anomalous.
+
+    Raises:
+      ValueError: on shapes that do not fit together, labels or masks that are
+        not binary, or scores and maps that are not finite.
+    """
+    image_labels, image_scores, masks, anomaly_maps = _validated(
+        image_labels, image_scores, masks, anomaly_maps
+    )
+    metrics = dict.fromkeys(METRIC_NAMES, float("nan"))
+    if _both_classes_present(image_labels, "image_labels", "I-AUROC, I-AP and I-F1max"):
+        metrics["i_auroc"] = float(roc_auc_score(image_labels, image_scores))
+        image_ap_f1 = average_precision_and_f1_max(image_labels, image_scores)
+        metrics["i_ap"], metrics["i_f1max"] = image_ap_f1
+    if _both_classes_present(masks, "masks", "P-AUROC, P-F1max, AUPRO@30% and P-AP"):
+        pixel_labels, pixel_scores = masks.ravel(), anomaly_maps.ravel()
+        metrics["p_auroc"] = float(roc_auc_score(pixel_labels, pixel_scores))
+        pixel_ap_f1 = average_precision_and_f1_max(pixel_labels, pixel_scores)
+        metrics["p_ap"], metrics["p_f1max"] = pixel_ap_f1
+        metrics["aupro_0.3"] = aupro(masks, anomaly_maps)
+    return metrics
+
+
+def average_precision_and_f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """AP and F1max of binary ``labels`` (both classes present) from one PR curve.
+
+    AP = ``-sum(diff(R) * P[:-1])``, F1max = ``max 2 P R / (P + R + 1e-8)``, over
+    the points of scikit-learn's ``precision_recall_curve``.
+    """
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    average_precision = -np.sum(np.diff(recall) * precision[:-1])
+    f1 = 2 * precision * recall / (precision + recall + F1_EPSILON)
+    return float(average_precision), float(np.max(f1))
+
+
+def aupro(
+    masks: np.ndarray,
+    anomaly_maps: np.ndarray,
+    fpr_limit: float = AUPRO_FPR_LIMIT,
+    num_thresholds: int = AUPRO_NUM_THRESHOLDS,
+) -> float:
+    """Normalised area under the PRO curve for FPR in [0, fpr_limit].
+
+    With ``masks`` boolean ``[N, h, w]`` holding both anomalous and normal pixels:
+
+    * regions: the connected components of each image's ground truth, with
+      8-connectivity; the regions of all images of the class are pooled.
+    * thresholds: sort the scores of the normal pixels ascending into ``s`` (length
+      ``M``); the positions are ``np.linspace(0, M - 1, num_thresholds)`` truncated
+      to integers (``astype(int64)``: floor of numpy's float positions, which for
+      about 3.5 % of the values of ``M`` lie 1 ulp below an exact integer
+      ``k (M - 1) / (num_thresholds - 1)`` and so land one position lower); the
+      threshold at position ``q`` is ``s[q]``, its FPR ``1 - (q + 1) / M``.
+    * PRO at a threshold ``t``: the mean over all regions of the fraction of the
+      region's pixels with score strictly above ``t`` (``> t``, the same side as
+      the FPR, which counts the ``M - (q + 1)`` normal pixels after ``q``).
+    * curve: the point (FPR 1, PRO 1) is prepended and the points are stably
+      sorted by ascending FPR. Equal FPRs only arise when ``M < num_thresholds``
+      and then repeat the same position, so the same point: they add zero-width
+      trapezoids and need no merging.
+    * area: trapezoids over the points with FPR < ``fpr_limit``, closed by the
+      point at ``fpr_limit`` linearly interpolated between its neighbours (the
+      curve always reaches FPR 0, at ``q = M - 1``), divided by ``fpr_limit``.
+
+    The fixture ``metrics_official.npz`` is reproduced to 0.0 with this reading;
+    it does not tell ``>`` from ``>=`` (no anomalous pixel there ties a threshold),
+    while rounding the positions to nearest or up is off by 1.5e-5 and 1.7e-5.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    anomaly_maps = np.asarray(anomaly_maps)
+    if masks.all() or not masks.any():
+        raise ValueError("aupro needs masks holding both anomalous and normal pixels")
+    region_ids, num_regions = _label_regions(masks)
+    thresholds, fprs = _normal_pixel_thresholds(anomaly_maps[~masks], num_thresholds)
+    pros = _per_region_overlap(region_ids[masks] - 1, anomaly_maps[masks], num_regions, thresholds)
+    fprs = np.concatenate([[1.0], fprs])
+    pros = np.concatenate([[1.0], pros])
+    order = np.argsort(fprs, kind="stable")
+    return _partial_area(fprs[order], pros[order], fpr_limit) / fpr_limit
+
+
+def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Ids 1..R of the 8-connected regions of every image in one pass; 0 off the masks.
+
+    The 3-D structuring element only links pixels within the same image, so the
+    ids are unique across the images of the class.
+    """
+    within_image = np.zeros((3, 3, 3), dtype=bool)
+    within_image[1] = EIGHT_CONNECTIVITY
+    return ndimage.label(masks, structure=within_image)
+
+
+def _normal_pixel_thresholds(normal_scores: np.ndarray, num_thresholds: int):
+    """The ``num_thresholds`` thresholds (ascending) and their FPRs; see ``aupro``."""
+    sorted_scores = np.sort(normal_scores, axis=None)
+    num_normal = sorted_scores.size
+    positions = np.linspace(0, num_normal - 1, num_thresholds).astype(np.int64)
+    return sorted_scores[positions], 1.0 - (positions + 1) / num_normal
+
+
+def _per_region_overlap(
+    region_index: np.ndarray, scores: np.ndarray, num_regions: int, thresholds: np.ndarray
+) -> np.ndarray:
+    """PRO at each threshold: mean over regions of the fraction of pixels ``> t``.
+
+    Each anomalous pixel is binned by how many thresholds lie strictly below its
+    score (a binary search in the ascending thresholds); a pixel is above
+    threshold ``j`` exactly when its bin is > ``j``, so a reversed cumulative sum of
+    the per-region bin counts gives every region's count above every threshold.
+    """
+    num_thresholds = thresholds.size
+    bins = np.searchsorted(thresholds, scores, side="left")
+    counts = np.bincount(
+        region_index * (num_thresholds + 1) + bins, minlength=num_regions * (num_thresholds + 1)
+    ).reshape(num_regions, num_thresholds + 1)
+    above = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    return np.mean(above / counts.sum(axis=1, keepdims=True), axis=0)
+
+
+def _partial_area(x: np.ndarray, y: np.ndarray, x_limit: float) -> float:
+    """Trapezoid area under ``y(x)`` on [x[0], x_limit]; ``x`` ascending, reaching below the limit."""
+    below = x < x_limit
+    x_closed = np.concatenate([x[below], [x_limit]])
+    y_closed = np.concatenate([y[below], [np.interp(x_limit, x, y)]])
+    return float(np.trapezoid(y_closed, x_closed))
+
+
+def _validated(image_labels, image_scores, masks, anomaly_maps):
+    """The inputs as arrays (labels and masks boolean), after checking they fit together."""
+    image_labels = np.asarray(image_labels)
+    image_scores = np.asarray(image_scores)
+    masks = np.asarray(masks)
+    anomaly_maps = np.asarray(anomaly_maps)
+    if image_labels.ndim != 1 or image_scores.shape != image_labels.shape:
+        raise ValueError(
+            "image_labels and image_scores must both have shape [N]; got "
+            f"image_labels {image_labels.shape} and image_scores {image_scores.shape}"
+        )
+    if masks.ndim != 3 or anomaly_maps.shape != masks.shape:
+        raise ValueError(
+            "masks and anomaly_maps must both have shape [N, h, w]; got "
+            f"masks {masks.shape} and anomaly_maps {anomaly_maps.shape}"
+        )
+    if masks.shape[0] != image_labels.shape[0]:
+        raise ValueError(
+            f"image_labels has {image_labels.shape[0]} images but masks has {masks.shape[0]} "
+            f"(image_labels {image_labels.shape}, masks {masks.shape})"
+        )
+    return (
+        _binary(image_labels, "image_labels"),
+        _finite(image_scores, "image_scores"),
+        _binary(masks, "masks"),
+        _finite(anomaly_maps, "anomaly_maps"),
+    )
+
+
+def _binary(values: np.ndarray, name: str) -> np.ndarray:
+    if not np.isin(values, (0, 1)).all():
+        found = np.unique(values[~np.isin(values, (0, 1))])[:5]
+        raise ValueError(f"{name} must hold only 0 and 1; found other values such as {found}")
+    return values.astype(bool)
+
+
+def _finite(values: np.ndarray, name: str) -> np.ndarray:
+    if not np.issubdtype(values.dtype, np.number) or not np.isfinite(values).all():
+        raise ValueError(f"{name} must be finite numbers (dtype {values.dtype}, NaN or inf found)")
+    return values
+
+
+def _both_classes_present(labels: np.ndarray, name: str, metric_names: str) -> bool:
+    """Whether ``labels`` holds both 0 and 1; warns and returns False otherwise."""
+    num_positive = int(np.count_nonzero(labels))
+    if 0 < num_positive < labels.size:
+        return True
+    only = "1 (anomalous)" if num_positive else "0 (normal)"
+    warnings.warn(
+        f"{name} holds only {only}: {metric_names} are undefined and set to NaN",
+        UndefinedMetricWarning,
+        stacklevel=3,
+    )
+    return False
+
+
+# ----------------------------------------------------------------------------
+# Tables of many classes
+# ----------------------------------------------------------------------------
+
+
+def summarize(results: dict[str, dict[str, dict[str, float]]]) -> dict:
+    """Per-class rows, per-dataset means and the two overall means.
+
+    Args:
+      results: ``{dataset: {class: metrics}}``, each ``metrics`` holding every key
+        of ``METRIC_NAMES``.
+
+    Returns a JSON-ready dict of raw floats (NaN stays NaN and propagates into
+    every mean it enters)::
+
+      {"metric_names": [...],
+       "datasets": {dataset: {"classes": {class: metrics}, "mean": metrics}},
+       "All_Class_Mean": metrics,     # mean over all classes of all datasets
+       "All_Datasets_Mean": metrics}  # mean of the dataset means
+    """
+    if not results or not all(results.values()):
+        raise ValueError("summarize needs at least one dataset, each with at least one class")
+    datasets = {}
+    for dataset, classes in results.items():
+        rows = {
+            name: _metric_row(metrics, f"{dataset}/{name}") for name, metrics in classes.items()
+        }
+        datasets[dataset] = {"classes": rows, "mean": _mean_row(rows.values())}
+    all_classes = [row for entry in datasets.values() for row in entry["classes"].values()]
+    return {
+        "metric_names": list(METRIC_NAMES),
+        "datasets": datasets,
+        ALL_CLASS_MEAN: _mean_row(all_classes),
+        ALL_DATASETS_MEAN: _mean_row(entry["mean"] for entry in datasets.values()),
+    }
+
+
+def to_markdown(summary: dict) -> str:
+    """A Markdown table of ``summarize``'s output, metrics in percent with 2 decimals."""
+    header, rows = _table_cells(summary)
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
+
+
+def to_text(summary: dict) -> str:
+    """A console table of ``summarize``'s output, aligned columns, metrics in percent."""
+    header, rows = _table_cells(summary)
+    widths = [max(len(cells[i]) for cells in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        names = [cell.ljust(width) for cell, width in zip(cells[:2], widths)]
+        numbers = [cell.rjust(width) for cell, width in zip(cells[2:], widths[2:])]
+        return "  ".join(names + numbers).rstrip()
+
+    rule = "-" * len(line(header))
+    return "\n".join([line(header), rule, *map(line, rows)]) + "\n"
+
+
+def _metric_row(metrics: dict[str, float], where: str) -> dict[str, float]:
+    missing = [name for name in METRIC_NAMES if name not in metrics]
+    if missing:
+        raise ValueError(f"metrics of {where} lack {missing}")
+    return {name: float(metrics[name]) for name in METRIC_NAMES}
+
+
+def _mean_row(rows) -> dict[str, float]:
+    table = np.array([[row[name] for name in METRIC_NAMES] for row in rows], dtype=np.float64)
+    return dict(zip(METRIC_NAMES, map(float, table.mean(axis=0))))
+
+
+def _table_cells(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of text cells: each class, each dataset's mean, then both overall means."""
+    names = summary["metric_names"]
+    header = ["Dataset", "Class"] + [DISPLAY_NAMES.get(name, name) for name in names]
+
+    def cells(dataset, label, metrics):
+        return [dataset, label] + [f"{100 * metrics[name]:.2f}" for name in names]
+
+    rows = []
+    for dataset, entry in summary["datasets"].items():
+        rows += [cells(dataset, name, metrics) for name, metrics in entry["classes"].items()]
+        rows.append(cells(dataset, "mean", entry["mean"]))
+    rows.append(cells(ALL_CLASS_MEAN, "", summary[ALL_CLASS_MEAN]))
+    rows.append(cells(ALL_DATASETS_MEAN, "", summary[ALL_DATASETS_MEAN]))
+    return header, rows
