@@ -1,0 +1,74 @@
+"""TFDS builders of every supported dataset, and `prepare` to run them.
+
+The builders are not registered with TFDS (to stay clear of names in its
+catalog); prepared data is read back by path with
+``tfds.builder_from_directory`` (see `unimmad_jax.data.prepared`), which needs
+no builder code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+from unimmad_jax.data.builders.base import ExampleBuilder, FolderBuilder, check_manual_dir
+from unimmad_jax.data.builders.eyecandies import Eyecandies
+from unimmad_jax.data.builders.mmad_meta import MmadMeta
+from unimmad_jax.data.builders.mulsen_ad import MulsenAd
+from unimmad_jax.data.builders.mvtec3d import Mvtec3d
+from unimmad_jax.data.builders.mvtec_ad import MvtecAd
+from unimmad_jax.data.builders.synthetic import Synthetic
+from unimmad_jax.data.builders.visa import Visa
+from unimmad_jax.data.schema import InvalidDataError
+
+BUILDERS: dict[str, type[ExampleBuilder]] = {
+    cls.name: cls
+    for cls in (Mvtec3d, Eyecandies, MulsenAd, MvtecAd, Visa, MmadMeta, Synthetic)
+}
+
+
+def make_builder(name: str, data_dir: str | Path) -> ExampleBuilder:
+    """The builder of `name` ('mvtec3d', ..., 'mmad_meta/<dataset>')."""
+    base_name, _, sub_name = name.partition("/")
+    if base_name not in BUILDERS:
+        raise InvalidDataError(
+            f"Unknown dataset {name!r} (--dataset); expected one of "
+            f"{sorted(BUILDERS)} or mmad_meta/<dataset>."
+        )
+    if base_name == MmadMeta.name:
+        if not sub_name:
+            raise InvalidDataError(
+                "--dataset mmad_meta needs the dataset it holds: mmad_meta/<dataset>, "
+                "e.g. mmad_meta/brats."
+            )
+        return MmadMeta.for_dataset(sub_name, data_dir=data_dir)
+    if sub_name:
+        raise InvalidDataError(f"Dataset {base_name!r} has no sub-datasets ({name!r}).")
+    return BUILDERS[base_name](data_dir=data_dir)
+
+
+def prepare(
+    name: str, data_dir: str | Path, manual_dir: str | Path | None = None
+) -> Path:
+    """Builds dataset `name` into `data_dir` (array_record) once.
+
+    Args:
+      name: a key of BUILDERS, or 'mmad_meta/<dataset>'.
+      data_dir: where prepared datasets live (`config.data.data_dir`).
+      manual_dir: the downloaded dataset's folder (not used by 'synthetic').
+
+    Returns:
+      The prepared dataset's folder. A dataset already prepared there is reused.
+    """
+    data_dir = Path(data_dir).expanduser()
+    builder = make_builder(name, data_dir)
+    download_config = tfds.download.DownloadConfig()
+    if isinstance(builder, FolderBuilder):
+        manual_dir = None if manual_dir is None else Path(manual_dir).expanduser()
+        check_manual_dir(manual_dir, name, builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
+        download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    builder.download_and_prepare(
+        file_format="array_record", download_config=download_config
+    )
+    return Path(builder.data_dir)

@@ -1,0 +1,392 @@
+"""Grain pipelines from prepared datasets to the fixed-shape batches of SPEC 1.
+
+Every batch is a dict of numpy arrays (channels last), for a per-host batch
+size ``B``, ``S = config.num_slots`` and ``H = W = config.image_size``:
+
+- ``specific_images`` float32 ``[B, S, H, W, 3]``: each modality preprocessed
+  by type (`unimmad_jax.data.preprocess`); slots past the sample's modality
+  count are zero.
+- ``modality_mask`` bool ``[B, S]``: True for the sample's slots (the first).
+- ``loss_weight`` float32 ``[B]``: ``config.loss_weights[<record's dataset>]``
+  (1 for datasets not listed).
+- ``gt_mask`` float32 ``[B, H, W]`` in {0, 1}: the resized ground truth at
+  evaluation, zeros in training.
+- ``label`` int32 ``[B]``: 0 good, 1 anomalous.
+- host-only metadata: ``dataset``, ``class_name``, ``defect_type``, ``path``
+  (numpy unicode ``[B]``) and ``valid`` bool ``[B]`` (False for the padding
+  rows of the last evaluation batch, which repeat the split's last sample).
+
+``config`` is ``config.data`` of the project's configs, as made by
+`default_data_config`:
+
+- ``data_dir``: where prepared datasets live (``prepare --data-dir``).
+- ``datasets``: names of the prepared datasets to train on, e.g.
+  ``('mvtec3d', 'eyecandies', 'mmad_meta/brats')``.
+- ``classes``: optional ``{dataset name: (class, ...)}``; a dataset not listed
+  uses all its classes.
+- ``image_size``: H = W of every modality and mask.
+- ``num_slots``: modality slots S (1..4), at least the largest modality count
+  of the samples read.
+- ``loss_weights``: ``{record dataset: weight}``, keyed by the records'
+  ``dataset`` field (``brats`` for ``mmad_meta/brats``); SPEC 6 defaults.
+- ``num_read_threads``: threads reading and preprocessing (0: in the caller).
+- ``prefetch_batches``: batches read ahead per host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from unimmad_jax.data import preprocess, schema
+from unimmad_jax.data.prepared import PreparedSplit, open_split
+from unimmad_jax.data.schema import InvalidDataError
+
+Batch = dict[str, np.ndarray]
+
+DEFAULT_LOSS_WEIGHTS = {
+    "eyecandies": 0.5,
+    "mvtec3d": 1.0,
+    "mulsen_ad": 1.0,
+    "brats": 10.0,
+    "retinaad": 1.0,
+    "liverad": 10.0,
+    "hyperad": 1.0,
+}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """`config.data` with the defaults documented in this module."""
+    config = ml_collections.ConfigDict()
+    config.data_dir = "~/tensorflow_datasets"
+    config.datasets = ("synthetic",)
+    config.classes = ml_collections.ConfigDict()
+    config.image_size = 256
+    config.num_slots = schema.MAX_MODALITIES
+    config.loss_weights = ml_collections.ConfigDict(DEFAULT_LOSS_WEIGHTS)
+    config.num_read_threads = 8
+    config.prefetch_batches = 4
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Catalog:
+    """Several prepared splits seen as one list of records."""
+
+    splits: tuple[PreparedSplit, ...]
+    local_indices: tuple[np.ndarray, ...]  # the records kept of each split
+
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        return np.cumsum([0] + [len(kept) for kept in self.local_indices])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, position: int) -> tuple[PreparedSplit, int]:
+        part = int(np.searchsorted(self.offsets, position, side="right")) - 1
+        return self.splits[part], int(self.local_indices[part][position - self.offsets[part]])
+
+    @functools.cached_property
+    def class_keys(self) -> list[tuple[str, str]]:
+        """(dataset name, class) of every record."""
+        return [
+            (split.name, split.index.class_names[i])
+            for split, kept in zip(self.splits, self.local_indices)
+            for i in kept
+        ]
+
+
+def _open_catalog(config, names: Sequence[str], split: str, classes=None) -> _Catalog:
+    """The records of `split` of each dataset, restricted to the chosen classes."""
+    splits, kept = [], []
+    for name in names:
+        prepared = open_split(config.data_dir, name, split)
+        wanted = classes if classes is not None else config.classes.get(name)
+        available = prepared.index.class_names
+        if wanted is not None:
+            unknown = sorted(set(wanted) - set(available))
+            if unknown:
+                raise InvalidDataError(
+                    f"Classes {unknown} (config.data.classes) are not in {name}/{split}; "
+                    f"it has {sorted(set(available))}."
+                )
+        indices = np.array(
+            [i for i, c in enumerate(available) if wanted is None or c in wanted],
+            np.int64,
+        )
+        _check_slots(prepared, indices, config.num_slots)
+        splits.append(prepared)
+        kept.append(indices)
+    return _Catalog(tuple(splits), tuple(kept))
+
+
+def _check_slots(prepared: PreparedSplit, indices: np.ndarray, num_slots: int) -> None:
+    if not 1 <= num_slots <= schema.MAX_MODALITIES:
+        raise InvalidDataError(
+            f"config.data.num_slots is {num_slots}; expected 1 to {schema.MAX_MODALITIES}."
+        )
+    most = max((len(prepared.index.modality_types[i]) for i in indices), default=0)
+    if most > num_slots:
+        raise InvalidDataError(
+            f"{prepared.name}/{prepared.split} has samples with {most} modalities "
+            f"but config.data.num_slots is {num_slots}."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _SampleReader:
+    """Reads and preprocesses one record into the per-sample batch fields."""
+
+    catalog: _Catalog
+    image_size: int
+    num_slots: int
+    loss_weights: Mapping[str, float]
+    with_masks: bool
+
+    def __call__(self, position: int) -> dict[str, np.ndarray]:
+        split, index = self.catalog.locate(position)
+        example = split.records[index]
+        path = schema.decode_text(example["path"])
+        try:
+            return self._sample(split, example, path)
+        except InvalidDataError as error:
+            raise InvalidDataError(
+                f"{split.name}/{split.split} record {index} ({path}): {error}"
+            ) from error
+
+    def _sample(self, split: PreparedSplit, example: Mapping[str, Any], path: str):
+        size = self.image_size
+        specific = np.zeros((self.num_slots, size, size, 3), np.float32)
+        slots = schema.modality_slots(example)
+        for slot, (modality_type, array) in enumerate(slots):
+            specific[slot] = preprocess.preprocess_modality(array, modality_type, size)
+        if self.with_masks:
+            gt_mask = preprocess.preprocess_mask(example["mask"], size)
+        else:
+            gt_mask = np.zeros((size, size), np.float32)
+        return {
+            "specific_images": specific,
+            "modality_mask": np.arange(self.num_slots) < len(slots),
+            "loss_weight": np.float32(self.loss_weights.get(split.dataset, 1.0)),
+            "gt_mask": gt_mask,
+            "label": np.int32(example["label"]),
+            "dataset": np.str_(schema.decode_text(example["dataset"])),
+            "class_name": np.str_(schema.decode_text(example["class_name"])),
+            "defect_type": np.str_(schema.decode_text(example["defect_type"])),
+            "path": np.str_(path),
+            "valid": np.bool_(True),
+        }
+
+
+def _stack(samples: Sequence[dict[str, np.ndarray]]) -> Batch:
+    return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def _read_options(config) -> grain.ReadOptions:
+    threads = int(config.num_read_threads)
+    return grain.ReadOptions(
+        num_threads=threads,
+        prefetch_buffer_size=int(config.prefetch_batches) if threads else 0,
+    )
+
+
+def _hosts(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} is not in [0, {count}).")
+    return index, count
+
+
+def _global_position(step: int, row: int, batch_size: int, process_index: int,
+                     process_count: int) -> int:
+    """Where row `row` of this host's batch `step` sits in the global order.
+
+    Global batch `step` is positions [step * G, (step + 1) * G), G = batch_size
+    * process_count; host p takes its p-th block of batch_size rows.
+    """
+    return (step * process_count + process_index) * batch_size + row
+
+
+class _BalancedDraws:
+    """This host's sample counter -> record position, epoch after epoch.
+
+    Epoch e draws `epoch_size` records with replacement, record i with
+    probability 1 / (number of classes * size of i's class), from a generator
+    seeded by (seed, e); its first steps_per_epoch * G draws form the epoch's
+    global batches.
+    """
+
+    def __init__(self, class_keys: Sequence[tuple[str, str]], seed: int,
+                 steps_per_epoch: int, batch_size: int, process_index: int,
+                 process_count: int):
+        _, class_ids, class_sizes = np.unique(
+            np.array([f"{d}\0{c}" for d, c in class_keys]),
+            return_inverse=True, return_counts=True,
+        )
+        probabilities = 1.0 / class_sizes[class_ids]
+        self.probabilities = probabilities / probabilities.sum()
+        self.seed = seed
+        self.steps_per_epoch = steps_per_epoch
+        self.batch_size = batch_size
+        self.process_index = process_index
+        self.process_count = process_count
+
+    @functools.lru_cache(maxsize=2)
+    def epoch_draws(self, epoch: int) -> np.ndarray:
+        """The record positions of every global sample of `epoch`."""
+        rng = np.random.default_rng([self.seed, epoch])
+        size = len(self.probabilities)
+        return rng.choice(size, size=size, replace=True, p=self.probabilities)
+
+    def __call__(self, counter: int) -> int:
+        step, row = divmod(counter, self.batch_size)
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        position = _global_position(step_in_epoch, row, self.batch_size,
+                                    self.process_index, self.process_count)
+        return int(self.epoch_draws(epoch)[position])
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLoader:
+    """Class-balanced training batches, epoch after epoch, never ending.
+
+    Attributes:
+      iterator: a grain `DatasetIterator` of this host's batches; its state
+        (`get_state`/`set_state`, or orbax via `grain.checkpoint.CheckpointSave`
+        / `CheckpointRestore`) is the global step, so a restored iterator yields
+        exactly the batch that followed the saved one.
+      steps_per_epoch: floor(epoch_size / global_batch_size), the same on every
+        host; epoch e is global steps [e * steps_per_epoch, (e + 1) * ...).
+      epoch_size: training records of all datasets (draws per epoch).
+      global_batch_size: per-host batch size * process count.
+    """
+
+    iterator: grain.DatasetIterator
+    steps_per_epoch: int
+    epoch_size: int
+    global_batch_size: int
+
+
+def train_loader(
+    config: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    batch_size: int,
+    start_epoch: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> TrainLoader:
+    """Training batches over the train splits of `config.datasets`.
+
+    Args:
+      config: `config.data` (see module docstring).
+      seed: the global seed; the draws of epoch e depend on (seed, e) only.
+      batch_size: per-host batch size B.
+      start_epoch: the epoch whose first batch comes first.
+      process_index: this host (default `jax.process_index()`).
+      process_count: hosts (default `jax.process_count()`).
+    """
+    process_index, process_count = _hosts(process_index, process_count)
+    catalog = _open_catalog(config, config.datasets, "train")
+    global_batch_size = batch_size * process_count
+    steps_per_epoch = len(catalog) // global_batch_size
+    if steps_per_epoch == 0:
+        raise InvalidDataError(
+            f"The global batch size {global_batch_size} exceeds the {len(catalog)} "
+            f"training samples of {tuple(config.datasets)}."
+        )
+    draws = _BalancedDraws(catalog.class_keys, seed, steps_per_epoch, batch_size,
+                           process_index, process_count)
+    reader = _SampleReader(catalog, config.image_size, config.num_slots,
+                           dict(config.loss_weights), with_masks=False)
+    batches = (
+        grain.MapDataset.range(sys.maxsize)
+        .map(lambda counter: reader(draws(counter)))
+        .batch(batch_size, drop_remainder=True, batch_fn=_stack)
+    )
+    iterator = iter(batches.to_iter_dataset(_read_options(config)))
+    grain.experimental.set_next_index(iterator, start_epoch * steps_per_epoch)
+    return TrainLoader(iterator, steps_per_epoch, len(catalog), global_batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalLoader:
+    """Batches of one split in a fixed order; iterate it as often as needed.
+
+    Attributes:
+      num_batches: batches per host (the same on every host).
+      num_examples: real samples of the split (over all hosts).
+    """
+
+    batches: grain.MapDataset
+    read_options: grain.ReadOptions
+    num_batches: int
+    num_examples: int
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.batches.to_iter_dataset(self.read_options))
+
+
+def eval_loader(
+    config: ml_collections.ConfigDict,
+    dataset: str,
+    split: str = "test",
+    *,
+    batch_size: int,
+    classes: Sequence[str] | None = None,
+    shard_by_host: bool = False,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> EvalLoader:
+    """Evaluation batches of `split` of prepared dataset `dataset`.
+
+    Records come in their prepared order (grouped by class), with ground-truth
+    masks. The last batch is padded to `batch_size` with `valid=False` rows.
+
+    Args:
+      config: `config.data` (see module docstring).
+      dataset: a prepared dataset name, e.g. 'mvtec3d' or 'mmad_meta/brats'.
+      split: 'train', 'validation' or 'test'.
+      batch_size: per-host batch size.
+      classes: the classes to keep (default: `config.classes[dataset]`, else all).
+      shard_by_host: split the samples over hosts (each gets the same number of
+        batches) instead of giving every host all of them.
+      process_index: this host (default `jax.process_index()`).
+      process_count: hosts (default `jax.process_count()`).
+    """
+    if shard_by_host:
+        process_index, process_count = _hosts(process_index, process_count)
+    else:
+        process_index, process_count = 0, 1
+    catalog = _open_catalog(config, [dataset], split, classes)
+    num_examples = len(catalog)
+    if num_examples == 0:
+        raise InvalidDataError(f"{dataset}/{split} has no samples of classes {classes}.")
+    num_batches = math.ceil(num_examples / (batch_size * process_count))
+    reader = _SampleReader(catalog, config.image_size, config.num_slots,
+                           dict(config.loss_weights), with_masks=True)
+
+    def read(counter: int) -> dict[str, np.ndarray]:
+        step, row = divmod(counter, batch_size)
+        position = _global_position(step, row, batch_size, process_index, process_count)
+        sample = reader(min(position, num_examples - 1))
+        sample["valid"] = np.bool_(position < num_examples)
+        return sample
+
+    batches = (
+        grain.MapDataset.range(num_batches * batch_size)
+        .map(read)
+        .batch(batch_size, drop_remainder=True, batch_fn=_stack)
+    )
+    return EvalLoader(batches, _read_options(config), num_batches, num_examples)
