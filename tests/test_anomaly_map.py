@@ -50,7 +50,7 @@ def test_raw_map_sums_valid_modalities_only():
     prior[..., 0] = 1.0
     decompressed = np.zeros((4, 2, 2, 2))
     decompressed[..., 1] = 1.0  # orthogonal: distance 1 everywhere
-    decompressed[2, ..., :] = [1.0, 0.0]  # pair 2 = slot 1 of sample 0: distance 0
+    decompressed[1, ..., :] = [1.0, 0.0]  # pair 1 = slot 1 of sample 0: distance 0
     out = ModelOutput([jnp.asarray(prior)], [jnp.asarray(decompressed)], jnp.array([True, True, True, False]),
                       jnp.zeros(1), [])
     raw = anomaly_map.raw_anomaly_map(out, batch_size=2, image_size=4)

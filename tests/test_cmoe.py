@@ -66,7 +66,7 @@ def test_fused_branch_equals_three_convolutions(kernel):
     mix = jax.nn.softmax(params["leader_logits"], axis=1)  # [R, N, C]
     leaders = jnp.einsum("rnc,nhwic->rhwic", mix, base)  # W_r, per output channel c
     for pair in range(slots * batch):
-        sample = pair % batch
+        sample = pair // slots
         xs = x[sample:sample + 1]
         fixed = conv_same(xs, params["fixed_expert"])
         routed = sum(routing.score[pair, j] * conv_same(xs, leaders[routing.index[pair, j]]) for j in range(K))
@@ -84,7 +84,7 @@ def cross_moe_run(prior, mask, train=True):
 
 
 def test_padded_pairs_change_no_output_loss_or_statistic():
-    prior = jax.random.normal(jax.random.key(7), (4, 8, 8, 16))  # 2 slots x 2 samples, slot-major
+    prior = jax.random.normal(jax.random.key(7), (4, 8, 8, 16))  # 2 samples x 2 slots, sample-major
     mask = jnp.array([True, True, True, False])  # sample 1 has one modality
     y, loss, stats = cross_moe_run(prior, mask)
     y2, loss2, stats2 = cross_moe_run(prior.at[3].set(50.0), mask)

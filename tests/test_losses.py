@@ -23,11 +23,11 @@ def test_cosine_distance_matches_definition_and_is_zero_safe():
 
 @pytest.mark.parametrize("weighting", ["batch_mean", "per_sample"])
 def test_decompression_loss_is_focal_mean_over_valid_pairs(weighting):
-    # 2 samples x 2 slots, slot-major; pair 3 (slot 1 of sample 1) is padding.
+    # 2 samples x 2 slots, sample-major; pair 3 (slot 1 of sample 1) is padding.
     distance = np.array([0.5, 0.2, 0.4, 1.9])
     weight = np.array([1.0, 10.0])
     out = output_with(distance, [True, True, True, False])
-    pair_weight = np.full(3, weight.mean()) if weighting == "batch_mean" else weight[[0, 1, 0]]
+    pair_weight = np.full(3, weight.mean()) if weighting == "batch_mean" else weight[[0, 0, 1]]
     expected = np.mean(distance[:3] ** 3 * pair_weight)  # d * sg(d)^2, times 3 levels / 3 levels
     got = decompression_loss(out, jnp.asarray(weight), LossConfig(weighting=weighting))
     np.testing.assert_allclose(got, expected, rtol=1e-6)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from unimmad_jax.losses import LossConfig, total_loss
-from unimmad_jax.models.unimmad import FROZEN, ModelConfig, UniMMAD, init_variables, share_image, slot_major
+from unimmad_jax.models.unimmad import FROZEN, ModelConfig, UniMMAD, init_variables, share_image
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_output_shapes(tiny_config, model, variables, batch):
     for level, (dim, stride) in enumerate(zip(tiny_config.feature_dims, (4, 8, 16))):
         assert out.prior[level].shape == (4, size // stride, size // stride, dim)
         assert out.decompressed[level].shape == out.prior[level].shape
-    np.testing.assert_array_equal(out.pair_mask, [True, True, True, False])
+    np.testing.assert_array_equal(out.pair_mask, [True, True, True, False])  # sample-major: (b0,s0), (b0,s1), ...
     assert out.moe_loss.shape == (3,)
     assert out.routing[0][2].index.shape == (4, tiny_config.top_k)
 
@@ -62,7 +62,7 @@ def test_fewer_slots_give_the_same_pairs(model, variables, tiny_config):
     padded = run(variables, jnp.concatenate([images, jnp.zeros_like(images)], axis=1),
                  jnp.array([[True, False], [True, False]]))
     for a, b in zip(one.decompressed, padded.decompressed):
-        np.testing.assert_allclose(a, b[:2], atol=1e-5)
+        np.testing.assert_allclose(a, b[::2], atol=1e-5)
 
 
 def test_frozen_prior_gets_no_gradient(model, variables, batch):
@@ -86,13 +86,12 @@ def test_prior_batch_norm_stays_in_eval_mode(variables, batch, train_apply):
                            variables["batch_stats"]["encoder"]["bn1"]["mean"])
 
 
-def test_share_image_and_pair_order():
+def test_share_image():
     images = jnp.arange(2 * 2 * 1 * 1 * 3, dtype=jnp.float32).reshape(2, 2, 1, 1, 3)
     share = share_image(images, max_modalities=4)
     assert share.shape == (2, 1, 1, 12)
     np.testing.assert_array_equal(share[1, 0, 0, :6], images[1, :, 0, 0].reshape(-1))
     np.testing.assert_array_equal(share[:, :, :, 6:], 0)
-    np.testing.assert_array_equal(slot_major(images)[:, 0, 0, 0], [0, 6, 3, 9])  # (s0,b0), (s0,b1), (s1,b0), ...
 
 
 def test_config_rejects_bad_image_size_and_fields():

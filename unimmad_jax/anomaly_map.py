@@ -51,7 +51,7 @@ def raw_anomaly_map(output: ModelOutput, batch_size: int, image_size: int) -> ja
         resize_w = jnp.asarray(align_corners_matrix(image_size, distance.shape[2]), distance.dtype)
         upsampled = jnp.einsum("Hh,phw,Ww->pHW", resize_h, distance, resize_w)
         total = total + jnp.where(output.pair_mask[:, None, None], jnp.square(upsampled), 0.0)
-    return jnp.sqrt(jnp.sum(total.reshape(-1, batch_size, image_size, image_size), axis=0))
+    return jnp.sqrt(jnp.sum(total.reshape(batch_size, -1, image_size, image_size), axis=1))
 
 
 def blur(maps: jax.Array) -> jax.Array:

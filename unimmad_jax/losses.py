@@ -41,7 +41,7 @@ def cosine_distance(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
 def decompression_loss(output: ModelOutput, loss_weight: jax.Array, cfg: LossConfig) -> jax.Array:
     """`L_DeC = 3 * mean over (level, valid pair) of mean_pixels(d * sg(d)^gamma) * weight`."""
     num_pairs = output.pair_mask.shape[0]
-    pair_weight = jnp.tile(loss_weight, num_pairs // loss_weight.shape[0])
+    pair_weight = jnp.repeat(loss_weight, num_pairs // loss_weight.shape[0])
     if cfg.weighting == "batch_mean":
         pair_weight = jnp.full_like(pair_weight, jnp.mean(loss_weight))
     valid = output.pair_mask.astype(pair_weight.dtype)

@@ -1,8 +1,9 @@
 """Cross Mixture-of-Experts (SPEC 2.4): router, MoE-in-MoE branches (MiMoE) and the C-MoE of one level.
 
-Pairs are (sample, modality slot) combinations packed slot-major: pair `p = slot * B + sample`,
-as the reference packs them.  Every pair is computed (static shapes); `pair_mask` marks the
-valid ones, and padded pairs change no statistic, loss or valid output.
+Pairs are (sample, modality slot) combinations packed sample-major, pair `p = b * S + s`, so
+that sharding the batch shards the pairs (the reference packs them slot-first; only the
+order differs).  Every pair is computed (static shapes); `pair_mask` marks the valid ones,
+and padded pairs change no statistic, loss or valid output.
 
 Routing is dense: the top-K scores are scattered into a `[P, R]` gate, so a pair's expert
 kernel is a masked einsum over all R leader experts.  Each branch then runs ONE convolution
@@ -89,7 +90,7 @@ class MiMoE(nn.Module):
 
     @nn.compact
     def __call__(self, key: jax.Array, stats: jax.Array, base: jax.Array) -> tuple[jax.Array, Routing]:
-        """`key [B, h, w, C]` per sample, `stats [P, C]` per pair (P = S * B), `base [N, k, k, C, C]`."""
+        """`key [B, h, w, C]` per sample, `stats [P, C]` per pair (P = B * S), `base [N, k, k, C, C]`."""
         c, k = self.embed_dim, self.kernel
         x = ConvNormAct(c, dtype=self.dtype, name="pre")(key)
         routing = Router(self.router_num, self.top_k, self.dtype, name="router")(stats)
@@ -108,9 +109,9 @@ class MiMoE(nn.Module):
         num_samples = x.shape[0]
         slots = kernels.shape[0] // num_samples
         # Sample b's S pair kernels side by side: one convolution per sample yields all its pairs.
-        per_sample = kernels.reshape(slots, num_samples, k, k, c, c).transpose(1, 2, 3, 4, 0, 5)
+        per_sample = kernels.reshape(num_samples, slots, k, k, c, c).transpose(0, 2, 3, 4, 1, 5)
         y = per_sample_conv(x.astype(dtype), per_sample.reshape(num_samples, k, k, c, slots * c))
-        y = y.reshape(*y.shape[:3], slots, c).transpose(3, 0, 1, 2, 4).reshape(-1, *y.shape[1:3], c)
+        y = y.reshape(*y.shape[:3], slots, c).transpose(0, 3, 1, 2, 4).reshape(-1, *y.shape[1:3], c)
         return NormAct(self.dtype, name="post_norm")(y), routing
 
 
@@ -136,7 +137,7 @@ class CrossMoE(nn.Module):
         key = ConvNormAct(c, dtype=self.dtype, name="key")(general)
         query = ConvNormAct(c, dtype=self.dtype, name="query")(prior)
         cond = conv(c, 3, dtype=self.dtype, name="cond_conv")(
-            jnp.concatenate([jnp.tile(key, (slots, 1, 1, 1)), query], axis=-1))
+            jnp.concatenate([jnp.repeat(key, slots, axis=0), query], axis=-1))
         cond = batch_norm(train, dtype=self.dtype, name="cond_bn")(cond, mask=pair_mask[:, None, None, None])
         cond = NormAct(self.dtype, name="cond_act")(gelu(cond))
         cond = ConvNormAct(c, dtype=self.dtype, name="cond_proj")(cond)

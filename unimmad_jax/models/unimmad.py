@@ -68,7 +68,7 @@ class ModelConfig:
 
 
 class ModelOutput(NamedTuple):
-    """Per level l: `prior[l]`, `decompressed[l]` `[P, h, w, D]` for the P = S * B pairs (slot-major).
+    """Per level l: `prior[l]`, `decompressed[l]` `[P, h, w, D]` for the P = B * S pairs, `p = b * S + s`.
 
     `pair_mask [P]` marks valid pairs; `moe_loss [levels]` is each C-MoE's load-balance loss;
     `routing[l][branch]` the routers' decisions.
@@ -85,11 +85,6 @@ def share_image(specific_images: jax.Array, max_modalities: int) -> jax.Array:
     batch, slots, height, width, channels = specific_images.shape
     stacked = specific_images.transpose(0, 2, 3, 1, 4).reshape(batch, height, width, slots * channels)
     return jnp.pad(stacked, ((0, 0), (0, 0), (0, 0), (0, (max_modalities - slots) * channels)))
-
-
-def slot_major(x: jax.Array) -> jax.Array:
-    """`[B, S, ...]` -> `[S * B, ...]`, the pair order of the reference."""
-    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
 class UniMMAD(nn.Module):
@@ -117,10 +112,10 @@ class UniMMAD(nn.Module):
         general = FeatureDecompressor(cfg.planes, cfg.blocks, cfg.width_factor, cfg.fcm_dim, dtype=dtype,
                                       name="fcm")(encoded, train)
         # The prior generator is frozen: eval-mode BN, and no gradient flows into it.
-        prior = WideResNetFeatures(**wrn, name="prior")(slot_major(specific_images), train=False)
+        prior = WideResNetFeatures(**wrn, name="prior")(specific_images.reshape(-1, height, width, 3), train=False)
         prior = [l2_normalize(jax.lax.stop_gradient(f)) for f in prior]
 
-        pair_mask = slot_major(modality_mask)
+        pair_mask = modality_mask.reshape(-1)
         decompressed, moe_loss, routing = [], [], []
         for level, (g, u) in enumerate(zip(general, prior)):
             y, loss, level_routing = CrossMoE(u.shape[-1], cfg.moe_dim, cfg.base_num, cfg.router_num, cfg.top_k,
