@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from unimmad_jax import model_io
-from unimmad_jax.models.unimmad import ModelConfig, UniMMAD
+from unimmad_jax.models.unimmad import ModelConfig, abstract_variables
 
 REFERENCE_FILES = {"model": "model.safetensors", "model_1": "model_1.safetensors", "model_2": "model_2.safetensors"}
 """The parts of a reference checkpoint folder: general encoder + FCM/decoder, input embedding, C-MoEs."""
@@ -264,13 +264,6 @@ def to_variables(entries: list[KeyEntry], state_dicts: Mapping[str, Mapping[str,
         missing = sorted("/".join(p) for p in wanted - set(_leaf_paths(variables)))
         raise ConversionError(f"the key map does not cover {missing[:5]}")
     return variables
-
-
-def abstract_variables(cfg: ModelConfig, slots: int = 1) -> dict:
-    """The shapes and dtypes of a model's variables, without computing anything."""
-    images = jax.ShapeDtypeStruct((1, slots, cfg.image_size, cfg.image_size, 3), np.float32)
-    mask = jax.ShapeDtypeStruct((1, slots), np.bool_)
-    return jax.eval_shape(lambda x, m: UniMMAD(cfg).init(jax.random.key(0), x, m, train=False), images, mask)
 
 
 def _select(tree: Mapping, roots: tuple[str, ...]) -> dict:

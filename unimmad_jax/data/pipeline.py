@@ -12,8 +12,9 @@ size ``B``, ``S = config.num_slots`` and ``H = W = config.image_size``:
 - ``gt_mask`` float32 ``[B, H, W]`` in {0, 1}: the resized ground truth at
   evaluation, zeros in training.
 - ``label`` int32 ``[B]``: 0 good, 1 anomalous.
-- host-only metadata: ``dataset``, ``class_name``, ``defect_type``, ``path``
-  (numpy unicode ``[B]``) and ``valid`` bool ``[B]`` (False for the padding
+- host-only metadata: ``dataset``, ``class_name``, ``defect_type``, ``path``,
+  ``modality_types`` (comma-separated, in slot order) (numpy unicode ``[B]``)
+  and ``valid`` bool ``[B]`` (False for the padding
   rows of the last evaluation batch, which repeat the split's last sample).
 
 ``config`` is ``config.data`` of the project's configs, as made by
@@ -184,6 +185,7 @@ class _SampleReader:
             "class_name": np.str_(schema.decode_text(example["class_name"])),
             "defect_type": np.str_(schema.decode_text(example["defect_type"])),
             "path": np.str_(path),
+            "modality_types": np.str_(",".join(t for t, _ in slots)),
             "valid": np.bool_(True),
         }
 

@@ -138,3 +138,10 @@ def init_variables(model: UniMMAD, seed: int, slots: int = 1) -> dict:
     mask = jnp.ones((1, slots), bool)
     init = jax.jit(lambda key, x, m: model.init(key, x, m, train=False))
     return init(jax.random.key(seed, impl="rbg"), images, mask)
+
+
+def abstract_variables(cfg: ModelConfig, slots: int = 1) -> dict:
+    """The shapes and dtypes of a model's variables, without computing anything."""
+    images = jax.ShapeDtypeStruct((1, slots, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, slots), jnp.bool_)
+    return jax.eval_shape(lambda x, m: UniMMAD(cfg).init(jax.random.key(0), x, m, train=False), images, mask)

@@ -1,0 +1,23 @@
+"""A few channels of every part of the model on the synthetic data: for tests, compiles and runs in seconds."""
+from unimmad_jax.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.image_size = 64
+    config.model.embedding_widths = (4, 8)
+    config.model.planes = (4, 8, 16)
+    config.model.blocks = (1, 1, 1)
+    config.model.stem_width = 8
+    config.model.fcm_dim = 24
+    config.model.moe_dim = 8
+    config.model.base_num = 2
+    config.model.router_num = 4
+    config.data.data_dir = "data"
+    config.data.num_read_threads = 0
+    config.train.num_epochs = 2
+    config.train.batch_size = 8
+    config.train.eval_every_epochs = 2
+    config.train.log_every_steps = 5
+    config.eval.batch_size = 8
+    return config

@@ -1,0 +1,81 @@
+"""The configuration every config file starts from, and its validation.
+
+Config files (`configs/*.py`) call `default_config()` and change what differs, as in the
+Flax examples; `--config.<field>=<value>` overrides any field on the command line.
+`config.image_size` is one reference shared by the model and the data pipeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from unimmad_jax.data import default_data_config
+from unimmad_jax.losses import LossConfig
+from unimmad_jax.models.unimmad import ModelConfig
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The paper's model and training recipe (SPEC 6) on the built-in synthetic data."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.image_size = 256
+    image_size = config.get_ref("image_size")
+
+    config.model = ml_collections.ConfigDict(
+        {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k not in ("image_size", "dtype")})
+    config.model.image_size = image_size
+    config.model.dtype = "float32"  # "bfloat16": bf16 compute, float32 parameters and optimizer
+
+    config.data = default_data_config()
+    config.data.image_size = image_size
+    config.data.num_slots = 2
+
+    config.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.999
+    config.optimizer.eps = 1e-8
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_epochs = 200
+    config.train.batch_size = 10  # global, over all devices and hosts
+    config.train.log_every_steps = 10
+    config.train.eval_every_epochs = 10
+    config.train.checkpoint_every_epochs = 1
+    config.train.keep_checkpoints = 3
+    config.train.best_metric = "All_Datasets_Mean/i_auroc"
+    config.train.init_from = ""  # a folder from `python -m unimmad_jax.convert` (model or prior)
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 8  # global
+    config.eval.split = "test"
+    config.eval.datasets = ()  # empty: the training datasets
+
+    config.predict = ml_collections.ConfigDict()
+    config.predict.input = ""  # a folder of images, or "<dataset>:<split>" of a prepared dataset
+    config.predict.modality_type = "rgb"  # of the images of a folder
+    config.predict.batch_size = 8
+    config.predict.max_overlays = 64
+    return config
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    fields = config.model.to_dict()
+    if fields.get("dtype") == "float32":
+        fields["dtype"] = None  # follow the parameters: float32, or float64 in parity checks
+    return ModelConfig.from_mapping(fields)
+
+
+def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
+    known = {f.name for f in dataclasses.fields(LossConfig)}
+    unknown = sorted(set(config.loss) - known)
+    if unknown:
+        raise ValueError(f"unknown loss config field(s) {unknown}; known: {sorted(known)}")
+    return LossConfig(**config.loss.to_dict())
+
+
+def eval_datasets(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return tuple(config.eval.datasets) or tuple(config.data.datasets)

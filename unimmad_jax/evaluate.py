@@ -1,0 +1,99 @@
+"""Batched evaluation: per-sample maps and scores (SPEC 4), the metrics of SPEC 5 per class and dataset."""
+from __future__ import annotations
+
+import functools
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from unimmad_jax import anomaly_map, metrics, sharding
+from unimmad_jax.config import eval_datasets
+from unimmad_jax.data import eval_loader
+from unimmad_jax.models.unimmad import UniMMAD
+
+NAME_BYTES = 128
+"""Class names travel between hosts as fixed-width bytes."""
+
+
+def predict_step(model: UniMMAD, variables: dict, images: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Eval-mode maps of a batch: `anomaly_map_raw`, `anomaly_map` (blurred) `[B, H, W]`, `image_score [B]`."""
+    out = model.apply(variables, images, mask, train=False)
+    raw = anomaly_map.raw_anomaly_map(out, images.shape[0], model.config.image_size)
+    blurred = anomaly_map.blur(raw)
+    return {"anomaly_map_raw": raw, "anomaly_map": blurred, "image_score": anomaly_map.image_score(blurred)}
+
+
+def make_predict_fn(model: UniMMAD, mesh: Mesh):
+    """`predict_step` compiled for the mesh: variables replicated, the batch split over devices."""
+    split = sharding.batch_split(mesh)
+    return jax.jit(functools.partial(predict_step, model),
+                   in_shardings=(sharding.replicated(mesh), split, split), out_shardings=split)
+
+
+def _names_to_bytes(names: np.ndarray) -> np.ndarray:
+    return np.asarray(names, dtype=f"S{NAME_BYTES}").view(np.uint8).reshape(len(names), NAME_BYTES)
+
+
+def _bytes_to_names(array: np.ndarray) -> np.ndarray:
+    return np.char.decode(np.ascontiguousarray(array).view(f"S{NAME_BYTES}").reshape(-1), "utf-8")
+
+
+def evaluate_dataset(predict_fn, variables: dict, config: ml_collections.ConfigDict, dataset: str, mesh: Mesh,
+                     progress: bool = True) -> dict[str, dict[str, float]]:
+    """`{class: metrics}` of one prepared dataset's evaluation split, every host seeing all rows."""
+    batch_size = sharding.per_host_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
+    loader = eval_loader(config.data, dataset, config.eval.split, batch_size=batch_size, shard_by_host=True)
+    collected = defaultdict(list)
+    for batch in tqdm(loader, total=loader.num_batches, desc=f"eval {dataset}", disable=not progress, leave=False):
+        inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
+        out = predict_fn(variables, inputs["specific_images"], inputs["modality_mask"])
+        rows = sharding.gather({"anomaly_map": out["anomaly_map"], "image_score": out["image_score"]})
+        rows.update(sharding.gather({"gt_mask": batch["gt_mask"].astype(np.uint8), "label": batch["label"],
+                                     "valid": batch["valid"], "class_name": _names_to_bytes(batch["class_name"])}))
+        valid = rows.pop("valid").astype(bool)
+        for key, value in rows.items():
+            collected[key].append(value[valid])
+    columns = {key: np.concatenate(values) for key, values in collected.items()}
+    names = _bytes_to_names(columns["class_name"])
+    results = {}
+    for name in dict.fromkeys(names):  # classes in dataset order
+        rows = names == name
+        results[name] = metrics.compute_metrics(columns["label"][rows], columns["image_score"][rows],
+                                                columns["gt_mask"][rows], columns["anomaly_map"][rows])
+    return results
+
+
+def evaluate(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, mesh: Mesh,
+             progress: bool = True) -> dict:
+    """The metrics summary (`metrics.summarize`) over every evaluation dataset."""
+    predict_fn = make_predict_fn(model, mesh)
+    variables = jax.device_put(variables, sharding.replicated(mesh))
+    results = {dataset: evaluate_dataset(predict_fn, variables, config, dataset, mesh, progress)
+               for dataset in eval_datasets(config)}
+    return metrics.summarize(results)
+
+
+def flat_scalars(summary: dict) -> dict[str, float]:
+    """`{"<dataset or overall mean>/<metric>": value}`, for logs and for choosing the best checkpoint."""
+    flat = {}
+    for dataset, entry in summary["datasets"].items():
+        flat.update({f"{dataset}/{k}": v for k, v in entry["mean"].items()})
+    for overall in (metrics.ALL_CLASS_MEAN, metrics.ALL_DATASETS_MEAN):
+        flat.update({f"{overall}/{k}": v for k, v in summary[overall].items()})
+    return flat
+
+
+def write_summary(summary: dict, directory: str | Path, name: str) -> Path:
+    """`<name>.json` and `<name>.md` in `directory`; returns the JSON path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(summary, indent=1))
+    (directory / f"{name}.md").write_text(metrics.to_markdown(summary))
+    return path

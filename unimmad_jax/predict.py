@@ -1,0 +1,117 @@
+"""Prediction: per-image scores (CSV) and heat-map overlays (PNG) for a folder of images or a prepared split.
+
+`config.predict.input` is a folder (every image in it is one single-modality sample of type
+`config.predict.modality_type`) or `<dataset>:<split>` of a prepared dataset (all its
+modalities, and its ground truth drawn as a contour).  Results go to
+`<workdir>/predictions/<input name>/`: `scores.csv` and `overlays/*.png`.
+"""
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from unimmad_jax import evaluate, sharding  # noqa: E402
+from unimmad_jax.data import InvalidDataError, eval_loader, load_modality  # noqa: E402
+from unimmad_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from unimmad_jax.data.schema import DEPTH_TYPES  # noqa: E402
+from unimmad_jax.models.unimmad import UniMMAD  # noqa: E402
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def folder_batches(folder: Path, modality_type: str, image_size: int, num_slots: int,
+                   batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of the images in `folder`, each a one-modality sample, the last batch padded (`valid`)."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InvalidDataError(f"config.predict.input={folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images = np.zeros((batch_size, num_slots, image_size, image_size, 3), np.float32)
+        for row, path in enumerate(chunk):
+            images[row, 0] = load_modality(path, modality_type, image_size)
+        valid = np.arange(batch_size) < len(chunk)
+        yield {"specific_images": images, "modality_mask": (np.arange(num_slots) == 0)[None] & valid[:, None],
+               "valid": valid, "path": np.array([str(p) for p in chunk] + [""] * (batch_size - len(chunk))),
+               "label": np.full(batch_size, -1, np.int32), "class_name": np.full(batch_size, ""),
+               "modality_types": np.full(batch_size, modality_type), "gt_mask": None}
+
+
+def displayable(slot: np.ndarray, modality_type: str) -> np.ndarray:
+    """A preprocessed slot `[H, W, 3]` back to an image in [0, 1]."""
+    if modality_type in DEPTH_TYPES:
+        plane = slot[..., 0]
+        return np.repeat(((plane - plane.min()) / max(np.ptp(plane), 1e-6))[..., None], 3, axis=-1)
+    return np.clip(slot * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
+
+
+def save_overlay(path: Path, image: np.ndarray, heat: np.ndarray, score: float, gt_mask: np.ndarray | None,
+                 vmax: float) -> None:
+    figure, axes = plt.subplots(1, 2, figsize=(6.4, 3.4))
+    axes[0].imshow(image)
+    axes[0].set_title("input")
+    axes[1].imshow(image)
+    axes[1].imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=vmax)
+    if gt_mask is not None and gt_mask.any():
+        axes[1].contour(gt_mask, levels=[0.5], colors="white", linewidths=1.0)
+    axes[1].set_title(f"anomaly map, score {score:.4f}")
+    for axis in axes:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+    """Score every image of `config.predict.input`; returns the output folder."""
+    source = config.predict.input
+    if not source:
+        raise ValueError("config.predict.input is empty: give a folder of images or <dataset>:<split>")
+    mesh = sharding.data_mesh()
+    batch_size = sharding.per_host_batch_size(config.predict.batch_size, mesh, "config.predict.batch_size")
+    if Path(source).is_dir():
+        batches = folder_batches(Path(source), config.predict.modality_type, config.image_size,
+                                 config.data.num_slots, batch_size)
+        name = Path(source).name
+    else:
+        dataset, _, split = source.partition(":")
+        if not split:
+            raise InvalidDataError(f"config.predict.input={source!r} is neither a folder nor <dataset>:<split>")
+        batches = eval_loader(config.data, dataset, split, batch_size=batch_size)
+        name = f"{dataset.replace('/', '_')}_{split}"
+    out_dir = Path(workdir) / "predictions" / name
+    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+
+    predict_fn = evaluate.make_predict_fn(model, mesh)
+    rows, overlays = [], []
+    for batch in tqdm(batches, desc=f"predict {name}", disable=not config.predict.max_overlays):
+        inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
+        out = sharding.gather(predict_fn(variables, inputs["specific_images"], inputs["modality_mask"]))
+        for row in np.flatnonzero(batch["valid"]):
+            record = {"path": str(batch["path"][row]), "class": str(batch["class_name"][row]),
+                      "label": int(batch["label"][row]), "image_score": float(out["image_score"][row])}
+            rows.append(record)
+            if len(overlays) < config.predict.max_overlays:
+                first_type = str(batch["modality_types"][row]).split(",")[0]
+                gt = None if batch["gt_mask"] is None else batch["gt_mask"][row]
+                overlays.append((displayable(batch["specific_images"][row, 0], first_type),
+                                 out["anomaly_map"][row], record["image_score"], gt))
+    with open(out_dir / "scores.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "class", "label", "image_score"])
+        writer.writeheader()
+        writer.writerows(rows)
+    vmax = max((float(o[1].max()) for o in overlays), default=1.0)
+    for index, (image, heat, score, gt) in enumerate(overlays):
+        name = Path(rows[index]["path"]).with_suffix("").as_posix().strip("/").replace("/", "_")
+        save_overlay(out_dir / "overlays" / f"{index:04d}_{name}.png", image, heat, score, gt, vmax)
+    print(f"wrote {len(rows)} scores to {out_dir / 'scores.csv'} and {len(overlays)} overlays to {out_dir / 'overlays'}")
+    return out_dir
