@@ -1,0 +1,114 @@
+"""Check the independent PyTorch reference (`torch_reference.py`) against a parity case.
+
+    /work/torchenv/bin/python experiments/check_torch_reference.py            # official_128.npz
+    /work/torchenv/bin/python experiments/check_torch_reference.py --case tests/data/unseen_64.npz
+
+Runs the model on the case's inputs with the recipe weights of the case's salt and
+image size, and prints the max-abs / relative difference of every output and
+gradient against the SPEC 8 tolerances. Exit status 0 only if all pass.
+With `--via-checkpoint` the weights go through a SPEC 7 checkpoint folder written by
+`reference_checkpoint.py` and loaded with safetensors.torch (tests that path too).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_parity_case as mpc  # noqa: E402
+import reference_checkpoint as rc  # noqa: E402
+
+OFFICIAL = rc.PARITY_DIR / "cases" / "official_128.npz"
+
+# SPEC 8
+TOL = {
+    "prior": 1e-5,  # max-abs
+    "decompressed": 5e-4,  # max-abs
+    "gate_score": 1e-4,  # max-abs (not in SPEC 8; scores are softmax outputs)
+    "map": 1e-4,  # raw and blurred, max-abs
+    "score": 1e-4,  # image score, max-abs
+    "loss32": 1e-4,  # relative
+    "loss64": 1e-9,  # relative
+    "grad64": 1e-6,  # relative L2 error
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="check torch_reference.py against a parity case")
+    ap.add_argument("--case", default=str(OFFICIAL))
+    ap.add_argument("--via-checkpoint", action="store_true")
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    z = np.load(a.case)
+    size = int(z["img"].shape[-1])
+    salt = str(z["salt"])
+    grad_keys = [k[len("grad/"):] for k in z.files if k.startswith("grad/")]
+    print(f"case {a.case}: salt {salt!r}, H=W={size}, modality_num {z['modality_num'].tolist()}, "
+          f"loss_weight {z['loss_weight'].tolist()}, epoch {int(z['epoch'])}, {len(grad_keys)} gradients")
+
+    tmp = None
+    if a.via_checkpoint:
+        tmp = tempfile.TemporaryDirectory()
+        rc.write_reference_checkpoint(tmp.name, salt, size)
+        weights = Path(tmp.name)
+        print(f"weights via checkpoint folder {tmp.name}")
+    else:
+        weights = rc.reference_weights(salt, size)
+
+    case, margins = mpc.compute_case(weights, size, z["img"], z["specific_images"], z["modality_num"],
+                                     z["loss_weight"], int(z["epoch"]), salt, grad_keys)
+    if tmp is not None:
+        tmp.cleanup()
+
+    rows = []  # (name, value, tol, kind)
+
+    def maxabs(name, tol):
+        rows.append((name, float(np.abs(case[name].astype(np.float64) - z[name].astype(np.float64)).max()),
+                     tol, "max-abs"))
+
+    for key in ("pair_sample", "pair_slot"):
+        rows.append((key, float(not np.array_equal(case[key], z[key])), 0.0, "mismatch"))
+    for lvl in range(3):
+        maxabs(f"eval_prior_l{lvl}", TOL["prior"])
+        maxabs(f"eval_decompressed_l{lvl}", TOL["decompressed"])
+    for lvl in range(3):
+        for br in range(3):
+            k = f"eval_gate_idx_{lvl}_{br}"
+            rows.append((k, float(np.sum(case[k] != z[k])), 0.0, "mismatch"))
+            maxabs(f"eval_gate_score_{lvl}_{br}", TOL["gate_score"])
+    maxabs("eval_anomaly_map_raw", TOL["map"])
+    maxabs("eval_anomaly_map", TOL["map"])
+    maxabs("eval_image_score", TOL["score"])
+    for pre, tol in (("train_", TOL["loss32"]), ("train64_", TOL["loss64"])):
+        for n in ("total", "cos", "moe"):
+            k = f"{pre}{n}_loss"
+            r = float(z[k])
+            rows.append((k, abs(float(case[k]) - r) / abs(r), tol, "relative"))
+    for gk in grad_keys:
+        k = f"grad/{gk}"
+        g, r = case[k], z[k].astype(np.float64)
+        rows.append((k, float(np.linalg.norm(g - r) / np.linalg.norm(r)), TOL["grad64"], "rel-L2"))
+    rows.append(("min_gate_margin", abs(float(case["min_gate_margin"]) - float(z["min_gate_margin"])),
+                 1e-5, "abs"))
+
+    ok = True
+    w = max(len(r[0]) for r in rows)
+    for name, v, tol, kind in rows:
+        good = v <= tol
+        ok &= good
+        print(f"{'ok  ' if good else 'FAIL'} {name:<{w}}  {kind:8s} {v:.3e}  (tol {tol:.0e})")
+    print(f"gate logit margins: {margins}")
+    print("ALL PASS" if ok else "SOME FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Make a parity case (npz in the layout of parity/cases/official_128.npz) with the
+independent PyTorch reference of `torch_reference.py`.
+
+Needs the torch venv (torch is not a dependency of the package), e.g.
+
+    /work/torchenv/bin/python experiments/make_parity_case.py \
+        --salt unseen --image-size 64 --modalities 1,3,2 --loss-weights 0.5,1,10 \
+        --epoch 37 --seed 3 --out tests/data/unseen_64.npz
+
+Weights are the deterministic ones of `parity/recipe.py` (salt, size) and can be
+written as a SPEC 7 checkpoint folder with `--write-checkpoint DIR` (the writer
+lives in `reference_checkpoint.py`, numpy + safetensors only).
+
+Layout (names, dtypes and shapes as in official_128.npz): inputs `img`,
+`specific_images`, `modality_num`, `loss_weight`, `pair_sample`, `pair_slot`,
+`epoch`, `salt`; eval-mode float32 outputs `eval_prior_l{l}`, `eval_decompressed_l{l}`,
+`eval_gate_idx_{l}_{b}`, `eval_gate_score_{l}_{b}`, `eval_anomaly_map_raw`,
+`eval_anomaly_map`, `eval_image_score`; train-mode losses `train_{total,cos,moe}_loss`
+(float32) and `train64_*` (float64); float64 gradients `grad/<part>/<key>`;
+`min_gate_margin` (smallest gap, over levels, branches and pairs of the float32 eval
+run, between the K-th and (K+1)-th largest router LOGIT).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reference_checkpoint as rc  # noqa: E402
+import torch_reference as tr  # noqa: E402
+
+DEFAULT_GRAD_KEYS = (
+    "general_multimodal_encoder/1.final.0.weight",
+    "general_multimodal_encoder/0.model.conv1.weight",
+    "general_multimodal_encoder/1.bn3.post.0.weight",
+    "input_embedding/shortcut.weight",
+    "input_embedding/stem.6.weight",
+    "input_embedding/input_embedding",
+    "c_moes/0.MoEs.1.gate.gate.weight",
+    "c_moes/2.MoEs.0.experts",
+    "c_moes/1.conv_out_first.0.weight",
+    "c_moes/0.expert_bases.0",
+)
+
+
+def build_model(weights, size: int, dtype=torch.float32) -> tr.UniMMAD:
+    """`weights`: {part: numpy state dict} (see reference_checkpoint.reference_weights), or the
+    path of a SPEC 7 checkpoint folder holding also `prior_wide_resnet50_2.safetensors`."""
+    m = tr.UniMMAD(size)
+    if isinstance(weights, (str, Path)):
+        m.load_checkpoint(weights, Path(weights) / rc.PRIOR_FILE)
+    else:
+        m.load_numpy(weights["general_multimodal_encoder"], weights["input_embedding"],
+                     weights["c_moes"], weights["prior"])
+    return m.to(dtype)
+
+
+def make_inputs(modalities, size: int, seed: int, m_slots: int = tr.M_SLOTS):
+    rng = np.random.default_rng(seed)
+    b = len(modalities)
+    si = np.zeros((b, m_slots, 3, size, size), np.float32)
+    for i, n in enumerate(modalities):
+        if not 1 <= n <= m_slots:
+            raise ValueError(f"modality count {n} not in 1..{m_slots}")
+        si[i, :n] = rng.standard_normal((n, 3, size, size)).astype(np.float32)
+    img = np.concatenate([si[:, m] for m in range(m_slots)], axis=1)  # [B, 3M, H, W]
+    return img.astype(np.float32), si
+
+
+def logit_margin(out) -> float:
+    m = np.inf
+    for lvl in out["gates"]:
+        for g in lvl:
+            s = torch.sort(g["logits"].detach(), dim=-1, descending=True).values
+            m = min(m, float((s[:, tr.TOP_K - 1] - s[:, tr.TOP_K]).min()))
+    return m
+
+
+def run_eval(weights, size, img, si, mn):
+    model = build_model(weights, size).eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(img), torch.from_numpy(si), mn)
+        raw, blurred, score = model.anomaly_maps(out, img.shape[0])
+    return model, out, raw, blurred, score
+
+
+def run_train(weights, size, img, si, mn, lw, epoch, dtype, grad_keys=()):
+    model = build_model(weights, size, dtype).train()
+    out = model(torch.from_numpy(img).to(dtype), torch.from_numpy(si).to(dtype), mn)
+    tot, cos, moe = model.losses(out, torch.from_numpy(lw).to(dtype), epoch)
+    grads = {}
+    if grad_keys:
+        tot.backward()
+        parts = model.parts()
+        for gk in grad_keys:
+            part, key = gk.split("/", 1)
+            p = dict(parts[part].named_parameters())[key]
+            grads[f"grad/{part}/{key}"] = p.grad.detach().cpu().numpy().astype(np.float64)
+    return out, (tot, cos, moe), grads
+
+
+def compute_case(weights, size, img, si, modality_num, loss_weight, epoch, salt="",
+                 grad_keys=DEFAULT_GRAD_KEYS, verbose=True):
+    """All entries of a case file (inputs included), computed with the torch reference."""
+    mn = [int(n) for n in modality_num]
+    t0 = time.time()
+    _, out, raw, blurred, score = run_eval(weights, size, img, si, mn)
+    if verbose:
+        print(f"eval done ({time.time() - t0:.1f}s)", flush=True)
+    case = {
+        "img": img.astype(np.float32),
+        "specific_images": si.astype(np.float32),
+        "modality_num": np.asarray(mn, np.int32),
+        "loss_weight": np.asarray(loss_weight, np.float32),
+        "pair_sample": np.asarray(out["pair_sample"], np.int32),
+        "pair_slot": np.asarray(out["pair_slot"], np.int32),
+        "epoch": np.asarray(epoch, np.int32),
+        "salt": np.asarray(salt),
+    }
+    for lvl in range(3):
+        case[f"eval_prior_l{lvl}"] = out["prior"][lvl].numpy().astype(np.float32)
+        case[f"eval_decompressed_l{lvl}"] = out["decompressed"][lvl].numpy().astype(np.float32)
+    for lvl in range(3):
+        for br in range(3):
+            g = out["gates"][lvl][br]
+            case[f"eval_gate_idx_{lvl}_{br}"] = g["idx"].numpy().astype(np.int32)
+            case[f"eval_gate_score_{lvl}_{br}"] = g["scores"].numpy().astype(np.float32)
+    case["eval_anomaly_map_raw"] = raw.numpy().astype(np.float32)
+    case["eval_anomaly_map"] = blurred.numpy().astype(np.float32)
+    case["eval_image_score"] = score.numpy().astype(np.float32)
+    eval_margin = logit_margin(out)
+
+    t0 = time.time()
+    out32, losses32, _ = run_train(weights, size, img, si, mn, case["loss_weight"], epoch, torch.float32)
+    for name, v in zip(("total", "cos", "moe"), losses32):
+        case[f"train_{name}_loss"] = np.asarray(v.item(), np.float32)
+    if verbose:
+        print(f"train float32 done ({time.time() - t0:.1f}s)", flush=True)
+    t0 = time.time()
+    out64, losses64, grads = run_train(weights, size, img, si, mn, case["loss_weight"], epoch,
+                                       torch.float64, tuple(grad_keys))
+    for name, v in zip(("total", "cos", "moe"), losses64):
+        case[f"train64_{name}_loss"] = np.asarray(v.item(), np.float64)
+    case.update(grads)
+    if verbose:
+        print(f"train float64 + backward done ({time.time() - t0:.1f}s)", flush=True)
+    case["min_gate_margin"] = np.asarray(eval_margin, np.float32)
+    margins = {"eval": eval_margin, "train32": logit_margin(out32), "train64": logit_margin(out64)}
+    # the train-mode gates must agree between float32 and float64
+    for lvl in range(3):
+        for br in range(3):
+            if not torch.equal(out32["gates"][lvl][br]["idx"], out64["gates"][lvl][br]["idx"]):
+                margins["train_gates_differ"] = True
+    return case, margins
+
+
+def screen_margins(weights, size, img, si, mn) -> dict:
+    """Gate logit margins of the float32 eval and train-mode forwards (no backward)."""
+    mn = [int(n) for n in mn]
+    _, out, *_ = run_eval(weights, size, img, si, mn)
+    model = build_model(weights, size).train()
+    with torch.no_grad():
+        out32 = model(torch.from_numpy(img), torch.from_numpy(si), mn)
+    return {"eval": logit_margin(out), "train32": logit_margin(out32)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="make a parity case with the torch reference")
+    ap.add_argument("--salt", default="")
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--modalities", default="2,1", help="modality count per sample, e.g. 1,3,2")
+    ap.add_argument("--loss-weights", default=None, help="per sample, e.g. 0.5,1,10 (default all 1)")
+    ap.add_argument("--epoch", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-margin", type=float, default=0.0,
+                    help="if > 0, try seeds seed, seed+1, ... until the eval and float32 train "
+                         "gate logit margins are both >= this")
+    ap.add_argument("--max-tries", type=int, default=50)
+    ap.add_argument("--out", default=None, help="npz file to write (np.savez_compressed)")
+    ap.add_argument("--grad-keys", nargs="*", default=list(DEFAULT_GRAD_KEYS),
+                    help="'<part>/<key>' with part in general_multimodal_encoder, input_embedding, c_moes")
+    ap.add_argument("--write-checkpoint", default=None,
+                    help="also write the SPEC 7 checkpoint folder (+ prior file) for salt/size here")
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    size = a.image_size
+    mods = [int(s) for s in a.modalities.split(",")]
+    lw = [1.0] * len(mods) if a.loss_weights is None else [float(s) for s in a.loss_weights.split(",")]
+    if len(lw) != len(mods):
+        raise SystemExit("--loss-weights needs one value per sample")
+
+    if a.write_checkpoint:
+        for part, p in rc.write_reference_checkpoint(a.write_checkpoint, a.salt, size).items():
+            print("wrote", part, p)
+    if a.out is None:
+        return
+    weights = rc.reference_weights(a.salt, size)
+
+    seed = a.seed
+    if a.min_margin > 0:  # cheap search first: eval and float32 train gates only
+        for _ in range(a.max_tries):
+            img, si = make_inputs(mods, size, seed)
+            m = screen_margins(weights, size, img, si, mods)
+            print(f"seed {seed}: gate logit margins {m}", flush=True)
+            if min(m.values()) >= a.min_margin:
+                break
+            seed += 1
+        else:
+            raise SystemExit(f"no seed in {a.seed}..{seed} reached margin {a.min_margin}")
+    img, si = make_inputs(mods, size, seed)
+    case, margins = compute_case(weights, size, img, si, mods, lw, a.epoch, a.salt, a.grad_keys)
+    print(f"seed {seed}: gate logit margins {margins}", flush=True)
+    if margins.get("train_gates_differ", False):
+        raise SystemExit("float32 and float64 train-mode gates differ; pick another seed")
+
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **case)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB), seed {seed}, "
+          f"min_gate_margin {float(case['min_gate_margin']):.6g}, pairs {case['pair_sample'].size}")
+    for k in ("train_total_loss", "train_cos_loss", "train_moe_loss", "train64_total_loss"):
+        print(f"  {k} = {float(case[k]):.10g}")
+
+
+if __name__ == "__main__":
+    main()
