@@ -1,4 +1,4 @@
-"""A few channels of every part of the model on the synthetic data: for tests, compiles and runs in seconds."""
+"""A few channels of every part of the model on two synthetic classes (RGB+depth and gray): for tests."""
 from unimmad_jax.config import default_config
 
 
@@ -14,10 +14,11 @@ def get_config():
     config.model.base_num = 2
     config.model.router_num = 4
     config.data.data_dir = "data"
+    config.data.classes.synthetic = ("tiles", "brain_scan")
     config.data.num_read_threads = 0
-    config.train.num_epochs = 2
+    config.train.num_epochs = 3
     config.train.batch_size = 8
-    config.train.eval_every_epochs = 2
+    config.train.eval_every_epochs = 3
     config.train.log_every_steps = 5
     config.eval.batch_size = 8
     return config

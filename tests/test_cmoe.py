@@ -95,3 +95,15 @@ def test_padded_pairs_change_no_output_loss_or_statistic():
     _, loss_all_valid, stats_all_valid = cross_moe_run(prior.at[3].set(50.0), jnp.ones(4, bool))
     assert abs(float(loss_all_valid) - float(loss)) > 1e-6  # the mask is what kept the garbage out
     assert not np.allclose(stats_all_valid["cond_bn"]["var"], stats["cond_bn"]["var"])
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+def test_per_sample_conv_sharded_over_eight_devices(kernel):
+    """Each sample's own kernel, also when the batch is split over devices (XLA once got 1x1 wrong there)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    x = jax.random.normal(jax.random.key(0), (8, 6, 6, 4))
+    kernels = jax.random.normal(jax.random.key(1), (8, kernel, kernel, 4, 5))
+    expected = jnp.concatenate([conv_same(x[i:i + 1], kernels[i]) for i in range(8)])
+    split = NamedSharding(Mesh(np.asarray(jax.devices()[:8]), ("data",)), PartitionSpec("data"))
+    sharded = jax.jit(cmoe.per_sample_conv, in_shardings=(split, split))(x, kernels)
+    np.testing.assert_allclose(sharded, expected, atol=1e-4)

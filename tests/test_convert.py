@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from unimmad_jax import convert
-from unimmad_jax.models.unimmad import ModelConfig
+from unimmad_jax.models.unimmad import ModelConfig, abstract_variables
 
 from conftest import PARITY
 
 
 def reference_state_dicts(cfg, rng):
     """Random tensors in the reference layout for every key of the key map, by part."""
-    expected = convert.abstract_variables(cfg)
+    expected = abstract_variables(cfg)
     state = {}
     for entry in convert.reference_key_map(cfg):
         shape = convert._get(expected, (entry.collection,) + entry.path).shape
@@ -26,7 +26,7 @@ SOURCES = {part: f"{part}.safetensors" for part in ("prior", "model", "model_1",
 
 def test_key_map_is_exactly_the_reference_manifests():
     cfg = ModelConfig(image_size=128)
-    expected = convert.abstract_variables(cfg)
+    expected = abstract_variables(cfg)
     files = {"model": "official_128_model", "model_1": "official_128_model_1", "model_2": "official_128_model_2",
              "prior": "prior_wide_resnet50_2"}
     entries = convert.reference_key_map(cfg)

@@ -9,6 +9,7 @@ positioned by the iterator state), so a resumed run continues exactly where it s
 from __future__ import annotations
 
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -149,23 +150,28 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState, iterator, 
 
 
 class Logger:
-    """Scalars to TensorBoard (process 0 only) and to the console."""
+    """Scalars to TensorBoard and, one JSON object a line, to `metrics.jsonl` (process 0 only)."""
 
     def __init__(self, workdir: Path):
-        self.writer = None
+        self.writer = self.lines = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            self.lines = open(workdir / "metrics.jsonl", "a")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
-            self.writer.flush()
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+        self.lines.write(json.dumps({"step": step, **values}) + "\n")
+        self.lines.flush()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.lines.close()
 
 
 def ensure_prepared(config: ml_collections.ConfigDict) -> None:
