@@ -50,10 +50,12 @@ def test_balance_loss_values():
 
 
 @pytest.mark.parametrize("kernel", [1, 3, 5])
-def test_fused_branch_equals_three_convolutions(kernel):
-    """One convolution with the folded kernel == fixed + each routed expert + post 1x1, as the reference runs it."""
+@pytest.mark.parametrize("size", [7, 2])
+def test_branch_equals_three_convolutions(kernel, size):
+    """The branch == fixed + each routed expert + post 1x1, as the reference runs it; `post` folded or not."""
     batch, slots = 2, 2
-    key = jax.random.normal(jax.random.key(0), (batch, 7, 7, C))
+    assert cmoe.fold_post(size * size, kernel, C, batch * slots) == (size == 7 or kernel == 1)
+    key = jax.random.normal(jax.random.key(0), (batch, size, size, C))
     stats = jax.random.normal(jax.random.key(1), (slots * batch, C))
     base = jax.random.normal(jax.random.key(2), (N, kernel, kernel, C, C)) / (kernel * np.sqrt(C))
     module = cmoe.MiMoE(kernel, C, R, K)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from unimmad_jax import anomaly_map, metrics, sharding
 from unimmad_jax.config import eval_datasets
 from unimmad_jax.data import eval_loader
+from unimmad_jax.data.prepared import max_modality_count
 from unimmad_jax.models.unimmad import UniMMAD
 
 NAME_BYTES = 128
@@ -46,9 +47,15 @@ def _bytes_to_names(array: np.ndarray) -> np.ndarray:
 
 def evaluate_dataset(predict_fn, variables: dict, config: ml_collections.ConfigDict, dataset: str, mesh: Mesh,
                      progress: bool = True) -> dict[str, dict[str, float]]:
-    """`{class: metrics}` of one prepared dataset's evaluation split, every host seeing all rows."""
+    """`{class: metrics}` of one prepared dataset's evaluation split, every host seeing all rows.
+
+    Batches carry only as many modality slots as the dataset's samples have: the model never runs
+    on slots that are padding for every sample (a single-modality dataset runs one slot).
+    """
     batch_size = sharding.per_host_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
-    loader = eval_loader(config.data, dataset, config.eval.split, batch_size=batch_size, shard_by_host=True)
+    data_config = config.data.copy_and_resolve_references()
+    data_config.num_slots = max_modality_count(config.data.data_dir, dataset, config.eval.split)
+    loader = eval_loader(data_config, dataset, config.eval.split, batch_size=batch_size, shard_by_host=True)
     collected = defaultdict(list)
     for batch in tqdm(loader, total=loader.num_batches, desc=f"eval {dataset}", disable=not progress, leave=False):
         inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))

@@ -77,18 +77,24 @@ def _check_compatible(loaded, expected, where: str) -> None:
 
 
 def initial_variables(model: UniMMAD, config: ml_collections.ConfigDict) -> dict:
-    """Random variables from the seed, then what `train.init_from` provides (a whole model or its prior)."""
+    """The variables training starts from.
+
+    `train.init_from` names a whole model (all of it is loaded) or a prior; otherwise the prior is
+    random (from the seed).  The general encoder starts as a copy of the prior (SPEC 2.2); the
+    other parts are random.
+    """
     variables = init_variables(model, config.seed, slots=config.data.num_slots)
     source = config.train.init_from
-    if not source:
-        return variables
-    kind, _, loaded = model_io.load(source)
-    if kind == "prior":
-        expected = {c: {"prior": variables[c]["prior"]} for c in variables}
-        _check_compatible(loaded, expected, f"train.init_from={source}")
-        return {c: {**variables[c], "prior": loaded[c]["prior"]} for c in variables}
-    _check_compatible(loaded, variables, f"train.init_from={source}")
-    return loaded
+    if source:
+        kind, _, loaded = model_io.load(source)
+        if kind == "model":
+            _check_compatible(loaded, variables, f"train.init_from={source}")
+            return loaded
+        _check_compatible(loaded, {c: {"prior": variables[c]["prior"]} for c in variables},
+                          f"train.init_from={source}")
+        variables = {c: {**variables[c], "prior": loaded[c]["prior"]} for c in variables}
+    return {c: {**variables[c], "encoder": jax.tree_util.tree_map(jnp.copy, variables[c]["prior"])}
+            for c in variables}
 
 
 def create_train_state(model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int) -> TrainState:

@@ -107,6 +107,14 @@ def open_split(data_dir: str | Path, name: str, split: str) -> PreparedSplit:
     return PreparedSplit(name, split, index.dataset, records, index.splits[split])
 
 
+def max_modality_count(data_dir: str | Path, name: str, split: str) -> int:
+    """The most modalities a sample of `split` of prepared dataset `name` has."""
+    index = read_index(dataset_folder(data_dir, name))
+    if split not in index.splits:
+        raise InvalidDataError(f"Dataset {name!r} has no split {split!r}; it has {sorted(index.splits)}.")
+    return max(len(types) for types in index.splits[split].modality_types)
+
+
 def summarize(data_dir: str | Path) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
     """{dataset: {split: {class: {good, anomalous, modalities}}}} of data_dir."""
     summary = {}
