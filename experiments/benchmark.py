@@ -69,7 +69,9 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
         args = (variables, batch["specific_images"], batch["modality_mask"])
     else:
         config.data.num_slots = modalities
-        state = jax.device_put(train.create_train_state(model, config, steps_per_epoch=1), sharding.replicated(mesh))
+        images = np.asarray(batch["specific_images"]).reshape(-1, image_size, image_size, 3)
+        state = jax.device_put(train.create_train_state(model, config, steps_per_epoch=1, prior_images=images),
+                               sharding.replicated(mesh))
         step = train.make_train_step(model, loss_config(config), mesh)
         args = (state, batch, jnp.int32(0))
 

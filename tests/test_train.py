@@ -130,7 +130,7 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
     with jax.enable_x64(True):
         for devices in (1, 8):
             mesh = mesh_of(devices)
-            state = train.create_train_state(model, config, loader.steps_per_epoch)
+            state = train.create_train_state(model, config, loader.steps_per_epoch, train.first_images(config, 8))
             params = to64(state.params)
             state = state.replace(params=params, batch_stats=to64(state.batch_stats), opt_state=state.tx.init(params))
             state = jax.device_put(state, sharding.replicated(mesh))
@@ -170,7 +170,8 @@ def test_checkpoint_moves_between_device_counts(written_on, resumed_on, trained_
     mesh = mesh_of(resumed_on)
     model = UniMMAD(model_config(config))
     loader = train_loader(config.data, seed=config.seed, batch_size=8)
-    state = jax.device_put(train.create_train_state(model, config, steps_per_epoch), sharding.replicated(mesh))
+    state = jax.device_put(train.create_train_state(model, config, steps_per_epoch, train.first_images(config, 8)),
+                           sharding.replicated(mesh))
     restored, meta = train.restore_latest(train.checkpoint_manager(workdir, config), state, loader.iterator, mesh)
     assert meta["epoch"] == EPOCHS - 1 and int(restored.step) == (EPOCHS - 1) * steps_per_epoch
     assert len(restored.params["encoder"]["conv1"]["kernel"].sharding.device_set) == resumed_on

@@ -31,6 +31,7 @@ from unimmad_jax.config import loss_config, model_config
 from unimmad_jax.data import prepare, train_loader
 from unimmad_jax.data.prepared import find_prepared
 from unimmad_jax.losses import LossConfig, total_loss
+from unimmad_jax.models.layers import BATCH_NORM_MOMENTUM
 from unimmad_jax.models.unimmad import FROZEN, UniMMAD, abstract_variables, init_variables
 
 BUILT_IN_DATASETS = ("synthetic",)
@@ -76,12 +77,28 @@ def _check_compatible(loaded, expected, where: str) -> None:
                              f"the configured model expects {np.shape(value)}")
 
 
-def initial_variables(model: UniMMAD, config: ml_collections.ConfigDict) -> dict:
+def prior_statistics(model: UniMMAD, variables: dict, images: np.ndarray) -> dict:
+    """The prior's BatchNorm statistics measured on `images [n, H, W, 3]`.
+
+    A random prior's BatchNorm layers hold mean 0, variance 1 and no shift, so they map an all-zero
+    input (the normalised depth of a background) to all-zero features, whose direction the L2
+    normalisation leaves undefined.  Statistics of real images make it a well-posed feature
+    extractor; its weights stay random.
+    """
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"]["prior"])
+    start = {"params": variables["params"], "batch_stats": {**variables["batch_stats"], "prior": zeros}}
+    _, updates = jax.jit(lambda v, x: model.apply(v, x, method=UniMMAD.prior_statistics, mutable=["batch_stats"]))(
+        start, images)
+    # One update from zero running statistics leaves (1 - momentum) times the batch's.
+    return jax.tree_util.tree_map(lambda s: s / (1 - BATCH_NORM_MOMENTUM), updates["batch_stats"]["prior"])
+
+
+def initial_variables(model: UniMMAD, config: ml_collections.ConfigDict, prior_images: np.ndarray) -> dict:
     """The variables training starts from.
 
-    `train.init_from` names a whole model (all of it is loaded) or a prior; otherwise the prior is
-    random (from the seed).  The general encoder starts as a copy of the prior (SPEC 2.2); the
-    other parts are random.
+    `train.init_from` names a whole model (all of it is loaded) or a prior; otherwise the prior has
+    random weights (from the seed) and BatchNorm statistics measured on `prior_images`.  The
+    general encoder starts as a copy of the prior (SPEC 2.2); the other parts are random.
     """
     variables = init_variables(model, config.seed, slots=config.data.num_slots)
     source = config.train.init_from
@@ -93,16 +110,30 @@ def initial_variables(model: UniMMAD, config: ml_collections.ConfigDict) -> dict
         _check_compatible(loaded, {c: {"prior": variables[c]["prior"]} for c in variables},
                           f"train.init_from={source}")
         variables = {c: {**variables[c], "prior": loaded[c]["prior"]} for c in variables}
+    else:
+        variables["batch_stats"]["prior"] = prior_statistics(model, variables, prior_images)
     return {c: {**variables[c], "encoder": jax.tree_util.tree_map(jnp.copy, variables[c]["prior"])}
             for c in variables}
 
 
-def create_train_state(model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int) -> TrainState:
-    variables = initial_variables(model, config)
+def create_train_state(model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int,
+                       prior_images: np.ndarray) -> TrainState:
+    variables = initial_variables(model, config, prior_images)
     params = variables["params"]
     tx = make_optimizer(config, steps_per_epoch, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
                       opt_state=tx.init(params), tx=tx)
+
+
+def first_images(config: ml_collections.ConfigDict, batch_size: int) -> np.ndarray:
+    """The valid modality images `[n, H, W, 3]` of the first training batch's first `batch_size` samples.
+
+    Every host reads the same ones (so every host starts from the same variables); the training
+    loader is not advanced.
+    """
+    loader = train_loader(config.data, seed=config.seed, batch_size=batch_size, process_index=0, process_count=1)
+    batch = next(loader.iterator)
+    return batch["specific_images"][batch["modality_mask"]]
 
 
 def train_step(model: UniMMAD, loss_cfg: LossConfig, state: TrainState, batch: dict[str, jax.Array],
@@ -213,7 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     loader = train_loader(config.data, seed=config.seed, batch_size=batch_size)
     steps_per_epoch = loader.steps_per_epoch
 
-    state = jax.device_put(create_train_state(model, config, steps_per_epoch), sharding.replicated(mesh))
+    state = jax.device_put(create_train_state(model, config, steps_per_epoch, first_images(config, batch_size)),
+                           sharding.replicated(mesh))
     manager = checkpoint_manager(workdir, config)
     restored = restore_latest(manager, state, loader.iterator, mesh)
     if restored is not None:
@@ -223,8 +255,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                              f"epoch, the configured data gives {steps_per_epoch}: resume with the same data config")
         print(f"Resumed from step {int(state.step)} (epoch {meta['epoch']}) in {manager.directory}")
     elif not config.train.init_from:
-        print("Training from randomly initialised weights, the prior too: without pretrained prior weights "
-              "(train.init_from) the features are not ImageNet features.")
+        print("Training from randomly initialised weights, the prior too (its BatchNorm statistics measured on "
+              "a training batch): without pretrained prior weights (train.init_from) the features are not "
+              "ImageNet features.")
 
     step_fn = make_train_step(model, loss_cfg, mesh)
     schedule = learning_rate_schedule(config, steps_per_epoch)

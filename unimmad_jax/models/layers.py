@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+BATCH_NORM_MOMENTUM = 0.9
+"""Flax's weight of the old running statistics: PyTorch's momentum 0.1."""
 
 
 def group_count(channels: int) -> int:
@@ -43,7 +45,8 @@ def conv_transpose(features: int, kernel: int, *, stride: int, padding: int = 0,
 
 def batch_norm(train: bool, *, dtype: Dtype = None, name: str | None = None) -> nn.BatchNorm:
     """PyTorch `BatchNorm2d`: eps 1e-5, momentum 0.1 (Flax's 0.9), two-pass variance for float32 accuracy."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
+    return nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5,
+                        use_fast_variance=False,
                         dtype=dtype, name=name)
 
 

@@ -91,40 +91,47 @@ class UniMMAD(nn.Module):
     """`specific_images [B, S, H, W, 3]` and `modality_mask [B, S]` (S <= max_modalities) -> `ModelOutput`."""
     config: ModelConfig
 
-    @nn.compact
-    def __call__(self, specific_images: jax.Array, modality_mask: jax.Array, train: bool) -> ModelOutput:
+    def setup(self):
         cfg = self.config
         dtype = cfg.compute_dtype
+        wrn = dict(planes=cfg.planes, blocks=cfg.blocks, width_factor=cfg.width_factor, stem_width=cfg.stem_width,
+                   dtype=dtype)
+        self.embedding = InputEmbedding(cfg.image_size, 3 * cfg.max_modalities, cfg.embedding_widths, dtype=dtype)
+        self.encoder = WideResNetFeatures(**wrn)
+        self.fcm = FeatureDecompressor(cfg.planes, cfg.blocks, cfg.width_factor, cfg.fcm_dim, dtype=dtype)
+        self.prior = WideResNetFeatures(**wrn)
+        self.cmoes = [CrossMoE(dim, cfg.moe_dim, cfg.base_num, cfg.router_num, cfg.top_k, cfg.moe_kernels,
+                               dtype=dtype, name=f"cmoe{level}") for level, dim in enumerate(cfg.feature_dims)]
+
+    def __call__(self, specific_images: jax.Array, modality_mask: jax.Array, train: bool) -> ModelOutput:
+        cfg = self.config
         _, slots, height, width, _ = specific_images.shape
         if slots > cfg.max_modalities or (height, width) != (cfg.image_size, cfg.image_size):
             raise ValueError(f"images {specific_images.shape[1:]} do not fit a model of image_size "
                              f"{cfg.image_size} with at most {cfg.max_modalities} modalities")
         # Padded slots are zero in the share image whatever the batch holds there.
         specific_images = jnp.where(modality_mask[:, :, None, None, None], specific_images, 0)
-        if dtype is not None:
-            specific_images = specific_images.astype(dtype)
-        wrn = dict(planes=cfg.planes, blocks=cfg.blocks, width_factor=cfg.width_factor,
-                   stem_width=cfg.stem_width, dtype=dtype)
+        if cfg.compute_dtype is not None:
+            specific_images = specific_images.astype(cfg.compute_dtype)
 
-        embedded = InputEmbedding(cfg.image_size, 3 * cfg.max_modalities, cfg.embedding_widths, dtype=dtype,
-                                  name="embedding")(share_image(specific_images, cfg.max_modalities), train)
-        encoded = WideResNetFeatures(**wrn, name="encoder")(embedded, train)
-        general = FeatureDecompressor(cfg.planes, cfg.blocks, cfg.width_factor, cfg.fcm_dim, dtype=dtype,
-                                      name="fcm")(encoded, train)
+        embedded = self.embedding(share_image(specific_images, cfg.max_modalities), train)
+        general = self.fcm(self.encoder(embedded, train), train)
         # The prior generator is frozen: eval-mode BN, and no gradient flows into it.
-        prior = WideResNetFeatures(**wrn, name="prior")(specific_images.reshape(-1, height, width, 3), train=False)
+        prior = self.prior(specific_images.reshape(-1, height, width, 3), train=False)
         prior = [l2_normalize(jax.lax.stop_gradient(f)) for f in prior]
 
         pair_mask = modality_mask.reshape(-1)
         decompressed, moe_loss, routing = [], [], []
-        for level, (g, u) in enumerate(zip(general, prior)):
-            y, loss, level_routing = CrossMoE(u.shape[-1], cfg.moe_dim, cfg.base_num, cfg.router_num, cfg.top_k,
-                                              cfg.moe_kernels, dtype=dtype, name=f"cmoe{level}")(
-                l2_normalize(g), u, pair_mask, train)
+        for cmoe, g, u in zip(self.cmoes, general, prior):
+            y, loss, level_routing = cmoe(l2_normalize(g), u, pair_mask, train)
             decompressed.append(y)
             moe_loss.append(loss)
             routing.append(level_routing)
         return ModelOutput(prior, decompressed, pair_mask, jnp.stack(moe_loss), routing)
+
+    def prior_statistics(self, images: jax.Array) -> list[jax.Array]:
+        """The prior on `images [n, H, W, 3]` with batch statistics; apply with `mutable=["batch_stats"]`."""
+        return self.prior(images, train=True)
 
 
 def init_variables(model: UniMMAD, seed: int, slots: int = 1) -> dict:
