@@ -115,9 +115,10 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
     """Sharded steps on 8 devices compute what 1 device computes on the same global batches.
 
     Compared in float64, losses to 1e-10 and parameters to 1e-8 (relative; 1e-8 absolute for the biases
-    that sit before a norm and stay near zero); the largest loss difference seen was 6e-12.  In float32 the tiny model's train-mode BatchNorm over 8
-    samples and Adam on parameters whose true gradient is zero amplify rounding differences to ~1 % after a
-    few steps, on one device as much as on eight (a reordered batch does the same), so float32 shows noise.
+    that sit before a norm and stay near zero); the largest loss difference seen was 6e-12.  In float32
+    the tiny model's train-mode BatchNorm over 8 samples and Adam on parameters whose true gradient is
+    zero amplify rounding differences to ~1 % after a few steps, on one device as much as on eight (a
+    reordered batch does the same), so float32 shows noise.
     """
     assert len(jax.devices()) == 8
     config = tiny_config(synthetic_data_dir)
