@@ -1,3 +1,4 @@
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +73,38 @@ def test_l2_normalize_unit_norm_and_zero_safe():
 def test_gelu_is_exact_erf_form():
     x = jnp.array(1.0)
     assert abs(float(layers.gelu(x)) - 0.8413447460685429) < 1e-6  # x * Phi(x); tanh form gives 0.84119
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+def test_depthwise_conv_is_grouped_convolution(kernel):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 4))
+    weight = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 4))
+    ours = layers.DepthwiseConv(kernel).apply({"params": {"kernel": weight}}, x)
+    pad = kernel // 2
+    expected = jax.lax.conv_general_dilated(x, weight, (1, 1), ((pad, pad), (pad, pad)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_conv_is_a_1x1_convolution(stride):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 4))
+    kernel = jax.random.normal(jax.random.key(1), (1, 1, 4, 3))
+    bias = jax.random.normal(jax.random.key(2), (3,))
+    module = layers.conv(3, 1, stride=stride, bias=True)
+    assert isinstance(module, layers.PointwiseConv)
+    ours = module.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+    expected = jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((0, 0), (0, 0)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [512, 170, 8])
+def test_group_norm_is_flax_group_norm_with_spec_groups(channels):
+    x = 3.0 + jax.random.normal(jax.random.key(0), (2, 5, 4, channels))
+    params = {"scale": jax.random.normal(jax.random.key(1), (channels,)),
+              "bias": jax.random.normal(jax.random.key(2), (channels,))}
+    ours = layers.GroupNorm().apply({"params": params}, x)
+    expected = flax.linen.GroupNorm(num_groups=layers.group_count(channels), epsilon=1e-5,
+                                    use_fast_variance=False).apply({"params": params}, x)
+    np.testing.assert_allclose(ours, expected, atol=2e-5)

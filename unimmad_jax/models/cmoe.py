@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unimmad_jax.models.layers import ConvNormAct, Dtype, NormAct, batch_norm, conv, gelu
+from unimmad_jax.models.layers import ConvNormAct, Dtype, NormAct, batch_norm, gelu
 
 
 class Routing(NamedTuple):
@@ -149,6 +149,32 @@ class MiMoE(nn.Module):
         return NormAct(self.dtype, name="post_norm")(y), routing
 
 
+class PairConcatConv(nn.Module):
+    """`conv_kxk(cat[per-sample features repeated for each of its pairs, per-pair features])`, no bias.
+
+    A convolution of a concatenation is the sum of each part's convolution, so the per-sample
+    part runs once per sample rather than once per pair.
+    """
+    features: int
+    kernel: int = 3
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, per_sample: jax.Array, per_pair: jax.Array) -> jax.Array:
+        split = per_sample.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (self.kernel, self.kernel, split + per_pair.shape[-1], self.features))
+        per_sample, per_pair, kernel = nn.dtypes.promote_dtype(per_sample, per_pair, kernel, dtype=self.dtype)
+        pad = self.kernel // 2
+
+        def conv(x, w):
+            return jax.lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+        slots = per_pair.shape[0] // per_sample.shape[0]
+        return jnp.repeat(conv(per_sample, kernel[:, :, :split]), slots, axis=0) + conv(per_pair, kernel[:, :, split:])
+
+
 class CrossMoE(nn.Module):
     """The C-MoE of one level: general feature `[B, h, w, D]` and pair priors `[P, h, w, D]` -> `[P, h, w, D]`.
 
@@ -167,11 +193,9 @@ class CrossMoE(nn.Module):
     def __call__(self, general: jax.Array, prior: jax.Array, pair_mask: jax.Array,
                  train: bool) -> tuple[jax.Array, jax.Array, list[Routing]]:
         c = self.embed_dim
-        slots = prior.shape[0] // general.shape[0]
         key = ConvNormAct(c, dtype=self.dtype, name="key")(general)
         query = ConvNormAct(c, dtype=self.dtype, name="query")(prior)
-        cond = conv(c, 3, dtype=self.dtype, name="cond_conv")(
-            jnp.concatenate([jnp.repeat(key, slots, axis=0), query], axis=-1))
+        cond = PairConcatConv(c, dtype=self.dtype, name="cond_conv")(key, query)
         cond = batch_norm(train, dtype=self.dtype, name="cond_bn")(cond, mask=pair_mask[:, None, None, None])
         cond = NormAct(self.dtype, name="cond_act")(gelu(cond))
         cond = ConvNormAct(c, dtype=self.dtype, name="cond_proj")(cond)

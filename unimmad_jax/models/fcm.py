@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unimmad_jax.models.layers import ConvNormAct, Dtype, NormAct, batch_norm, conv, conv_transpose
+from unimmad_jax.models.layers import ConvNormAct, DepthwiseConv, Dtype, NormAct, batch_norm, conv, conv_transpose
 from unimmad_jax.models.wide_resnet import EXPANSION
 
 
@@ -56,8 +56,7 @@ class SeparableBranch(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        channels = x.shape[-1]
-        x = conv(channels, self.kernel, groups=channels, dtype=self.dtype, name="depthwise")(x)
+        x = DepthwiseConv(self.kernel, self.dtype, name="depthwise")(x)
         return ConvNormAct(self.features, dtype=self.dtype, name="pointwise")(x)
 
 

@@ -23,24 +23,103 @@ def group_count(channels: int) -> int:
     return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
 
 
+class PointwiseConv(nn.Module):
+    """A 1x1 `Conv2d` (kernel `[1, 1, in, out]`) as a matrix product over channels.
+
+    XLA's CPU convolution ran 1x1 kernels at a third of a matrix product's speed (forward and
+    backward); a stride keeps every stride-th pixel, as a 1x1 convolution does.
+    """
+    features: int
+    stride: int = 1
+    use_bias: bool = False
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jnp.einsum("bhwi,io->bhwo", x[:, ::self.stride, ::self.stride], kernel[0, 0])
+        return y if bias is None else y + bias
+
+
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int | None = None,
-         bias: bool = False, groups: int = 1, dtype: Dtype = None, name: str | None = None) -> nn.Conv:
+         bias: bool = False, dtype: Dtype = None, name: str | None = None) -> nn.Module:
     """A PyTorch `Conv2d`: symmetric explicit padding (default k // 2), no bias unless asked."""
     pad = kernel // 2 if padding is None else padding
+    if kernel == 1 and pad == 0:
+        return PointwiseConv(features, stride, bias, dtype, name=name)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   use_bias=bias, feature_group_count=groups, dtype=dtype, name=name)
+                   use_bias=bias, dtype=dtype, name=name)
+
+
+class ConvTranspose(nn.Module):
+    """PyTorch's `ConvTranspose2d` (scatter semantics) when `kernel - 2 * padding == stride`: out = stride * in.
+
+    The kernel is stored `[kh, kw, out, in]`: PyTorch's `[in, out, kh, kw]` transposed by (2, 3, 1, 0),
+    the same permutation as a plain convolution's weight.  Output pixel `s * m + r` only receives
+    the taps `k` with `k = r + padding (mod s)`, from input pixel `m + (r + padding - k) / s`; so
+    each tap is one matrix product of a shifted input, written into its output phase.  XLA runs
+    these fast forwards and backwards, where its dilated convolutions (`lax.conv_transpose`)
+    took 20x the forward time to differentiate on a CPU.
+    """
+    features: int
+    kernel: int
+    stride: int
+    padding: int = 0
+    use_bias: bool = False
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s, p = self.kernel, self.stride, self.padding
+        if k - 2 * p != s:
+            raise ValueError(f"ConvTranspose(kernel={k}, stride={s}, padding={p}) does not upsample by exactly {s}")
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, self.features, x.shape[-1]))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        batch, height, width, _ = x.shape
+        offsets = [(r + p - tap) // s for tap in range(k) for r in [(tap - p) % s]]
+        margin = max(abs(o) for o in offsets)
+        padded = jnp.pad(x, ((0, 0), (margin, margin), (margin, margin), (0, 0)))
+        phases = {}
+        for ky in range(k):
+            for kx in range(k):
+                dy, dx = offsets[ky] + margin, offsets[kx] + margin
+                shifted = padded[:, dy:dy + height, dx:dx + width]
+                phase = ((ky - p) % s, (kx - p) % s)
+                term = jnp.einsum("bhwi,oi->bhwo", shifted, kernel[ky, kx])
+                phases[phase] = phases[phase] + term if phase in phases else term
+        grid = jnp.stack([jnp.stack([phases[ry, rx] for rx in range(s)], axis=3) for ry in range(s)], axis=2)
+        y = grid.reshape(batch, height * s, width * s, self.features)  # [b, h, ry, w, rx, o] -> [b, h*s, w*s, o]
+        return y if bias is None else y + bias
+
+
+class DepthwiseConv(nn.Module):
+    """A PyTorch depthwise `Conv2d` (groups = channels, 'same' padding, no bias), kernel `[k, k, 1, C]`.
+
+    Computed as k*k shifted, per-channel scaled copies of the input: XLA fuses them into one loop,
+    20x faster than its grouped convolution on a CPU (10x with the backward pass).
+    """
+    kernel: int
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, x.shape[-1]))
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        pad = k // 2
+        height, width = x.shape[1:3]
+        padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        return sum(padded[:, dy:dy + height, dx:dx + width] * kernel[dy, dx, 0]
+                   for dy in range(k) for dx in range(k))
 
 
 def conv_transpose(features: int, kernel: int, *, stride: int, padding: int = 0, bias: bool = False,
-                   dtype: Dtype = None, name: str | None = None) -> nn.ConvTranspose:
-    """A PyTorch `ConvTranspose2d` (scatter semantics, output `(n - 1) * stride - 2 * padding + kernel`).
-
-    With `transpose_kernel=True` the kernel is stored `[kh, kw, out, in]`: PyTorch's `[in, out, kh, kw]`
-    transposed by (2, 3, 1, 0), the same permutation as a plain convolution's weight.
-    """
-    pad = kernel - 1 - padding
-    return nn.ConvTranspose(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                            use_bias=bias, transpose_kernel=True, dtype=dtype, name=name)
+                   dtype: Dtype = None, name: str | None = None) -> ConvTranspose:
+    """A PyTorch `ConvTranspose2d` (see `ConvTranspose`)."""
+    return ConvTranspose(features, kernel, stride, padding, use_bias=bias, dtype=dtype, name=name)
 
 
 def batch_norm(train: bool, *, dtype: Dtype = None, name: str | None = None) -> nn.BatchNorm:
@@ -50,10 +129,34 @@ def batch_norm(train: bool, *, dtype: Dtype = None, name: str | None = None) -> 
                         dtype=dtype, name=name)
 
 
-def group_norm(channels: int, *, dtype: Dtype = None, name: str | None = None) -> nn.GroupNorm:
-    """GN(C) of SPEC 2: eps 1e-5, affine, groups from `group_count`."""
-    return nn.GroupNorm(num_groups=group_count(channels), epsilon=1e-5, use_fast_variance=False,
-                        dtype=dtype, name=name)
+class GroupNorm(nn.Module):
+    """GN(C) of SPEC 2: groups from `group_count`, eps 1e-5, affine; statistics in at least float32.
+
+    Statistics are reduced per channel over the pixels first (a contiguous reduction), then per
+    group: XLA runs this and its gradient 1.7x faster on a CPU than a reduction over a reshaped
+    `[..., groups, channels per group]` array.  The variance is taken of the deviations (two passes).
+    """
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, height, width, channels = x.shape
+        groups = group_count(channels)
+        scale = self.param("scale", nn.initializers.ones, (channels,))
+        bias = self.param("bias", nn.initializers.zeros, (channels,))
+        dtype = self.dtype or jnp.result_type(x, scale)
+        stats_dtype = jnp.promote_types(dtype, jnp.float32)
+        x32 = x.astype(stats_dtype)
+        count = height * width * (channels // groups)
+
+        def per_group_mean(values):
+            sums = jnp.sum(values, axis=(1, 2)).reshape(batch, groups, -1).sum(axis=-1) / count
+            return jnp.repeat(sums, channels // groups, axis=-1)[:, None, None, :]
+
+        centred = x32 - per_group_mean(x32)
+        inverse_std = jax.lax.rsqrt(per_group_mean(jnp.square(centred)) + 1e-5)
+        y = centred * (inverse_std * scale.astype(stats_dtype)) + bias.astype(stats_dtype)
+        return y.astype(dtype)
 
 
 class NormAct(nn.Module):
@@ -62,7 +165,7 @@ class NormAct(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.relu(group_norm(x.shape[-1], dtype=self.dtype, name="norm")(x))
+        return nn.relu(GroupNorm(self.dtype, name="norm")(x))
 
 
 class ConvNormAct(nn.Module):
@@ -77,7 +180,7 @@ class ConvNormAct(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = conv(self.features, self.kernel, stride=self.stride, padding=self.padding, dtype=self.dtype,
                  name="conv")(x)
-        return nn.relu(group_norm(self.features, dtype=self.dtype, name="norm")(x))
+        return nn.relu(GroupNorm(self.dtype, name="norm")(x))
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
