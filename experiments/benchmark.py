@@ -20,6 +20,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+import resident_memory
+
 flags.DEFINE_integer("batch-size", 4, "Images per step.")
 flags.DEFINE_integer("modalities", 2, "Valid modality slots per image (1..4).")
 flags.DEFINE_integer("image-size", None, "Overrides config.image_size.")
@@ -78,6 +80,7 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
     start = time.perf_counter()
     compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - start
+    resident_memory.reset_peak()
     flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
     memory = compiled.memory_analysis()
 
@@ -108,10 +111,12 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
         "gflops_per_image": flops / batch_size / 1e9, "achieved_tflops": achieved / 1e12,
         "fraction_of_peak": None if peak is None else achieved / (peak * jax.device_count()),
         # On accelerators the allocator's peak; on a CPU, XLA's buffer plan of the step (arguments,
-        # outputs and temporaries) and the process's peak resident memory.
+        # outputs and temporaries), and the process's peak resident memory over its life (compiling
+        # included) and while stepping.
         "peak_memory_bytes": stats.get("peak_bytes_in_use", xla_peak),
         "xla_buffer_bytes": xla_peak,
         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "stepping_peak_rss_bytes": resident_memory.peak_bytes(),
         "compile_s": compile_s,
     }
 

@@ -6,7 +6,7 @@ Needs torch (not a dependency of the package; e.g. `pip install torch==2.13.0` i
 environment).  It runs the reference's computation as the release does it (three
 convolutions per expert branch, per-pair routing), but without the release's discarded
 layer4, so the release itself is somewhat slower than this.  Peak memory is the process's
-peak resident set size.
+peak resident set size, over its life and while stepping (warm-up step included).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import time
 
 import torch
 
+import resident_memory
 import torch_reference as tr
 
 
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
             total.backward()
             optimizer.step()
 
+    resident_memory.reset_peak()
     step()  # warm-up
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -60,7 +62,8 @@ def main(argv=None) -> int:
     result = {"mode": args.mode, "batch_size": batch, "modalities": args.modalities, "image_size": size,
               "device": f"cpu, torch {torch.__version__}, {torch.get_num_threads()} threads",
               "images_per_s": args.steps * batch / elapsed, "seconds_per_step": elapsed / args.steps,
-              "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+              "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "stepping_peak_rss_bytes": resident_memory.peak_bytes()}
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -82,14 +82,17 @@ class ConvTranspose(nn.Module):
         offsets = [(r + p - tap) // s for tap in range(k) for r in [(tap - p) % s]]
         margin = max(abs(o) for o in offsets)
         padded = jnp.pad(x, ((0, 0), (margin, margin), (margin, margin), (0, 0)))
+        # Taps by `split`: its gradient is one concatenation, where indexing would add k*k
+        # zero-padded copies of the kernel's gradient.
+        taps = jnp.split(kernel.reshape(k * k, self.features, -1), k * k)
         phases = {}
-        for ky in range(k):
-            for kx in range(k):
-                dy, dx = offsets[ky] + margin, offsets[kx] + margin
-                shifted = padded[:, dy:dy + height, dx:dx + width]
-                phase = ((ky - p) % s, (kx - p) % s)
-                term = jnp.einsum("bhwi,oi->bhwo", shifted, kernel[ky, kx])
-                phases[phase] = phases[phase] + term if phase in phases else term
+        for tap, tap_kernel in enumerate(taps):
+            ky, kx = divmod(tap, k)
+            dy, dx = offsets[ky] + margin, offsets[kx] + margin
+            shifted = padded[:, dy:dy + height, dx:dx + width]
+            phase = ((ky - p) % s, (kx - p) % s)
+            term = jnp.einsum("bhwi,oi->bhwo", shifted, tap_kernel[0])
+            phases[phase] = phases[phase] + term if phase in phases else term
         grid = jnp.stack([jnp.stack([phases[ry, rx] for rx in range(s)], axis=3) for ry in range(s)], axis=2)
         y = grid.reshape(batch, height * s, width * s, self.features)  # [b, h, ry, w, rx, o] -> [b, h*s, w*s, o]
         return y if bias is None else y + bias
