@@ -46,7 +46,7 @@ def raw_anomaly_map(output: ModelOutput, batch_size: int, image_size: int) -> ja
     """`[B, H, W]`: sqrt of the sum over levels and valid modalities of the upsampled `(1 - cos)^2`."""
     total = 0.0
     for prior, decompressed in zip(output.prior, output.decompressed):
-        distance = cosine_distance(prior.astype(jnp.float32), decompressed.astype(jnp.float32))
+        distance = cosine_distance(prior, decompressed)
         resize_h = jnp.asarray(align_corners_matrix(image_size, distance.shape[1]), distance.dtype)
         resize_w = jnp.asarray(align_corners_matrix(image_size, distance.shape[2]), distance.dtype)
         upsampled = jnp.einsum("Hh,phw,Ww->pHW", resize_h, distance, resize_w)

@@ -33,7 +33,12 @@ class LossConfig:
 
 
 def cosine_distance(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
-    """`1 - cos(a, b)` over the channel (last) axis, each norm clamped at `eps` as PyTorch does."""
+    """`1 - cos(a, b)` over the channel (last) axis, each norm clamped at `eps` as PyTorch does.
+
+    Computed in at least float32: bfloat16 sums over hundreds of channels lose the small
+    distances that make the maps and the loss.
+    """
+    a, b = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in (a, b))
     norms = (jnp.maximum(jnp.linalg.norm(a, axis=-1), eps) * jnp.maximum(jnp.linalg.norm(b, axis=-1), eps))
     return 1.0 - jnp.sum(a * b, axis=-1) / norms
 
@@ -66,5 +71,6 @@ def total_loss(output: ModelOutput, loss_weight: jax.Array, epoch: jax.Array,
                cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`L = L_DeC + a(epoch) * mean over levels of the C-MoE losses`, and both terms."""
     cos = decompression_loss(output, loss_weight, cfg)
-    moe = moe_weight(epoch, cfg, output.moe_loss.dtype) * jnp.mean(output.moe_loss)
+    moe_loss = output.moe_loss.astype(jnp.promote_types(output.moe_loss.dtype, jnp.float32))
+    moe = moe_weight(epoch, cfg, moe_loss.dtype) * jnp.mean(moe_loss)
     return cos + moe, {"cos_loss": cos, "moe_loss": moe}
