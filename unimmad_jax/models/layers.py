@@ -111,12 +111,18 @@ class DepthwiseConv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, x.shape[-1]))
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        pad = k // 2
-        height, width = x.shape[1:3]
-        padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        return sum(padded[:, dy:dy + height, dx:dx + width] * kernel[dy, dx, 0]
-                   for dy in range(k) for dx in range(k))
+        return depthwise_conv(*nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype))
+
+
+@jax.checkpoint
+def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`DepthwiseConv`'s computation.  Differentiation keeps only the inputs and recomputes the
+    shifted copies, where it would otherwise keep all k*k of them."""
+    k = kernel.shape[0]
+    pad = k // 2
+    height, width = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return sum(padded[:, dy:dy + height, dx:dx + width] * kernel[dy, dx, 0] for dy in range(k) for dx in range(k))
 
 
 def conv_transpose(features: int, kernel: int, *, stride: int, padding: int = 0, bias: bool = False,
