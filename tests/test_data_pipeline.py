@@ -17,6 +17,7 @@ from unimmad_jax.data.pipeline import (
     eval_loader,
     train_loader,
 )
+from unimmad_jax.data.prepared import max_modality_count, open_split
 from unimmad_jax.data.schema import InvalidDataError
 
 # Two MVTec AD classes of very different sizes: balance must show.
@@ -243,3 +244,11 @@ def test_default_config_has_the_documented_fields():
     assert dict(config.loss_weights) == {
         "eyecandies": 0.5, "mvtec3d": 1.0, "mulsen_ad": 1.0, "brats": 10.0,
         "retinaad": 1.0, "liverad": 10.0, "hyperad": 1.0}
+
+
+def test_split_lookups_name_a_missing_split(data_dir):
+    assert max_modality_count(data_dir[0], "mvtec3d", "test") == 2
+    assert max_modality_count(data_dir[0], "mvtec_ad", "test") == 1
+    for lookup in (open_split, max_modality_count):
+        with pytest.raises(InvalidDataError, match="Dataset 'mvtec_ad' has no split 'validation'"):
+            lookup(data_dir[0], "mvtec_ad", "validation")

@@ -90,14 +90,20 @@ class PreparedSplit:
         return len(self.index)
 
 
-def open_split(data_dir: str | Path, name: str, split: str) -> PreparedSplit:
-    """Opens `split` of prepared dataset `name` for random access."""
+def _split_index(data_dir: str | Path, name: str, split: str) -> tuple[Path, DatasetIndex]:
+    """The folder and index of prepared dataset `name`, which must have `split`."""
     folder = dataset_folder(data_dir, name)
     index = read_index(folder)
     if split not in index.splits:
         raise InvalidDataError(
             f"Dataset {name!r} has no split {split!r}; it has {sorted(index.splits)}."
         )
+    return folder, index
+
+
+def open_split(data_dir: str | Path, name: str, split: str) -> PreparedSplit:
+    """Opens `split` of prepared dataset `name` for random access."""
+    folder, index = _split_index(data_dir, name, split)
     records = tfds.builder_from_directory(str(folder)).as_data_source(split=split)
     if len(records) != len(index.splits[split]):
         raise InvalidDataError(
@@ -109,9 +115,7 @@ def open_split(data_dir: str | Path, name: str, split: str) -> PreparedSplit:
 
 def max_modality_count(data_dir: str | Path, name: str, split: str) -> int:
     """The most modalities a sample of `split` of prepared dataset `name` has."""
-    index = read_index(dataset_folder(data_dir, name))
-    if split not in index.splits:
-        raise InvalidDataError(f"Dataset {name!r} has no split {split!r}; it has {sorted(index.splits)}.")
+    _, index = _split_index(data_dir, name, split)
     return max(len(types) for types in index.splits[split].modality_types)
 
 
