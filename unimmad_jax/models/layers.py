@@ -134,8 +134,7 @@ def conv_transpose(features: int, kernel: int, *, stride: int, padding: int = 0,
 def batch_norm(train: bool, *, dtype: Dtype = None, name: str | None = None) -> nn.BatchNorm:
     """PyTorch `BatchNorm2d`: eps 1e-5, momentum 0.1 (Flax's 0.9), two-pass variance for float32 accuracy."""
     return nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5,
-                        use_fast_variance=False,
-                        dtype=dtype, name=name)
+                        use_fast_variance=False, dtype=dtype, name=name)
 
 
 class GroupNorm(nn.Module):
