@@ -125,6 +125,16 @@ def create_train_state(model: UniMMAD, config: ml_collections.ConfigDict, steps_
                       opt_state=tx.init(params), tx=tx)
 
 
+def abstract_train_state(model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int) -> TrainState:
+    """The shapes and dtypes of `create_train_state`'s result, computing and reading nothing: what a
+    restore needs, so that resuming skips initialising, loading `train.init_from` and measuring the prior."""
+    variables = abstract_variables(model.config, slots=config.data.num_slots)
+    params = variables["params"]
+    tx = make_optimizer(config, steps_per_epoch, params)
+    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+                      opt_state=jax.eval_shape(tx.init, params), tx=tx)
+
+
 def first_images(config: ml_collections.ConfigDict, batch_size: int) -> np.ndarray:
     """The valid modality images `[n, H, W, 3]` of the first training batch's first `batch_size` samples.
 
@@ -170,7 +180,9 @@ def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: TrainState, iterator, mesh: Mesh):
-    """The latest complete checkpoint (state placed on `mesh`, iterator positioned), or None."""
+    """The latest complete checkpoint (state placed on `mesh`, iterator positioned), or None.
+
+    `state` gives the structure, shapes and dtypes (its arrays or `ShapeDtypeStruct`s)."""
     step = manager.latest_step()
     if step is None:
         return None
@@ -244,20 +256,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     loader = train_loader(config.data, seed=config.seed, batch_size=batch_size)
     steps_per_epoch = loader.steps_per_epoch
 
-    state = jax.device_put(create_train_state(model, config, steps_per_epoch, first_images(config, batch_size)),
-                           sharding.replicated(mesh))
     manager = checkpoint_manager(workdir, config)
-    restored = restore_latest(manager, state, loader.iterator, mesh)
+    restored = restore_latest(manager, abstract_train_state(model, config, steps_per_epoch), loader.iterator, mesh)
     if restored is not None:
         state, meta = restored
         if meta["steps_per_epoch"] != steps_per_epoch:
             raise ValueError(f"the checkpoints in {workdir} were written with {meta['steps_per_epoch']} steps per "
                              f"epoch, the configured data gives {steps_per_epoch}: resume with the same data config")
         print(f"Resumed from step {int(state.step)} (epoch {meta['epoch']}) in {manager.directory}")
-    elif not config.train.init_from:
-        print("Training from randomly initialised weights, the prior too (its BatchNorm statistics measured on "
-              "a training batch): without pretrained prior weights (train.init_from) the features are not "
-              "ImageNet features.")
+    else:
+        state = jax.device_put(create_train_state(model, config, steps_per_epoch, first_images(config, batch_size)),
+                               sharding.replicated(mesh))
+        if not config.train.init_from:
+            print("Training from randomly initialised weights, the prior too (its BatchNorm statistics measured "
+                  "on a training batch): without pretrained prior weights (train.init_from) the features are not "
+                  "ImageNet features.")
 
     step_fn = make_train_step(model, loss_cfg, mesh)
     schedule = learning_rate_schedule(config, steps_per_epoch)
