@@ -4,6 +4,7 @@ No pretrained prior can be downloaded here, so the prior generator keeps its ran
 random feature extractor whose BatchNorm statistics are measured on a training batch); the method
 still has to find the defects.
 """
+
 from unimmad_jax.config import default_config
 
 

@@ -1,4 +1,5 @@
 """The paper's model and recipe on Eyecandies alone (RGB + depth, 10 classes)."""
+
 from unimmad_jax.config import default_config
 
 

@@ -1,4 +1,5 @@
 """The paper's model and recipe on the authors' preprocessed medical sets (`mmad_meta/<name>`)."""
+
 from unimmad_jax.config import default_config
 
 

@@ -1,4 +1,5 @@
 """The paper's model and recipe on MulSen-AD alone (RGB + infrared, 15 classes)."""
+
 from unimmad_jax.config import default_config
 
 

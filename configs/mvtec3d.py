@@ -1,4 +1,5 @@
 """The paper's model and recipe on MVTec 3D-AD alone (RGB + depth, 10 classes)."""
+
 from unimmad_jax.config import default_config
 
 

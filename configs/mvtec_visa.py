@@ -1,4 +1,5 @@
 """The RGB-only sets of the paper's 66-class setting: MVTec AD and VisA, one modality slot."""
+
 from unimmad_jax.config import default_config
 
 

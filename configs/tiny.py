@@ -1,4 +1,5 @@
 """A few channels of every part of the model on two synthetic classes (RGB+depth and gray): for tests."""
+
 from unimmad_jax.config import default_config
 
 

@@ -4,13 +4,21 @@ Prepare each dataset first (README, "Datasets"); the medical sets come from the 
 preprocessed release as `mmad_meta/<name>`.  Start from ImageNet prior weights:
 `--config.train.init_from=<folder from python -m unimmad_jax.convert prior>`.
 """
+
 from unimmad_jax.config import default_config
 
 
 def get_config():
     config = default_config()
-    config.data.datasets = ("mvtec3d", "eyecandies", "mulsen_ad", "mmad_meta/brats", "mmad_meta/retinaad",
-                            "mmad_meta/liverad", "mmad_meta/hyperad")
+    config.data.datasets = (
+        "mvtec3d",
+        "eyecandies",
+        "mulsen_ad",
+        "mmad_meta/brats",
+        "mmad_meta/retinaad",
+        "mmad_meta/liverad",
+        "mmad_meta/hyperad",
+    )
     config.data.num_slots = 4
     config.train.num_epochs = 200  # the release's config; the paper reports 300
     return config

@@ -9,6 +9,7 @@ whole optimizer step.  Inputs are random, every one of the `--modalities` slots 
 weights are randomly initialised (speed does not depend on them).  The step is compiled
 once, run `--warmup` times, then timed over `--steps` runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+import resident_memory
 from absl import app, flags
 from ml_collections import config_flags
-
-import resident_memory
 
 flags.DEFINE_integer("batch-size", 4, "Images per step.")
 flags.DEFINE_integer("modalities", 2, "Valid modality slots per image (1..4).")
@@ -35,8 +35,12 @@ config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).",
 FLAGS = flags.FLAGS
 
 PEAK_FLOPS = {  # dense, per chip: (float32 or TF32 matmul, bfloat16)
-    "H200": (494e12, 989e12), "H100": (494e12, 989e12), "A100": (156e12, 312e12),
-    "TPU v4": (275e12, 275e12), "TPU v5 lite": (197e12, 197e12), "TPU v5p": (459e12, 459e12),
+    "H200": (494e12, 989e12),
+    "H100": (494e12, 989e12),
+    "A100": (156e12, 312e12),
+    "TPU v4": (275e12, 275e12),
+    "TPU v5 lite": (197e12, 197e12),
+    "TPU v5p": (459e12, 459e12),
 }
 
 
@@ -60,10 +64,11 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
     model = UniMMAD(model_config(config))
     mesh = sharding.data_mesh()
     rng = np.random.default_rng(0)
-    batch = {"specific_images": rng.standard_normal((batch_size, modalities, image_size, image_size, 3),
-                                                    np.float32),
-             "modality_mask": np.ones((batch_size, modalities), bool),
-             "loss_weight": np.ones(batch_size, np.float32)}
+    batch = {
+        "specific_images": rng.standard_normal((batch_size, modalities, image_size, image_size, 3), np.float32),
+        "modality_mask": np.ones((batch_size, modalities), bool),
+        "loss_weight": np.ones(batch_size, np.float32),
+    }
     batch = sharding.to_global(batch, mesh)
     if mode == "infer":
         variables = jax.device_put(init_variables(model, config.seed, modalities), sharding.replicated(mesh))
@@ -72,8 +77,9 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
     else:
         config.data.num_slots = modalities
         images = np.asarray(batch["specific_images"]).reshape(-1, image_size, image_size, 3)
-        state = jax.device_put(train.create_train_state(model, config, steps_per_epoch=1, prior_images=images),
-                               sharding.replicated(mesh))
+        state = jax.device_put(
+            train.create_train_state(model, config, steps_per_epoch=1, prior_images=images), sharding.replicated(mesh)
+        )
         step = train.make_train_step(model, loss_config(config), mesh)
         args = (state, batch, jnp.int32(0))
 
@@ -98,17 +104,31 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
 
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
-    xla_peak = None if memory is None else (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                                            + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+    xla_peak = (
+        None
+        if memory is None
+        else (
+            memory.temp_size_in_bytes
+            + memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
+        )
+    )
     images_per_s = steps * batch_size / elapsed
     dtype = config.model.dtype
     peak = peak_flops(device.device_kind, dtype)
     achieved = flops * steps / elapsed
     return {
-        "mode": mode, "batch_size": batch_size, "modalities": modalities, "image_size": image_size, "dtype": dtype,
+        "mode": mode,
+        "batch_size": batch_size,
+        "modalities": modalities,
+        "image_size": image_size,
+        "dtype": dtype,
         "device": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
-        "images_per_s": images_per_s, "seconds_per_step": elapsed / steps,
-        "gflops_per_image": flops / batch_size / 1e9, "achieved_tflops": achieved / 1e12,
+        "images_per_s": images_per_s,
+        "seconds_per_step": elapsed / steps,
+        "gflops_per_image": flops / batch_size / 1e9,
+        "achieved_tflops": achieved / 1e12,
         "fraction_of_peak": None if peak is None else achieved / (peak * jax.device_count()),
         # On accelerators the allocator's peak; on a CPU, XLA's buffer plan of the step (arguments,
         # outputs and temporaries), and the process's peak resident memory over its life (compiling
@@ -123,36 +143,48 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
 
 def describe(result: dict) -> str:
     fraction = "" if result["fraction_of_peak"] is None else f", {100 * result['fraction_of_peak']:.1f} % of peak"
-    return (f"{result['mode']} b={result['batch_size']} m={result['modalities']} {result['image_size']}px "
-            f"{result['dtype']} on {result['device']}: {result['images_per_s']:.3f} images/s, "
-            f"{result['gflops_per_image']:.1f} GFLOPs/image, {result['achieved_tflops']:.3f} TFLOP/s{fraction}, "
-            f"peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB, compile {result['compile_s']:.1f} s")
+    return (
+        f"{result['mode']} b={result['batch_size']} m={result['modalities']} {result['image_size']}px "
+        f"{result['dtype']} on {result['device']}: {result['images_per_s']:.3f} images/s, "
+        f"{result['gflops_per_image']:.1f} GFLOPs/image, {result['achieved_tflops']:.3f} TFLOP/s{fraction}, "
+        f"peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB, compile {result['compile_s']:.1f} s"
+    )
 
 
 def sweep(config, out_dir: Path) -> list[dict]:
     """One axis at a time around (batch 4, 2 modalities, config image size)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = dict(batch_size=FLAGS["batch-size"].value, modalities=FLAGS.modalities, image_size=FLAGS["image-size"].value
-                or config.image_size)
+    base = dict(
+        batch_size=FLAGS["batch-size"].value,
+        modalities=FLAGS.modalities,
+        image_size=FLAGS["image-size"].value or config.image_size,
+    )
     axes = {"batch_size": (1, 2, 4, 8), "modalities": (1, 2, 3, 4), "image_size": (128, 256, 384)}
     results = []
     for axis, values in axes.items():
         for value in values:
             point = {**base, axis: value}
-            result = measure(config.copy_and_resolve_references(), mode=FLAGS.mode, steps=FLAGS.steps,
-                             warmup=FLAGS.warmup, **point)
+            result = measure(
+                config.copy_and_resolve_references(), mode=FLAGS.mode, steps=FLAGS.steps, warmup=FLAGS.warmup, **point
+            )
             result["axis"] = axis
             print(describe(result), flush=True)
             results.append(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sweep.json").write_text(json.dumps(results, indent=1))
-    lines = ["| varied | batch | modalities | size | images/s | GFLOPs/image | peak memory (GiB) |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['axis']} | {r['batch_size']} | {r['modalities']} | {r['image_size']} | {r['images_per_s']:.3f} "
-              f"| {r['gflops_per_image']:.1f} | {r['peak_memory_bytes'] / 2**30:.2f} |" for r in results]
+    lines = [
+        "| varied | batch | modalities | size | images/s | GFLOPs/image | peak memory (GiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['axis']} | {r['batch_size']} | {r['modalities']} | {r['image_size']} | {r['images_per_s']:.3f} "
+        f"| {r['gflops_per_image']:.1f} | {r['peak_memory_bytes'] / 2**30:.2f} |"
+        for r in results
+    ]
     (out_dir / "sweep.md").write_text("\n".join(lines) + "\n")
     figure, plots = plt.subplots(2, 3, figsize=(12, 6.5))
     for column, axis in enumerate(axes):
@@ -175,8 +207,15 @@ def main(argv) -> int:
     if FLAGS.sweep:
         sweep(config, Path(FLAGS["out-dir"].value))
         return 0
-    result = measure(config, FLAGS["batch-size"].value, FLAGS.modalities, FLAGS["image-size"].value or config.image_size, FLAGS.mode,
-                     FLAGS.steps, FLAGS.warmup)
+    result = measure(
+        config,
+        FLAGS["batch-size"].value,
+        FLAGS.modalities,
+        FLAGS["image-size"].value or config.image_size,
+        FLAGS.mode,
+        FLAGS.steps,
+        FLAGS.warmup,
+    )
     print(describe(result))
     if FLAGS.json:
         Path(FLAGS.json).write_text(json.dumps(result, indent=1))

@@ -8,6 +8,7 @@ convolutions per expert branch, per-pair routing), but without the release's dis
 layer4, so the release itself is somewhat slower than this.  Peak memory is the process's
 peak resident set size, over its life and while stepping (warm-up step included).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,8 @@ import json
 import resource
 import time
 
-import torch
-
 import resident_memory
+import torch
 import torch_reference as tr
 
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     model = tr.UniMMAD(args.image_size)
     size, batch = args.image_size, args.batch_size
     specific = torch.zeros(batch, tr.M_SLOTS, 3, size, size)
-    specific[:, :args.modalities] = torch.randn(batch, args.modalities, 3, size, size)
+    specific[:, : args.modalities] = torch.randn(batch, args.modalities, 3, size, size)
     share = torch.cat([specific[:, m] for m in range(tr.M_SLOTS)], dim=1)
     counts = [args.modalities] * batch
     weights = torch.ones(batch)
@@ -59,11 +59,17 @@ def main(argv=None) -> int:
     for _ in range(args.steps):
         step()
     elapsed = time.perf_counter() - start
-    result = {"mode": args.mode, "batch_size": batch, "modalities": args.modalities, "image_size": size,
-              "device": f"cpu, torch {torch.__version__}, {torch.get_num_threads()} threads",
-              "images_per_s": args.steps * batch / elapsed, "seconds_per_step": elapsed / args.steps,
-              "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "stepping_peak_rss_bytes": resident_memory.peak_bytes()}
+    result = {
+        "mode": args.mode,
+        "batch_size": batch,
+        "modalities": args.modalities,
+        "image_size": size,
+        "device": f"cpu, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "images_per_s": args.steps * batch / elapsed,
+        "seconds_per_step": elapsed / args.steps,
+        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "stepping_peak_rss_bytes": resident_memory.peak_bytes(),
+    }
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:

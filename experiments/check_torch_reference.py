@@ -9,6 +9,7 @@ gradient against the SPEC 8 tolerances. Exit status 0 only if all pass.
 With `--via-checkpoint` the weights go through a SPEC 7 checkpoint folder written by
 `reference_checkpoint.py` and loaded with safetensors.torch (tests that path too).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,11 @@ def main(argv=None):
     z = np.load(a.case)
     size = int(z["img"].shape[-1])
     salt = str(z["salt"])
-    grad_keys = [k[len("grad/"):] for k in z.files if k.startswith("grad/")]
-    print(f"case {a.case}: salt {salt!r}, H=W={size}, modality_num {z['modality_num'].tolist()}, "
-          f"loss_weight {z['loss_weight'].tolist()}, epoch {int(z['epoch'])}, {len(grad_keys)} gradients")
+    grad_keys = [k[len("grad/") :] for k in z.files if k.startswith("grad/")]
+    print(
+        f"case {a.case}: salt {salt!r}, H=W={size}, modality_num {z['modality_num'].tolist()}, "
+        f"loss_weight {z['loss_weight'].tolist()}, epoch {int(z['epoch'])}, {len(grad_keys)} gradients"
+    )
 
     tmp = None
     if a.via_checkpoint:
@@ -63,16 +66,26 @@ def main(argv=None):
     else:
         weights = rc.reference_weights(salt, size)
 
-    case, margins = mpc.compute_case(weights, size, z["img"], z["specific_images"], z["modality_num"],
-                                     z["loss_weight"], int(z["epoch"]), salt, grad_keys)
+    case, margins = mpc.compute_case(
+        weights,
+        size,
+        z["img"],
+        z["specific_images"],
+        z["modality_num"],
+        z["loss_weight"],
+        int(z["epoch"]),
+        salt,
+        grad_keys,
+    )
     if tmp is not None:
         tmp.cleanup()
 
     rows = []  # (name, value, tol, kind)
 
     def maxabs(name, tol):
-        rows.append((name, float(np.abs(case[name].astype(np.float64) - z[name].astype(np.float64)).max()),
-                     tol, "max-abs"))
+        rows.append(
+            (name, float(np.abs(case[name].astype(np.float64) - z[name].astype(np.float64)).max()), tol, "max-abs")
+        )
 
     for key in ("pair_sample", "pair_slot"):
         rows.append((key, float(not np.array_equal(case[key], z[key])), 0.0, "mismatch"))
@@ -96,8 +109,7 @@ def main(argv=None):
         k = f"grad/{gk}"
         g, r = case[k], z[k].astype(np.float64)
         rows.append((k, float(np.linalg.norm(g - r) / np.linalg.norm(r)), TOL["grad64"], "rel-L2"))
-    rows.append(("min_gate_margin", abs(float(case["min_gate_margin"]) - float(z["min_gate_margin"])),
-                 1e-5, "abs"))
+    rows.append(("min_gate_margin", abs(float(case["min_gate_margin"]) - float(z["min_gate_margin"])), 1e-5, "abs"))
 
     ok = True
     w = max(len(r[0]) for r in rows)

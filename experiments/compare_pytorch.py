@@ -8,6 +8,7 @@ eval-mode features, gates, maps and scores; train-mode losses in float32 and flo
 gradients of the total loss.  Prints one row per output with its difference and tolerance,
 and exits 0 only when every row is within tolerance.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,16 @@ from unimmad_jax.losses import LossConfig, total_loss  # noqa: E402
 from unimmad_jax.models.unimmad import UniMMAD  # noqa: E402
 
 TOLERANCES = {  # SPEC 8
-    "prior": 1e-5, "decompressed": 5e-4, "gate_index": 0, "gate_score": 1e-4, "anomaly_map_raw": 1e-4,
-    "anomaly_map": 1e-4, "image_score": 1e-4, "loss32": 1e-4, "loss64": 1e-9, "grad64": 1e-6,
+    "prior": 1e-5,
+    "decompressed": 5e-4,
+    "gate_index": 0,
+    "gate_score": 1e-4,
+    "anomaly_map_raw": 1e-4,
+    "anomaly_map": 1e-4,
+    "image_score": 1e-4,
+    "loss32": 1e-4,
+    "loss64": 1e-9,
+    "grad64": 1e-6,
 }
 REFERENCE_LOSS = LossConfig(weighting="batch_mean", moe_anneal="reference", moe_horizon=200)
 
@@ -60,8 +69,15 @@ class Report:
         self.rows: list[dict] = []
 
     def add(self, name: str, measure: str, value: float, tolerance: float) -> None:
-        self.rows.append({"output": name, "measure": measure, "value": float(value), "tolerance": tolerance,
-                          "ok": bool(value <= tolerance)})
+        self.rows.append(
+            {
+                "output": name,
+                "measure": measure,
+                "value": float(value),
+                "tolerance": tolerance,
+                "ok": bool(value <= tolerance),
+            }
+        )
 
     def max_abs(self, name: str, ours, reference, tolerance: float) -> None:
         ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
@@ -77,8 +93,10 @@ class Report:
         width = max(len(r["output"]) for r in self.rows)
         print(f"{'output':<{width}}  {'measure':<9} {'difference':>11}  {'tolerance':>9}  ok")
         for r in self.rows:
-            print(f"{r['output']:<{width}}  {r['measure']:<9} {r['value']:11.3e}  {r['tolerance']:9.1e}  "
-                  f"{'yes' if r['ok'] else 'NO'}")
+            print(
+                f"{r['output']:<{width}}  {r['measure']:<9} {r['value']:11.3e}  {r['tolerance']:9.1e}  "
+                f"{'yes' if r['ok'] else 'NO'}"
+            )
 
     @property
     def ok(self) -> bool:
@@ -97,17 +115,29 @@ def compare_eval(model, variables, images, mask, case, valid, report: Report) ->
 
     out, raw, blurred, score = run(variables, jnp.asarray(images), jnp.asarray(mask))
     for level in range(len(out.prior)):
-        report.max_abs(f"eval_prior_l{level}", channels_first(out.prior[level])[valid], case[f"eval_prior_l{level}"],
-                       TOLERANCES["prior"])
-        report.max_abs(f"eval_decompressed_l{level}", channels_first(out.decompressed[level])[valid],
-                       case[f"eval_decompressed_l{level}"], TOLERANCES["decompressed"])
+        report.max_abs(
+            f"eval_prior_l{level}",
+            channels_first(out.prior[level])[valid],
+            case[f"eval_prior_l{level}"],
+            TOLERANCES["prior"],
+        )
+        report.max_abs(
+            f"eval_decompressed_l{level}",
+            channels_first(out.decompressed[level])[valid],
+            case[f"eval_decompressed_l{level}"],
+            TOLERANCES["decompressed"],
+        )
     for level, branches in enumerate(out.routing):
         for branch, routing in enumerate(branches):
             name = f"{level}_{branch}"
             mismatches = np.sum(np.asarray(routing.index)[valid] != case[f"eval_gate_idx_{name}"])
             report.add(f"eval_gate_idx_{name}", "unequal", mismatches, TOLERANCES["gate_index"])
-            report.max_abs(f"eval_gate_score_{name}", np.asarray(routing.score)[valid], case[f"eval_gate_score_{name}"],
-                           TOLERANCES["gate_score"])
+            report.max_abs(
+                f"eval_gate_score_{name}",
+                np.asarray(routing.score)[valid],
+                case[f"eval_gate_score_{name}"],
+                TOLERANCES["gate_score"],
+            )
     report.max_abs("eval_anomaly_map_raw", raw, case["eval_anomaly_map_raw"], TOLERANCES["anomaly_map_raw"])
     report.max_abs("eval_anomaly_map", blurred, case["eval_anomaly_map"], TOLERANCES["anomaly_map"])
     report.max_abs("eval_image_score", score, case["eval_image_score"], TOLERANCES["image_score"])
@@ -115,29 +145,38 @@ def compare_eval(model, variables, images, mask, case, valid, report: Report) ->
 
 def train_loss_fn(model):
     def loss(params, batch_stats, images, mask, loss_weight, epoch):
-        out, _ = model.apply({"params": params, "batch_stats": batch_stats}, images, mask, train=True,
-                             mutable=["batch_stats"])
+        out, _ = model.apply(
+            {"params": params, "batch_stats": batch_stats}, images, mask, train=True, mutable=["batch_stats"]
+        )
         return total_loss(out, loss_weight, epoch, REFERENCE_LOSS)
+
     return loss
 
 
 def compare_train(model, variables, images, mask, case, report: Report, gradients: bool) -> None:
     loss = train_loss_fn(model)
-    args32 = (variables["params"], variables["batch_stats"], jnp.asarray(images), jnp.asarray(mask),
-              jnp.asarray(case["loss_weight"]), jnp.asarray(case["epoch"]))
+    args32 = (
+        variables["params"],
+        variables["batch_stats"],
+        jnp.asarray(images),
+        jnp.asarray(mask),
+        jnp.asarray(case["loss_weight"]),
+        jnp.asarray(case["epoch"]),
+    )
     total, parts = jax.jit(loss)(*args32)
     for name, value in (("total_loss", total), ("cos_loss", parts["cos_loss"]), ("moe_loss", parts["moe_loss"])):
         report.relative(f"train_{name}", value, case[f"train_{name}"], TOLERANCES["loss32"])
     if not gradients:
         return
-    args64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                                    args32)
+    args64 = jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, args32
+    )
     (total, parts), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(*args64)
     for name, value in (("total_loss", total), ("cos_loss", parts["cos_loss"]), ("moe_loss", parts["moe_loss"])):
         report.relative(f"train64_{name}", value, case[f"train64_{name}"], TOLERANCES["loss64"])
     ours = convert.to_reference_layout(convert.reference_key_map(model.config), grads)
     for key in sorted(k for k in case.files if k.startswith("grad/")):
-        name = key[len("grad/"):]
+        name = key[len("grad/") :]
         if name not in ours:
             raise SystemExit(f"{key}: the case has a gradient for a key the model does not train")
         report.relative(key, ours[name], case[key], TOLERANCES["grad64"], measure="rel-L2")
@@ -167,12 +206,14 @@ def main(argv=None) -> int:
     compare_eval(model, variables, images, mask, case, valid, report)
     compare_train(model, variables, images, mask, case, report, gradients=not args.skip_gradients)
     report.print()
-    print(f"{sum(r['ok'] for r in report.rows)}/{len(report.rows)} within tolerance "
-          f"({time.perf_counter() - start:.0f} s)")
+    print(
+        f"{sum(r['ok'] for r in report.rows)}/{len(report.rows)} within tolerance ({time.perf_counter() - start:.0f} s)"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"case": args.case, "checkpoint": args.checkpoint, "ok": report.ok, "rows": report.rows}, f,
-                      indent=1)
+            json.dump(
+                {"case": args.case, "checkpoint": args.checkpoint, "ok": report.ok, "rows": report.rows}, f, indent=1
+            )
     return 0 if report.ok else 1
 
 

@@ -20,6 +20,7 @@ Layout (names, dtypes and shapes as in official_128.npz): inputs `img`,
 `min_gate_margin` (smallest gap, over levels, branches and pairs of the float32 eval
 run, between the K-th and (K+1)-th largest router LOGIT).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,9 @@ def build_model(weights, size: int, dtype=torch.float32) -> tr.UniMMAD:
     if isinstance(weights, (str, Path)):
         m.load_checkpoint(weights, Path(weights) / rc.PRIOR_FILE)
     else:
-        m.load_numpy(weights["general_multimodal_encoder"], weights["input_embedding"],
-                     weights["c_moes"], weights["prior"])
+        m.load_numpy(
+            weights["general_multimodal_encoder"], weights["input_embedding"], weights["c_moes"], weights["prior"]
+        )
     return m.to(dtype)
 
 
@@ -104,8 +106,9 @@ def run_train(weights, size, img, si, mn, lw, epoch, dtype, grad_keys=()):
     return out, (tot, cos, moe), grads
 
 
-def compute_case(weights, size, img, si, modality_num, loss_weight, epoch, salt="",
-                 grad_keys=DEFAULT_GRAD_KEYS, verbose=True):
+def compute_case(
+    weights, size, img, si, modality_num, loss_weight, epoch, salt="", grad_keys=DEFAULT_GRAD_KEYS, verbose=True
+):
     """All entries of a case file (inputs included), computed with the torch reference."""
     mn = [int(n) for n in modality_num]
     t0 = time.time()
@@ -142,8 +145,9 @@ def compute_case(weights, size, img, si, modality_num, loss_weight, epoch, salt=
     if verbose:
         print(f"train float32 done ({time.time() - t0:.1f}s)", flush=True)
     t0 = time.time()
-    out64, losses64, grads = run_train(weights, size, img, si, mn, case["loss_weight"], epoch,
-                                       torch.float64, tuple(grad_keys))
+    out64, losses64, grads = run_train(
+        weights, size, img, si, mn, case["loss_weight"], epoch, torch.float64, tuple(grad_keys)
+    )
     for name, v in zip(("total", "cos", "moe"), losses64):
         case[f"train64_{name}_loss"] = np.asarray(v.item(), np.float64)
     case.update(grads)
@@ -177,15 +181,25 @@ def main(argv=None):
     ap.add_argument("--loss-weights", default=None, help="per sample, e.g. 0.5,1,10 (default all 1)")
     ap.add_argument("--epoch", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--min-margin", type=float, default=0.0,
-                    help="if > 0, try seeds seed, seed+1, ... until the eval and float32 train "
-                         "gate logit margins are both >= this")
+    ap.add_argument(
+        "--min-margin",
+        type=float,
+        default=0.0,
+        help="if > 0, try seeds seed, seed+1, ... until the eval and float32 train gate logit margins are both >= this",
+    )
     ap.add_argument("--max-tries", type=int, default=50)
     ap.add_argument("--out", default=None, help="npz file to write (np.savez_compressed)")
-    ap.add_argument("--grad-keys", nargs="*", default=list(DEFAULT_GRAD_KEYS),
-                    help="'<part>/<key>' with part in general_multimodal_encoder, input_embedding, c_moes")
-    ap.add_argument("--write-checkpoint", default=None,
-                    help="also write the SPEC 7 checkpoint folder (+ prior file) for salt/size here")
+    ap.add_argument(
+        "--grad-keys",
+        nargs="*",
+        default=list(DEFAULT_GRAD_KEYS),
+        help="'<part>/<key>' with part in general_multimodal_encoder, input_embedding, c_moes",
+    )
+    ap.add_argument(
+        "--write-checkpoint",
+        default=None,
+        help="also write the SPEC 7 checkpoint folder (+ prior file) for salt/size here",
+    )
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)
     if a.threads:
@@ -224,8 +238,10 @@ def main(argv=None):
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **case)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB), seed {seed}, "
-          f"min_gate_margin {float(case['min_gate_margin']):.6g}, pairs {case['pair_sample'].size}")
+    print(
+        f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB), seed {seed}, "
+        f"min_gate_margin {float(case['min_gate_margin']):.6g}, pairs {case['pair_sample'].size}"
+    )
     for k in ("train_total_loss", "train_cos_loss", "train_moe_loss", "train64_total_loss"):
         print(f"  {k} = {float(case[k]):.10g}")
 

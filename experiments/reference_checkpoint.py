@@ -13,6 +13,7 @@ The weights come from `/work/shared/parity/recipe.py` (found as
 `parity/manifests/`; those are for H = 128, and only `input_embedding`
 depends on H, so its shape is replaced by `[12, size, size]` for other sizes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,9 @@ def manifests(size: int = 128, parity_dir: str | Path = PARITY_DIR) -> dict[str,
     return out
 
 
-def reference_weights(salt: str = "", size: int = 128, parity_dir: str | Path = PARITY_DIR
-                      ) -> dict[str, dict[str, np.ndarray]]:
+def reference_weights(
+    salt: str = "", size: int = 128, parity_dir: str | Path = PARITY_DIR
+) -> dict[str, dict[str, np.ndarray]]:
     """{part: state dict} with parts general_multimodal_encoder, input_embedding, c_moes, prior."""
     if size % 32:
         raise ValueError(f"image size must be divisible by 32, got {size}")
@@ -71,9 +73,13 @@ def _contiguous(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.require(v, requirements="C") for k, v in sd.items()}
 
 
-def write_reference_checkpoint(folder: str | Path, salt: str = "", size: int = 128,
-                               prior_path: str | Path | None = None,
-                               parity_dir: str | Path = PARITY_DIR) -> dict[str, Path]:
+def write_reference_checkpoint(
+    folder: str | Path,
+    salt: str = "",
+    size: int = 128,
+    prior_path: str | Path | None = None,
+    parity_dir: str | Path = PARITY_DIR,
+) -> dict[str, Path]:
     """Write the SPEC 7 folder (+ the prior file, by default inside the folder). Returns the paths."""
     from safetensors.numpy import save_file
 

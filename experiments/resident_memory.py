@@ -3,6 +3,7 @@
 Linux keeps a high-water mark of resident memory (`VmHWM`) that writing 5 to
 `/proc/self/clear_refs` resets; elsewhere both functions fall back to the whole life's peak.
 """
+
 from __future__ import annotations
 
 import ctypes

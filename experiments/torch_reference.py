@@ -66,11 +66,12 @@ Numbers in brackets are what the rejected alternative gives against the fixture
   router LOGIT (official: 0.0021219 vs stored 0.0021217); it is not a probability
   gap (that would be 1.4e-4 for the same case).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -325,9 +326,14 @@ class InputEmbedding(nn.Module):
         super().__init__()
         self.input_embedding = nn.Parameter(torch.zeros(12, size, size))
         self.stem = nn.Sequential(
-            nn.Conv2d(12, 24, 3, 1, 1, bias=True), bn(24), nn.ReLU(),
-            nn.Conv2d(24, 48, 3, 1, 1, bias=True), bn(48), nn.ReLU(),
-            nn.Conv2d(48, 3, 3, 1, 1, bias=True))
+            nn.Conv2d(12, 24, 3, 1, 1, bias=True),
+            bn(24),
+            nn.ReLU(),
+            nn.Conv2d(24, 48, 3, 1, 1, bias=True),
+            bn(48),
+            nn.ReLU(),
+            nn.Conv2d(48, 3, 3, 1, 1, bias=True),
+        )
         self.shortcut = nn.Conv2d(12, 3, 1, bias=True)
 
     def forward(self, img):
@@ -370,7 +376,7 @@ class MiMoE(nn.Module):
         pad = self.k // 2
         outs = []
         for p in range(x.shape[0]):
-            xp = x[p:p + 1]
+            xp = x[p : p + 1]
             fixed = F.conv2d(xp, self.soft_expert, padding=pad)
             routed = 0
             for j in range(TOP_K):
@@ -397,10 +403,10 @@ class CMoE(nn.Module):
             nn.Sequential(nn.Conv2d(2 * c, c, 3, 1, 1, bias=False), bn(c), nn.GELU(approximate="none")),
             norm_act(c),
             nn.Conv2d(c, c, 1, bias=False),
-            norm_act(c))
+            norm_act(c),
+        )
         self.MoEs = nn.ModuleList([MiMoE(k, c) for k in KERNELS])
-        self.expert_bases = nn.ParameterList(
-            [nn.Parameter(torch.zeros(BASE_N, c, c, k, k)) for k in KERNELS])
+        self.expert_bases = nn.ParameterList([nn.Parameter(torch.zeros(BASE_N, c, c, k, k)) for k in KERNELS])
         self.conv_out_first = conv_na(3 * c, d, 1)
         self.conv_out_second = nn.Conv2d(c, 1, 1, bias=True)  # unused
         self.prior_head = nn.Conv2d(c, 1, 1, bias=True)  # unused
@@ -429,7 +435,7 @@ class CMoEs(nn.ModuleList):
 # --------------------------------------------------------------------------- full model
 def gaussian_kernel(ks: int = 15, sigma: float = 4.0, dtype=torch.float32) -> torch.Tensor:
     x = torch.arange(ks, dtype=torch.float64) - ks // 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = torch.exp(-(x**2) / (2 * sigma**2))
     g = g / g.sum()
     return torch.outer(g, g).to(dtype)
 
@@ -464,8 +470,7 @@ class UniMMAD(nn.Module):
 
     # parts in the reference checkpoint layout
     def parts(self):
-        return {"general_multimodal_encoder": self.general, "input_embedding": self.embed,
-                "c_moes": self.cmoes}
+        return {"general_multimodal_encoder": self.general, "input_embedding": self.embed, "c_moes": self.cmoes}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -475,6 +480,7 @@ class UniMMAD(nn.Module):
     def load_numpy(self, general: dict, embed: dict, cmoes: dict, prior: dict):
         def cv(sd):
             return {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
+
         self.general.load_state_dict(cv(general), strict=True)
         self.embed.load_state_dict(cv(embed), strict=True)
         self.cmoes.load_state_dict(cv(cmoes), strict=True)
@@ -482,6 +488,7 @@ class UniMMAD(nn.Module):
 
     def load_checkpoint(self, folder: str | Path, prior_file: str | Path):
         from safetensors.torch import load_file
+
         folder = Path(folder)
         self.general.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
         self.embed.load_state_dict(load_file(folder / "model_1.safetensors"), strict=True)
@@ -499,12 +506,13 @@ class UniMMAD(nn.Module):
         ys, gates, moe_losses = [], [], []
         idx = torch.tensor(ps)
         for lvl, cm in enumerate(self.cmoes):
-            y, g, l = cm(gen[lvl][idx], pri[lvl])
+            y, g, moe_loss = cm(gen[lvl][idx], pri[lvl])
             ys.append(y)
             gates.append(g)
-            moe_losses.append(l)
-        return dict(pair_sample=ps, pair_slot=pm, prior=pri, decompressed=ys, gates=gates,
-                    moe_losses=moe_losses, general=gen)
+            moe_losses.append(moe_loss)
+        return dict(
+            pair_sample=ps, pair_slot=pm, prior=pri, decompressed=ys, gates=gates, moe_losses=moe_losses, general=gen
+        )
 
     @staticmethod
     def losses(out, loss_weight, epoch: int, anneal: str = "reference"):
@@ -528,9 +536,9 @@ class UniMMAD(nn.Module):
                 for p, s in enumerate(ps):
                     if s != b:
                         continue
-                    a = 1 - F.cosine_similarity(u[p:p + 1], y[p:p + 1], dim=1, eps=1e-8)
+                    a = 1 - F.cosine_similarity(u[p : p + 1], y[p : p + 1], dim=1, eps=1e-8)
                     a = F.interpolate(a[:, None], size=(H, W), mode="bilinear", align_corners=True)
-                    acc = acc + a ** 2
+                    acc = acc + a**2
             raw.append(torch.sqrt(acc))
         raw = torch.cat(raw, 0)  # [B, 1, H, W]
         k = gaussian_kernel(dtype=raw.dtype)[None, None]

@@ -4,6 +4,7 @@ Tests run with 8 simulated CPU devices (multi-device behaviour is tested in-proc
 meshes of 1 and 8 of them) and one persistent compilation cache, which the command-line
 runs of the tests share.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 PARITY = SHARED / "parity"
 
-TINY = ModelConfig(image_size=64, embedding_widths=(4, 8), planes=(4, 8, 16), blocks=(1, 2, 1), stem_width=8,
-                   fcm_dim=24, moe_dim=8, base_num=2, router_num=4, top_k=2)
+TINY = ModelConfig(
+    image_size=64,
+    embedding_widths=(4, 8),
+    planes=(4, 8, 16),
+    blocks=(1, 2, 1),
+    stem_width=8,
+    fcm_dim=24,
+    moe_dim=8,
+    base_num=2,
+    router_num=4,
+    top_k=2,
+)
 """Every part of the paper's model at a few channels: runs in seconds on a CPU."""
 
 
@@ -48,6 +59,7 @@ def subprocess_env(devices: int = 1) -> dict[str, str]:
 def synthetic_data_dir(tmp_path_factory) -> Path:
     """The built-in synthetic dataset, prepared once per test session."""
     from unimmad_jax.data import prepare
+
     data_dir = tmp_path_factory.mktemp("data")
     prepare("synthetic", data_dir)
     return data_dir
@@ -56,6 +68,7 @@ def synthetic_data_dir(tmp_path_factory) -> Path:
 def load_config(name: str):
     """`configs/<name>.py`'s config, as `--config=configs/<name>.py` gives it."""
     import importlib.util
+
     spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

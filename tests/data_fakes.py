@@ -111,8 +111,7 @@ def write_mulsen_ad(root: Path, classes=("capsule",), train=3) -> Path:
     """
     for class_name in classes:
         # Infrared images are smaller than RGB ones, as from a different sensor.
-        for modality, offset, (height, width) in (("RGB", 0, (HEIGHT, WIDTH)),
-                                                   ("Infrared", 7, (16, 20))):
+        for modality, offset, (height, width) in (("RGB", 0, (HEIGHT, WIDTH)), ("Infrared", 7, (16, 20))):
             values = {f"train/{k}.png": 10 * k for k in range(train)}
             values["test/good/0.png"] = 200
             values.update({f"test/hole/{k}.png": 150 + k for k in range(2)})
@@ -121,10 +120,11 @@ def write_mulsen_ad(root: Path, classes=("capsule",), train=3) -> Path:
                 save_png(root / class_name / modality / name, image)
         gt = root / class_name / "RGB" / "GT"
         save_png(gt / "hole" / "0.png", defect_mask(1))
-        _write_csv(gt / "hole" / "data.csv", [["object", "rgb", "infrared", "pointcloud"],
-                                              ["0", "1", "0", "0"], ["1", "0", "1", "0"]])
-        _write_csv(gt / "good" / "data.csv", [["object", "rgb", "infrared", "pointcloud"],
-                                              ["0", "0", "0", "0"]])
+        _write_csv(
+            gt / "hole" / "data.csv",
+            [["object", "rgb", "infrared", "pointcloud"], ["0", "1", "0", "0"], ["1", "0", "1", "0"]],
+        )
+        _write_csv(gt / "good" / "data.csv", [["object", "rgb", "infrared", "pointcloud"], ["0", "0", "0", "0"]])
         save_png(root / class_name / "Infrared" / "GT" / "hole" / "1.png", defect_mask(1))
     return root
 
@@ -197,14 +197,16 @@ def write_mmad_meta(root: Path) -> Path:
                 np.save(depth, array)
                 anomalous = split == "test" and k == 1
                 mask = save_png(root / f"{stem}_mask.png", defect_mask(2)) if anomalous else None
-                entries.append({
-                    "img_path": [image.relative_to(root).as_posix(), depth.relative_to(root).as_posix()],
-                    "img_type": types,
-                    "mask_path": mask.relative_to(root).as_posix() if mask else "",
-                    "anomaly": int(anomalous),
-                    "specie_name": "tumor" if anomalous else "good",
-                    "cls_name": class_name,
-                })
+                entries.append(
+                    {
+                        "img_path": [image.relative_to(root).as_posix(), depth.relative_to(root).as_posix()],
+                        "img_type": types,
+                        "mask_path": mask.relative_to(root).as_posix() if mask else "",
+                        "anomaly": int(anomalous),
+                        "specie_name": "tumor" if anomalous else "good",
+                        "cls_name": class_name,
+                    }
+                )
             meta[split][class_name] = entries
     (root / "meta.json").write_text(json.dumps(meta))
     return root

@@ -16,8 +16,12 @@ def align_corners_resize(a, size):
             y0, x0 = int(np.floor(y)), int(np.floor(x))
             y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
             fy, fx = y - y0, x - x0
-            out[i, j] = ((1 - fy) * (1 - fx) * a[y0, x0] + (1 - fy) * fx * a[y0, x1]
-                         + fy * (1 - fx) * a[y1, x0] + fy * fx * a[y1, x1])
+            out[i, j] = (
+                (1 - fy) * (1 - fx) * a[y0, x0]
+                + (1 - fy) * fx * a[y0, x1]
+                + fy * (1 - fx) * a[y1, x0]
+                + fy * fx * a[y1, x1]
+            )
     return out
 
 
@@ -31,7 +35,7 @@ def test_align_corners_matrix_matches_pixelwise_resize():
 def test_blur_is_zero_padded_normalised_gaussian():
     maps = np.random.default_rng(1).random((2, 20, 20))
     offsets = np.arange(15) - 7
-    g = np.exp(-offsets ** 2 / 32.0)
+    g = np.exp(-(offsets**2) / 32.0)
     kernel = np.outer(g, g) / np.outer(g, g).sum()
     expected = np.stack([ndimage.correlate(m, kernel, mode="constant", cval=0.0) for m in maps])
     np.testing.assert_allclose(anomaly_map.blur(jnp.asarray(maps)), expected, atol=1e-6)
@@ -51,8 +55,9 @@ def test_raw_map_sums_valid_modalities_only():
     decompressed = np.zeros((4, 2, 2, 2))
     decompressed[..., 1] = 1.0  # orthogonal: distance 1 everywhere
     decompressed[1, ..., :] = [1.0, 0.0]  # pair 1 = slot 1 of sample 0: distance 0
-    out = ModelOutput([jnp.asarray(prior)], [jnp.asarray(decompressed)], jnp.array([True, True, True, False]),
-                      jnp.zeros(1), [])
+    out = ModelOutput(
+        [jnp.asarray(prior)], [jnp.asarray(decompressed)], jnp.array([True, True, True, False]), jnp.zeros(1), []
+    )
     raw = anomaly_map.raw_anomaly_map(out, batch_size=2, image_size=4)
     np.testing.assert_allclose(raw[0], 1.0, atol=1e-6)  # sqrt(1^2 + 0^2)
     np.testing.assert_allclose(raw[1], 1.0, atol=1e-6)  # its padded pair 3 (distance 1) is ignored

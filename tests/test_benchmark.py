@@ -1,4 +1,5 @@
 """`experiments/benchmark.py` measures both steps of the tiny model and writes the promised keys."""
+
 import json
 import subprocess
 import sys
@@ -8,9 +9,21 @@ from conftest import REPO, subprocess_env
 
 def benchmark(mode: str, out) -> dict:
     result = subprocess.run(
-        [sys.executable, "experiments/benchmark.py", "--config=configs/tiny.py", "--batch-size=2", "--modalities=2",
-         f"--mode={mode}", "--steps=1", f"--json={out}"],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+        [
+            sys.executable,
+            "experiments/benchmark.py",
+            "--config=configs/tiny.py",
+            "--batch-size=2",
+            "--modalities=2",
+            f"--mode={mode}",
+            "--steps=1",
+            f"--json={out}",
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())
 

@@ -10,8 +10,9 @@ C, R, N, K = 8, 4, 3, 2
 
 def conv_same(x, kernel):
     pad = kernel.shape[0] // 2
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 def test_identity_kernel_convolution_is_identity():
@@ -23,7 +24,7 @@ def test_identity_kernel_convolution_is_identity():
 def test_router_dense_gate_holds_renormalised_top_k():
     stats = jax.random.normal(jax.random.key(0), (5, C))
     router = cmoe.Router(R, K)
-    routing, = [router.apply(router.init(jax.random.key(1), stats), stats)]
+    (routing,) = [router.apply(router.init(jax.random.key(1), stats), stats)]
     probs = np.asarray(routing.probs)
     expected_index = np.argsort(-probs, axis=1)[:, :K]
     np.testing.assert_array_equal(routing.index, expected_index)
@@ -31,8 +32,9 @@ def test_router_dense_gate_holds_renormalised_top_k():
     assert ((gate > 0).sum(axis=1) == K).all()
     np.testing.assert_allclose(gate.sum(axis=1), 1.0, atol=1e-6)
     top = np.take_along_axis(probs, expected_index, axis=1)
-    np.testing.assert_allclose(np.take_along_axis(gate, expected_index, axis=1), top / top.sum(1, keepdims=True),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.take_along_axis(gate, expected_index, axis=1), top / top.sum(1, keepdims=True), rtol=1e-6
+    )
 
 
 def test_balance_loss_values():
@@ -60,8 +62,9 @@ def test_branch_equals_three_convolutions(kernel, size):
     base = jax.random.normal(jax.random.key(2), (N, kernel, kernel, C, C)) / (kernel * np.sqrt(C))
     module = cmoe.MiMoE(kernel, C, R, K)
     params = module.init(jax.random.key(3), key, stats, base)["params"]
-    params["fixed_expert"] = params["fixed_expert"] + 0.1 * jax.random.normal(jax.random.key(4),
-                                                                              params["fixed_expert"].shape)
+    params["fixed_expert"] = params["fixed_expert"] + 0.1 * jax.random.normal(
+        jax.random.key(4), params["fixed_expert"].shape
+    )
     fused, routing = module.apply({"params": params}, key, stats, base)
 
     x = layers.ConvNormAct(C).apply({"params": params["pre"]}, key)
@@ -69,7 +72,7 @@ def test_branch_equals_three_convolutions(kernel, size):
     leaders = jnp.einsum("rnc,nhwic->rhwic", mix, base)  # W_r, per output channel c
     for pair in range(slots * batch):
         sample = pair // slots
-        xs = x[sample:sample + 1]
+        xs = x[sample : sample + 1]
         fixed = conv_same(xs, params["fixed_expert"])
         routed = sum(routing.score[pair, j] * conv_same(xs, leaders[routing.index[pair, j]]) for j in range(K))
         y = jnp.concatenate([fixed, routed], axis=-1) @ params["post"]
@@ -103,9 +106,10 @@ def test_padded_pairs_change_no_output_loss_or_statistic():
 def test_per_sample_conv_sharded_over_eight_devices(kernel):
     """Each sample's own kernel, also when the batch is split over devices (XLA once got 1x1 wrong there)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
     x = jax.random.normal(jax.random.key(0), (8, 6, 6, 4))
     kernels = jax.random.normal(jax.random.key(1), (8, kernel, kernel, 4, 5))
-    expected = jnp.concatenate([conv_same(x[i:i + 1], kernels[i]) for i in range(8)])
+    expected = jnp.concatenate([conv_same(x[i : i + 1], kernels[i]) for i in range(8)])
     split = NamedSharding(Mesh(np.asarray(jax.devices()[:8]), ("data",)), PartitionSpec("data"))
     sharded = jax.jit(cmoe.per_sample_conv, in_shardings=(split, split))(x, kernels)
     np.testing.assert_allclose(sharded, expected, atol=1e-4)

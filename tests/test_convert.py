@@ -3,11 +3,10 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import PARITY
 
 from unimmad_jax import convert
 from unimmad_jax.models.unimmad import ModelConfig, abstract_variables
-
-from conftest import PARITY
 
 
 def reference_state_dicts(cfg, rng):
@@ -27,8 +26,12 @@ SOURCES = {part: f"{part}.safetensors" for part in ("prior", "model", "model_1",
 def test_key_map_is_exactly_the_reference_manifests():
     cfg = ModelConfig(image_size=128)
     expected = abstract_variables(cfg)
-    files = {"model": "official_128_model", "model_1": "official_128_model_1", "model_2": "official_128_model_2",
-             "prior": "prior_wide_resnet50_2"}
+    files = {
+        "model": "official_128_model",
+        "model_1": "official_128_model_1",
+        "model_2": "official_128_model_2",
+        "prior": "prior_wide_resnet50_2",
+    }
     entries = convert.reference_key_map(cfg)
     for part, name in files.items():
         manifest = json.loads((PARITY / "manifests" / f"{name}.json").read_text())
@@ -38,12 +41,17 @@ def test_key_map_is_exactly_the_reference_manifests():
         for key, entry in ours.items():
             flax_shape = convert._get(expected, (entry.collection,) + entry.path).shape
             assert list(entry.to_reference(np.empty(flax_shape)).shape) == used[key], key
-    skipped = [k for name in files.values()
-               for k in json.loads((PARITY / "manifests" / f"{name}.json").read_text())
-               if convert.UNUSED_KEYS.search(k)]
+    skipped = [
+        k
+        for name in files.values()
+        for k in json.loads((PARITY / "manifests" / f"{name}.json").read_text())
+        if convert.UNUSED_KEYS.search(k)
+    ]
     assert any("layer4" in k for k in skipped) and any("prior_head" in k for k in skipped)
-    assert all("layer4" in k or "fc." in k or "num_batches_tracked" in k or "conv_out_second" in k
-               or "prior_head" in k for k in skipped)
+    assert all(
+        "layer4" in k or "fc." in k or "num_batches_tracked" in k or "conv_out_second" in k or "prior_head" in k
+        for k in skipped
+    )
 
 
 def test_round_trip_to_flax_and_back(tiny_config):
@@ -56,8 +64,9 @@ def test_round_trip_to_flax_and_back(tiny_config):
         np.testing.assert_array_equal(value, state[part][key.split("/", 1)[1]])
     # A conv weight [O, I, kh, kw] lands as [kh, kw, I, O].
     torch_weight = state["model"]["0.model.layer1.0.conv2.weight"]
-    np.testing.assert_array_equal(variables["params"]["encoder"]["layer1_0"]["conv2"]["kernel"],
-                                  torch_weight.transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        variables["params"]["encoder"]["layer1_0"]["conv2"]["kernel"], torch_weight.transpose(2, 3, 1, 0)
+    )
 
 
 def test_errors_name_file_key_and_shapes(tiny_config):
@@ -71,9 +80,11 @@ def test_errors_name_file_key_and_shapes(tiny_config):
 
     misshaped = {p: dict(d) for p, d in state.items()}
     misshaped["model"]["1.final.0.weight"] = np.zeros((3, 3, 1, 1), np.float32)
-    with pytest.raises(convert.ConversionError,
-                       match=r"model.safetensors: key '1.final.0.weight' has shape \[3, 3, 1, 1\], "
-                             r"the model expects \[16, 16, 1, 1\]"):
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"model.safetensors: key '1.final.0.weight' has shape \[3, 3, 1, 1\], "
+        r"the model expects \[16, 16, 1, 1\]",
+    ):
         convert.to_variables(entries, misshaped, expected, SOURCES)
 
     unknown = {p: dict(d) for p, d in state.items()}
@@ -91,6 +102,7 @@ def test_errors_name_file_key_and_shapes(tiny_config):
 
 def test_prior_from_safetensors_and_missing_file(tmp_path, tiny_config):
     from safetensors.numpy import save_file
+
     state, _ = reference_state_dicts(tiny_config, np.random.default_rng(2))
     save_file(state["prior"], str(tmp_path / "wrn.safetensors"))
     variables = convert.convert_prior(tmp_path / "wrn.safetensors", tiny_config)
@@ -103,6 +115,7 @@ def test_prior_from_safetensors_and_missing_file(tmp_path, tiny_config):
 def test_pth_needs_torch(tmp_path):
     try:
         import torch  # noqa: F401
+
         pytest.skip("torch is installed here")
     except ImportError:
         pass

@@ -74,8 +74,7 @@ def data_dir(raw_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
     for name in FAKE_WRITERS:
         manual_dir = raw_dir / name.replace("/", "_")
-        args = ["prepare", "--dataset", name, "--manual-dir", str(manual_dir),
-                "--data-dir", str(out)]
+        args = ["prepare", "--dataset", name, "--manual-dir", str(manual_dir), "--data-dir", str(out)]
         assert main(args) == 0
     return out
 
@@ -215,8 +214,9 @@ def test_odd_image_modes_sizes_and_depth_only_samples(tmp_path):
     np.save(root / "depth.npy", fakes.mmad_depth(0.5)[..., 0])
     entry = {"img_path": ["depth.npy"], "img_type": ["wofg_depth"], "anomaly": 0}
     meta = {
-        "train": {"scan": [entry, {"img_path": ["palette.png", "gray16.png"],
-                                   "img_type": ["rgb", "infrared"], "anomaly": 0}]},
+        "train": {
+            "scan": [entry, {"img_path": ["palette.png", "gray16.png"], "img_type": ["rgb", "infrared"], "anomaly": 0}]
+        },
     }
     (root / "meta.json").write_text(json.dumps(meta))
     builders.prepare("mmad_meta/odd", tmp_path / "out", root)
@@ -242,51 +242,45 @@ def _prepare_fails(name, manual_dir, out, match):
 def test_corrupt_image_is_named(tmp_path):
     root = fakes.write_mvtec_ad(tmp_path / "raw")
     (root / "bottle/train/good/001.png").write_bytes(b"not a png")
-    _prepare_fails("mvtec_ad", root, tmp_path / "out",
-                   r"Corrupt or unreadable image .*bottle/train/good/001\.png")
+    _prepare_fails("mvtec_ad", root, tmp_path / "out", r"Corrupt or unreadable image .*bottle/train/good/001\.png")
 
 
 def test_corrupt_tiff_is_named(tmp_path):
     root = fakes.write_mvtec3d(tmp_path / "raw", classes=("bagel",))
     (root / "bagel/train/good/xyz/001.tiff").write_bytes(b"II*\x00garbage")
-    _prepare_fails("mvtec3d", root, tmp_path / "out",
-                   r"Corrupt or unreadable TIFF .*bagel/train/good/xyz/001\.tiff")
+    _prepare_fails("mvtec3d", root, tmp_path / "out", r"Corrupt or unreadable TIFF .*bagel/train/good/xyz/001\.tiff")
 
 
 def test_mask_of_the_wrong_size_is_named(tmp_path):
     root = fakes.write_mvtec_ad(tmp_path / "raw")
     fakes.save_png(root / "grid/ground_truth/broken/000_mask.png", np.ones((10, 20), np.uint8))
-    _prepare_fails("mvtec_ad", root, tmp_path / "out",
-                   r"Mask .*grid/ground_truth/broken/000_mask\.png is 20x10 .* 40x30")
+    _prepare_fails(
+        "mvtec_ad", root, tmp_path / "out", r"Mask .*grid/ground_truth/broken/000_mask\.png is 20x10 .* 40x30"
+    )
 
 
 def test_depth_without_foreground_is_named(tmp_path):
     root = fakes.write_mvtec3d(tmp_path / "raw", classes=("bagel",))
-    fakes.save_tiff(root / "bagel/validation/good/xyz/000.tiff",
-                    np.zeros((fakes.HEIGHT, fakes.WIDTH, 3), np.float32))
-    _prepare_fails("mvtec3d", root, tmp_path / "out",
-                   r"Depth .*bagel/validation/good/xyz/000\.tiff has no foreground")
+    fakes.save_tiff(root / "bagel/validation/good/xyz/000.tiff", np.zeros((fakes.HEIGHT, fakes.WIDTH, 3), np.float32))
+    _prepare_fails("mvtec3d", root, tmp_path / "out", r"Depth .*bagel/validation/good/xyz/000\.tiff has no foreground")
 
 
 def test_npy_depth_without_foreground_is_named(tmp_path):
     root = fakes.write_mmad_meta(tmp_path / "raw")
     np.save(root / "part/train/1.npy", np.zeros((fakes.HEIGHT, fakes.WIDTH, 2), np.float32))
-    _prepare_fails("mmad_meta/brats", root, tmp_path / "out",
-                   r"Depth .*part/train/1\.npy has no foreground")
+    _prepare_fails("mmad_meta/brats", root, tmp_path / "out", r"Depth .*part/train/1\.npy has no foreground")
 
 
 def test_class_folder_without_training_images_is_named(tmp_path):
     root = fakes.write_mvtec_ad(tmp_path / "raw")
     for image in (root / "grid/train/good").iterdir():
         image.unlink()
-    _prepare_fails("mvtec_ad", root, tmp_path / "out",
-                   r"Class folder .*grid/train has no training images")
+    _prepare_fails("mvtec_ad", root, tmp_path / "out", r"Class folder .*grid/train has no training images")
 
 
 def test_missing_manual_folder_is_named(tmp_path, capsys):
     missing = tmp_path / "not_downloaded"
-    _prepare_fails("mvtec3d", missing, tmp_path / "out",
-                   r"--manual-dir .*not_downloaded does not exist")
+    _prepare_fails("mvtec3d", missing, tmp_path / "out", r"--manual-dir .*not_downloaded does not exist")
     args = ["prepare", "--dataset", "eyecandies", "--data-dir", str(tmp_path / "out")]
     assert main(args) == 1
     assert "eyecandies needs --manual-dir" in capsys.readouterr().err
@@ -296,8 +290,7 @@ def test_folder_laid_out_differently_is_named(tmp_path):
     root = tmp_path / "raw"
     (root / "some_folder").mkdir(parents=True)
     (root / "readme.txt").write_text("not a dataset")
-    _prepare_fails("mvtec3d", root, tmp_path / "out",
-                   r"raw is not laid out as expected: no <class>/train folder")
+    _prepare_fails("mvtec3d", root, tmp_path / "out", r"raw is not laid out as expected: no <class>/train folder")
     _prepare_fails("visa", root, tmp_path / "out", r"Missing .*raw/split_csv/1cls\.csv")
     _prepare_fails("mmad_meta/brats", root, tmp_path / "out", r"Missing .*raw/meta\.json")
     _prepare_fails("mulsen_ad", root, tmp_path / "out", r"no <class>/RGB folder")
@@ -306,24 +299,23 @@ def test_folder_laid_out_differently_is_named(tmp_path):
 def test_missing_files_of_a_sample_are_named(tmp_path):
     root = fakes.write_mvtec_ad(tmp_path / "mvtec_ad")
     (root / "bottle/ground_truth/broken/000_mask.png").unlink()
-    _prepare_fails("mvtec_ad", root, tmp_path / "out",
-                   r"Missing ground truth .*bottle/ground_truth/broken/000_mask\.png")
+    _prepare_fails(
+        "mvtec_ad", root, tmp_path / "out", r"Missing ground truth .*bottle/ground_truth/broken/000_mask\.png"
+    )
     root = fakes.write_mulsen_ad(tmp_path / "mulsen")
     (root / "capsule/Infrared/train/2.png").unlink()
-    _prepare_fails("mulsen_ad", root, tmp_path / "out",
-                   r"Missing infrared image .*capsule/Infrared/train/2\.png")
+    _prepare_fails("mulsen_ad", root, tmp_path / "out", r"Missing infrared image .*capsule/Infrared/train/2\.png")
     (root / "capsule/RGB/GT/hole/data.csv").write_text("object,rgb,infrared,pointcloud\n0,1,0,0\n")
     shutil.copy(root / "capsule/RGB/train/1.png", root / "capsule/Infrared/train/2.png")
-    _prepare_fails("mulsen_ad", root, tmp_path / "out",
-                   r"GT/hole/data\.csv has 1 rows but .*RGB/test/hole has 2 images")
+    _prepare_fails(
+        "mulsen_ad", root, tmp_path / "out", r"GT/hole/data\.csv has 1 rows but .*RGB/test/hole has 2 images"
+    )
 
 
 def test_eyecandies_depth_must_be_16_bit(tmp_path):
     root = fakes.write_eyecandies(tmp_path / "raw")
-    fakes.save_png(root / "CandyCane/val/data/000_depth.png",
-                   np.zeros((fakes.HEIGHT, fakes.WIDTH), np.uint8))
-    _prepare_fails("eyecandies", root, tmp_path / "out",
-                   r"Depth image .*val/data/000_depth\.png is uint8")
+    fakes.save_png(root / "CandyCane/val/data/000_depth.png", np.zeros((fakes.HEIGHT, fakes.WIDTH), np.uint8))
+    _prepare_fails("eyecandies", root, tmp_path / "out", r"Depth image .*val/data/000_depth\.png is uint8")
 
 
 def test_bad_meta_entry_is_named(tmp_path):
@@ -331,8 +323,9 @@ def test_bad_meta_entry_is_named(tmp_path):
     meta = json.loads((root / "meta.json").read_text())
     meta["test"]["part"][0]["img_type"] = ["rgb", "lidar"]
     (root / "meta.json").write_text(json.dumps(meta))
-    _prepare_fails("mmad_meta/brats", root, tmp_path / "out",
-                   r'meta\.json\["test"\]\["part"\]\[0\]: unknown img_type \'lidar\'')
+    _prepare_fails(
+        "mmad_meta/brats", root, tmp_path / "out", r'meta\.json\["test"\]\["part"\]\[0\]: unknown img_type \'lidar\''
+    )
 
 
 def test_dataset_names_are_checked(tmp_path):

@@ -36,8 +36,7 @@ def data_dir(tmp_path_factory):
 
 def _config(data_dir, **overrides):
     config = default_data_config()
-    config.update(data_dir=str(data_dir[0]), image_size=8, num_slots=2,
-                  num_read_threads=0, datasets=("mvtec_ad",))
+    config.update(data_dir=str(data_dir[0]), image_size=8, num_slots=2, num_read_threads=0, datasets=("mvtec_ad",))
     config.update(overrides)
     return config
 
@@ -126,8 +125,7 @@ def test_training_batches_follow_the_contract(data_dir):
     np.testing.assert_array_equal(slots, np.where(from_brats, 2, 1))
     assert not batch["specific_images"][~batch["modality_mask"]].any()
     assert batch["specific_images"][batch["modality_mask"]].any(axis=(1, 2, 3)).all()
-    np.testing.assert_array_equal(
-        batch["loss_weight"], np.where(from_brats, DEFAULT_LOSS_WEIGHTS["brats"], 1.0))
+    np.testing.assert_array_equal(batch["loss_weight"], np.where(from_brats, DEFAULT_LOSS_WEIGHTS["brats"], 1.0))
     assert batch["loss_weight"].dtype == np.float32
     assert not batch["gt_mask"].any() and batch["gt_mask"].shape == (24, 8, 8)
     assert batch["label"].dtype == np.int32 and not batch["label"].any()
@@ -165,8 +163,8 @@ def test_epochs_differ_and_start_epoch_skips_ahead(data_dir):
     spe = loader.steps_per_epoch
     epochs = _take(loader.iterator, 3 * spe)
     resumed = train_loader(config, seed=1, batch_size=5, start_epoch=2)
-    assert _paths(_take(resumed.iterator, spe)) == _paths(epochs[2 * spe:])
-    assert _paths(epochs[:spe]) != _paths(epochs[spe:2 * spe])
+    assert _paths(_take(resumed.iterator, spe)) == _paths(epochs[2 * spe :])
+    assert _paths(epochs[:spe]) != _paths(epochs[spe : 2 * spe])
 
 
 def test_restored_state_continues_with_the_next_batch(data_dir, tmp_path):
@@ -174,8 +172,7 @@ def test_restored_state_continues_with_the_next_batch(data_dir, tmp_path):
     iterator = train_loader(config, seed=5, batch_size=5).iterator
     _take(iterator, 3)
     state = iterator.get_state()
-    grain.checkpoint.CheckpointHandler().save(
-        epath.Path(tmp_path), args=grain.checkpoint.CheckpointSave(iterator))
+    grain.checkpoint.CheckpointHandler().save(epath.Path(tmp_path), args=grain.checkpoint.CheckpointSave(iterator))
     expected = _take(iterator, 2)
 
     fresh = train_loader(config, seed=5, batch_size=5).iterator
@@ -184,15 +181,15 @@ def test_restored_state_continues_with_the_next_batch(data_dir, tmp_path):
 
     restored = grain.checkpoint.CheckpointHandler().restore(
         epath.Path(tmp_path),
-        args=grain.checkpoint.CheckpointRestore(train_loader(config, seed=5, batch_size=5).iterator))
+        args=grain.checkpoint.CheckpointRestore(train_loader(config, seed=5, batch_size=5).iterator),
+    )
     assert _paths(_take(restored, 2)) == _paths(expected)
 
 
 def test_two_hosts_split_each_global_batch(data_dir):
     config = _config(data_dir)
     single = train_loader(config, seed=2, batch_size=10, process_index=0, process_count=1)
-    hosts = [train_loader(config, seed=2, batch_size=5, process_index=p, process_count=2)
-             for p in range(2)]
+    hosts = [train_loader(config, seed=2, batch_size=5, process_index=p, process_count=2) for p in range(2)]
     assert single.steps_per_epoch == hosts[0].steps_per_epoch == hosts[1].steps_per_epoch
     steps = 2 * single.steps_per_epoch  # two epochs
     host_paths = [_paths(_take(host.iterator, steps)) for host in hosts]
@@ -211,8 +208,12 @@ def test_eval_order_padding_and_classes(data_dir):
     batches = list(loader)
     assert loader.num_batches == len(batches) == 2 and loader.num_examples == 4
     paths = sum(_paths(batches), [])
-    assert paths[:4] == ["big/test/broken/000.png", "big/test/good/000.png",
-                         "small/test/broken/000.png", "small/test/good/000.png"]
+    assert paths[:4] == [
+        "big/test/broken/000.png",
+        "big/test/good/000.png",
+        "small/test/broken/000.png",
+        "small/test/good/000.png",
+    ]
     assert paths[4:] == [paths[3]] * 2  # padding repeats the last sample
     assert list(batches[1]["valid"]) == [True, False, False]
     assert all(b["specific_images"].shape == (3, 2, 8, 8, 3) for b in batches)
@@ -225,8 +226,10 @@ def test_eval_order_padding_and_classes(data_dir):
 
 def test_eval_shards_are_disjoint_and_cover_the_split(data_dir):
     config = _config(data_dir)
-    shards = [eval_loader(config, "mvtec_ad", "train", batch_size=3, shard_by_host=True,
-                          process_index=p, process_count=2) for p in range(2)]
+    shards = [
+        eval_loader(config, "mvtec_ad", "train", batch_size=3, shard_by_host=True, process_index=p, process_count=2)
+        for p in range(2)
+    ]
     assert shards[0].num_batches == shards[1].num_batches == 4  # 20 / (3 * 2)
     seen = []
     for shard in shards:
@@ -242,8 +245,14 @@ def test_default_config_has_the_documented_fields():
     assert config.datasets == ("synthetic",) and config.num_slots == 4
     assert config.image_size == 256 and dict(config.classes) == {}
     assert dict(config.loss_weights) == {
-        "eyecandies": 0.5, "mvtec3d": 1.0, "mulsen_ad": 1.0, "brats": 10.0,
-        "retinaad": 1.0, "liverad": 10.0, "hyperad": 1.0}
+        "eyecandies": 0.5,
+        "mvtec3d": 1.0,
+        "mulsen_ad": 1.0,
+        "brats": 10.0,
+        "retinaad": 1.0,
+        "liverad": 10.0,
+        "hyperad": 1.0,
+    }
 
 
 def test_split_lookups_name_a_missing_split(data_dir):

@@ -22,12 +22,19 @@ def test_summary_has_two_domains_and_half_anomalous_tests(data_dir):
     summary = prepared.summarize(data_dir)["synthetic"]
     assert list(summary) == ["train", "test"]
     modalities = {name: counts["modalities"] for name, counts in summary["test"].items()}
-    assert modalities == {"tiles": ["rgb", "depth"], "plate": ["rgb", "depth"],
-                          "foam": ["rgb", "depth"], "brain_scan": ["gray"],
-                          "lung_scan": ["gray"]}
+    assert modalities == {
+        "tiles": ["rgb", "depth"],
+        "plate": ["rgb", "depth"],
+        "foam": ["rgb", "depth"],
+        "brain_scan": ["gray"],
+        "lung_scan": ["gray"],
+    }
     for spec in CLASSES:
         assert summary["train"][spec.name] == {
-            "good": spec.num_train, "anomalous": 0, "modalities": modalities[spec.name]}
+            "good": spec.num_train,
+            "anomalous": 0,
+            "modalities": modalities[spec.name],
+        }
         assert summary["test"][spec.name]["good"] == summary["test"][spec.name]["anomalous"] == 12
 
 
@@ -38,20 +45,24 @@ def _twins(class_name, defect, index):
     return good, bad
 
 
-@pytest.mark.parametrize("class_name, defect, in_rgb, in_depth", [
-    ("tiles", "stain", True, False),
-    ("plate", "bump", False, True),
-    ("foam", "crack", True, True),
-    ("tiles", "crack", True, True),
-    ("brain_scan", "lesion", True, None),
-    ("lung_scan", "lesion", True, None),
-])
+@pytest.mark.parametrize(
+    "class_name, defect, in_rgb, in_depth",
+    [
+        ("tiles", "stain", True, False),
+        ("plate", "bump", False, True),
+        ("foam", "crack", True, True),
+        ("tiles", "crack", True, True),
+        ("brain_scan", "lesion", True, None),
+        ("lung_scan", "lesion", True, None),
+    ],
+)
 def test_masks_are_exactly_the_changed_pixels(class_name, defect, in_rgb, in_depth):
     for index in range(3):
         (good_images, good_depth, good_mask), (images, depth, mask) = _twins(class_name, defect, index)
         assert not good_mask.any() and mask.sum() >= 20
-        rgb_changed = np.any(images[0] != good_images[0], axis=-1) if images[0].ndim == 3 \
-            else images[0] != good_images[0]
+        rgb_changed = (
+            np.any(images[0] != good_images[0], axis=-1) if images[0].ndim == 3 else images[0] != good_images[0]
+        )
         np.testing.assert_array_equal(rgb_changed, mask if in_rgb else np.zeros_like(mask))
         if in_depth is not None:
             depth_changed = np.any(depth != good_depth, axis=-1)

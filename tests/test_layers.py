@@ -17,8 +17,10 @@ def torch_conv_transpose(x, weight, stride, padding, bias=None):
     full = np.zeros((c_out, (h - 1) * stride + k, (w - 1) * stride + k))
     for i in range(h):
         for j in range(w):
-            full[:, i * stride:i * stride + k, j * stride:j * stride + k] += np.einsum("c,cokl->okl", x[:, i, j], weight)
-    out = full[:, padding:full.shape[1] - padding, padding:full.shape[2] - padding]
+            full[:, i * stride : i * stride + k, j * stride : j * stride + k] += np.einsum(
+                "c,cokl->okl", x[:, i, j], weight
+            )
+    out = full[:, padding : full.shape[1] - padding, padding : full.shape[2] - padding]
     return out if bias is None else out + bias[:, None, None]
 
 
@@ -81,8 +83,9 @@ def test_depthwise_conv_is_grouped_convolution(kernel):
     weight = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 4))
     ours = layers.DepthwiseConv(kernel).apply({"params": {"kernel": weight}}, x)
     pad = kernel // 2
-    expected = jax.lax.conv_general_dilated(x, weight, (1, 1), ((pad, pad), (pad, pad)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)
+    expected = jax.lax.conv_general_dilated(
+        x, weight, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4
+    )
     np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
@@ -94,17 +97,24 @@ def test_pointwise_conv_is_a_1x1_convolution(stride):
     module = layers.conv(3, 1, stride=stride, bias=True)
     assert isinstance(module, layers.PointwiseConv)
     ours = module.apply({"params": {"kernel": kernel, "bias": bias}}, x)
-    expected = jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((0, 0), (0, 0)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    expected = (
+        jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        + bias
+    )
     np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("channels", [512, 170, 8])
 def test_group_norm_is_flax_group_norm_with_spec_groups(channels):
     x = 3.0 + jax.random.normal(jax.random.key(0), (2, 5, 4, channels))
-    params = {"scale": jax.random.normal(jax.random.key(1), (channels,)),
-              "bias": jax.random.normal(jax.random.key(2), (channels,))}
+    params = {
+        "scale": jax.random.normal(jax.random.key(1), (channels,)),
+        "bias": jax.random.normal(jax.random.key(2), (channels,)),
+    }
     ours = layers.GroupNorm().apply({"params": params}, x)
-    expected = flax.linen.GroupNorm(num_groups=layers.group_count(channels), epsilon=1e-5,
-                                    use_fast_variance=False).apply({"params": params}, x)
+    expected = flax.linen.GroupNorm(
+        num_groups=layers.group_count(channels), epsilon=1e-5, use_fast_variance=False
+    ).apply({"params": params}, x)
     np.testing.assert_allclose(ours, expected, atol=2e-5)

@@ -34,9 +34,7 @@ SPEC_TOLERANCE = {name: 1e-4 if name == "aupro_0.3" else 1e-6 for name in METRIC
 @pytest.mark.skipif(not FIXTURE.exists(), reason=f"fixture {FIXTURE} not present")
 def test_matches_reference_fixture():
     case = np.load(FIXTURE)
-    metrics = compute_metrics(
-        case["image_labels"], case["image_scores"], case["masks"], case["anomaly_maps"]
-    )
+    metrics = compute_metrics(case["image_labels"], case["image_scores"], case["masks"], case["anomaly_maps"])
     assert set(metrics) == set(METRIC_NAMES)
     for name in METRIC_NAMES:
         assert isinstance(metrics[name], float)
@@ -262,9 +260,7 @@ def test_single_class_labels_give_nan_with_a_warning():
     labels, scores, masks, maps = _structured_case(seed=4)
     anomalous = labels == 1
     with pytest.warns(UndefinedMetricWarning, match="image_labels holds only 1 \\(anomalous\\)"):
-        metrics = compute_metrics(
-            labels[anomalous], scores[anomalous], masks[anomalous], maps[anomalous]
-        )
+        metrics = compute_metrics(labels[anomalous], scores[anomalous], masks[anomalous], maps[anomalous])
     assert all(np.isnan(metrics[name]) for name in ("i_auroc", "i_ap", "i_f1max"))
     assert all(np.isfinite(metrics[name]) for name in ("p_auroc", "p_f1max", "aupro_0.3", "p_ap"))
 

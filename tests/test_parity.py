@@ -7,13 +7,13 @@ one, and an unseen one (another salt, 64 px, samples of 1 to 3 modalities) gener
 independent PyTorch reading of the SPEC that itself reproduces the official case
 (`experiments/make_parity_case.py`).
 """
+
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-
 from conftest import PARITY, REPO
 
 pytestmark = pytest.mark.slow
@@ -34,16 +34,28 @@ def test_converted_reference_matches_case(name, tmp_path):
     reference = tmp_path / "reference"
     run("experiments/reference_checkpoint.py", "--salt", str(case["salt"]), "--image-size", size, "--out", reference)
     converted = tmp_path / "converted"
-    run("-m", "unimmad_jax.convert", "official", "--checkpoint-dir", reference,
-        "--prior", reference / "prior_wide_resnet50_2.safetensors", "--image-size", size, "--out", converted)
+    run(
+        "-m",
+        "unimmad_jax.convert",
+        "official",
+        "--checkpoint-dir",
+        reference,
+        "--prior",
+        reference / "prior_wide_resnet50_2.safetensors",
+        "--image-size",
+        size,
+        "--out",
+        converted,
+    )
     report = tmp_path / "report.json"
     run("experiments/compare_pytorch.py", "--checkpoint", converted, "--case", CASES[name], "--json", report)
 
     rows = {row["output"]: row for row in json.loads(report.read_text())["rows"]}
     assert all(row["ok"] for row in rows.values())
     expected = {f"eval_{kind}_l{level}" for kind in ("prior", "decompressed") for level in range(3)}
-    expected |= {f"eval_gate_{kind}_{level}_{branch}" for kind in ("idx", "score") for level in range(3)
-                 for branch in range(3)}
+    expected |= {
+        f"eval_gate_{kind}_{level}_{branch}" for kind in ("idx", "score") for level in range(3) for branch in range(3)
+    }
     expected |= {"eval_anomaly_map_raw", "eval_anomaly_map", "eval_image_score"}
     expected |= {f"train{bits}_{loss}" for bits in ("", "64") for loss in ("total_loss", "cos_loss", "moe_loss")}
     expected |= {key for key in case.files if key.startswith("grad/")}

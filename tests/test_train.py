@@ -1,4 +1,5 @@
 """Training end to end on the tiny config: the command line, kill-and-resume, and 1 vs 8 devices."""
+
 import functools
 import json
 import shutil
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, load_config, subprocess_env
 from jax.sharding import Mesh
 
 from unimmad_jax import sharding, train
@@ -18,21 +20,27 @@ from unimmad_jax.config import loss_config, model_config
 from unimmad_jax.data import train_loader
 from unimmad_jax.models.unimmad import UniMMAD
 
-from conftest import REPO, load_config, subprocess_env
-
 EPOCHS = 3  # of configs/tiny.py, on its classes tiles and brain_scan
 CLASSES = ("tiles", "brain_scan")  # 96 training images: 12 steps of 8 per epoch
 
 
 def main_command(workdir, data_dir, *args, **extra) -> list[str]:
     fields = {"data.data_dir": data_dir, **extra}
-    return [sys.executable, "-m", "unimmad_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-            *(f"--config.{k}={v}" for k, v in fields.items()), *args]
+    return [
+        sys.executable,
+        "-m",
+        "unimmad_jax.main",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in fields.items()),
+        *args,
+    ]
 
 
 def run_main(workdir, data_dir, *args, **extra) -> str:
-    result = subprocess.run(main_command(workdir, data_dir, *args, **extra), cwd=REPO, env=subprocess_env(),
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        main_command(workdir, data_dir, *args, **extra), cwd=REPO, env=subprocess_env(), capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -59,13 +67,17 @@ def trained_workdir(tmp_path_factory, synthetic_data_dir):
 def test_train_eval_predict_write_their_files(trained_workdir, synthetic_data_dir):
     steps_per_epoch = 96 // 8
     assert sorted(int(p.name) for p in (trained_workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
-        steps_per_epoch * e for e in range(1, EPOCHS + 1)]
+        steps_per_epoch * e for e in range(1, EPOCHS + 1)
+    ]
     summary = json.loads((trained_workdir / "eval" / f"epoch_{EPOCHS:04d}.json").read_text())
     assert set(summary["datasets"]["synthetic"]["classes"]) == set(CLASSES)
     assert "| synthetic | tiles |" in (trained_workdir / "eval" / f"epoch_{EPOCHS:04d}.md").read_text()
     assert list((trained_workdir / "tensorboard").glob("events.out.tfevents.*"))
-    losses = [line["train/loss"] for line in map(json.loads, (trained_workdir / "metrics.jsonl").open())
-              if "train/loss" in line]
+    losses = [
+        line["train/loss"]
+        for line in map(json.loads, (trained_workdir / "metrics.jsonl").open())
+        if "train/loss" in line
+    ]
     assert len(losses) >= EPOCHS and losses[-1] < 0.8 * losses[0]
 
     out = run_main(trained_workdir, synthetic_data_dir, "--mode=eval")
@@ -73,8 +85,12 @@ def test_train_eval_predict_write_their_files(trained_workdir, synthetic_data_di
     final = json.loads((trained_workdir / "eval" / "final.json").read_text())
     assert final["All_Class_Mean"] == summary["All_Class_Mean"]  # the same weights give the same metrics
 
-    run_main(trained_workdir, synthetic_data_dir, "--mode=predict", **{"predict.input": "synthetic:test",
-                                                                        "predict.max_overlays": 5})
+    run_main(
+        trained_workdir,
+        synthetic_data_dir,
+        "--mode=predict",
+        **{"predict.input": "synthetic:test", "predict.max_overlays": 5},
+    )
     predictions = trained_workdir / "predictions" / "synthetic_test"
     rows = (predictions / "scores.csv").read_text().splitlines()
     assert rows[0] == "path,class,label,image_score" and len(rows) == 1 + 48
@@ -84,8 +100,13 @@ def test_train_eval_predict_write_their_files(trained_workdir, synthetic_data_di
 def test_killed_run_resumes_to_the_same_parameters(trained_workdir, synthetic_data_dir, tmp_path):
     workdir = tmp_path / "killed"
     first = workdir / "checkpoints" / str(96 // 8)
-    process = subprocess.Popen(main_command(workdir, synthetic_data_dir), cwd=REPO, env=subprocess_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        main_command(workdir, synthetic_data_dir),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while not first.is_dir() and process.poll() is None:
             time.sleep(0.02)
@@ -107,8 +128,11 @@ def mesh_of(devices: int) -> Mesh:
 
 
 def logged_losses(workdir) -> dict[int, float]:
-    return {line["step"]: line["train/loss"] for line in map(json.loads, (workdir / "metrics.jsonl").open())
-            if "train/loss" in line}
+    return {
+        line["step"]: line["train/loss"]
+        for line in map(json.loads, (workdir / "metrics.jsonl").open())
+        if "train/loss" in line
+    }
 
 
 def test_eight_devices_step_like_one(synthetic_data_dir):
@@ -125,8 +149,9 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
     model = UniMMAD(model_config(config))
     loader = train_loader(config.data, seed=0, batch_size=8)
     batches = [next(loader.iterator) for _ in range(3)]
-    to64 = functools.partial(jax.tree_util.tree_map,
-                             lambda a: a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a)
+    to64 = functools.partial(
+        jax.tree_util.tree_map, lambda a: a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a
+    )
     results = {}
     with jax.enable_x64(True):
         for devices in (1, 8):
@@ -147,8 +172,9 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
 
 
 @pytest.mark.parametrize("written_on,resumed_on", [(8, 1), (1, 8)])
-def test_checkpoint_moves_between_device_counts(written_on, resumed_on, trained_workdir, synthetic_data_dir,
-                                                tmp_path, monkeypatch):
+def test_checkpoint_moves_between_device_counts(
+    written_on, resumed_on, trained_workdir, synthetic_data_dir, tmp_path, monkeypatch
+):
     """The last epoch of a finished run is dropped, then redone from the checkpoint on another device count.
 
     The restored state is the saved one exactly; the redone epoch's logged losses match the first run's to
@@ -171,8 +197,10 @@ def test_checkpoint_moves_between_device_counts(written_on, resumed_on, trained_
     mesh = mesh_of(resumed_on)
     model = UniMMAD(model_config(config))
     loader = train_loader(config.data, seed=config.seed, batch_size=8)
-    state = jax.device_put(train.create_train_state(model, config, steps_per_epoch, train.first_images(config, 8)),
-                           sharding.replicated(mesh))
+    state = jax.device_put(
+        train.create_train_state(model, config, steps_per_epoch, train.first_images(config, 8)),
+        sharding.replicated(mesh),
+    )
     restored, meta = train.restore_latest(train.checkpoint_manager(workdir, config), state, loader.iterator, mesh)
     assert meta["epoch"] == EPOCHS - 1 and int(restored.step) == (EPOCHS - 1) * steps_per_epoch
     assert len(restored.params["encoder"]["conv1"]["kernel"].sharding.device_set) == resumed_on
@@ -183,9 +211,9 @@ def test_checkpoint_moves_between_device_counts(written_on, resumed_on, trained_
     assert int(state.step) == EPOCHS * steps_per_epoch
     redone = logged_losses(workdir)
     assert set(redone) == {s for s in first_losses if s > (EPOCHS - 1) * steps_per_epoch}
-    np.testing.assert_allclose([redone[s] for s in sorted(redone)], [first_losses[s] for s in sorted(redone)],
-                               rtol=2e-2)
-
+    np.testing.assert_allclose(
+        [redone[s] for s in sorted(redone)], [first_losses[s] for s in sorted(redone)], rtol=2e-2
+    )
 
 
 def test_bfloat16_compute_keeps_the_pixel_metrics(trained_workdir, synthetic_data_dir):

@@ -59,16 +59,18 @@ def test_fewer_slots_give_the_same_pairs(model, variables, tiny_config):
     images = jax.random.normal(jax.random.key(2), (2, 1, size, size, 3))
     run = jax.jit(lambda v, x, m: model.apply(v, x, m, train=False))
     one = run(variables, images, jnp.ones((2, 1), bool))
-    padded = run(variables, jnp.concatenate([images, jnp.zeros_like(images)], axis=1),
-                 jnp.array([[True, False], [True, False]]))
+    padded = run(
+        variables, jnp.concatenate([images, jnp.zeros_like(images)], axis=1), jnp.array([[True, False], [True, False]])
+    )
     for a, b in zip(one.decompressed, padded.decompressed):
         np.testing.assert_allclose(a, b[::2], atol=1e-5)
 
 
 def test_frozen_prior_gets_no_gradient(model, variables, batch):
     def loss(params):
-        out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, *batch, train=True,
-                             mutable=["batch_stats"])
+        out, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, *batch, train=True, mutable=["batch_stats"]
+        )
         return total_loss(out, jnp.ones(2), 0, LossConfig())[0]
 
     grads = jax.jit(jax.grad(loss))(variables["params"])
@@ -80,10 +82,12 @@ def test_frozen_prior_gets_no_gradient(model, variables, batch):
 
 def test_prior_batch_norm_stays_in_eval_mode(variables, batch, train_apply):
     _, stats = train_apply(variables, *batch)
-    np.testing.assert_array_equal(stats["batch_stats"]["prior"]["bn1"]["mean"],
-                                  variables["batch_stats"]["prior"]["bn1"]["mean"])
-    assert not np.allclose(stats["batch_stats"]["encoder"]["bn1"]["mean"],
-                           variables["batch_stats"]["encoder"]["bn1"]["mean"])
+    np.testing.assert_array_equal(
+        stats["batch_stats"]["prior"]["bn1"]["mean"], variables["batch_stats"]["prior"]["bn1"]["mean"]
+    )
+    assert not np.allclose(
+        stats["batch_stats"]["encoder"]["bn1"]["mean"], variables["batch_stats"]["encoder"]["bn1"]["mean"]
+    )
 
 
 def test_share_image():

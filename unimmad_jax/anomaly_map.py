@@ -4,11 +4,12 @@ Both resampling steps are linear and separable, so each is a pair of small matri
 bilinear upsampling with `align_corners=True`, and the 15x15 (sigma 4) Gaussian blur with
 zero padding.  `map = R a R^T`, `blurred = G map G^T`.
 """
+
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unimmad_jax.losses import cosine_distance
 from unimmad_jax.models.unimmad import ModelOutput
@@ -34,7 +35,7 @@ def align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
 def blur_matrix(size: int, kernel: int = BLUR_SIZE, sigma: float = BLUR_SIGMA) -> np.ndarray:
     """`[size, size]` matrix of a normalised 1-D Gaussian convolution with zero padding `kernel // 2`."""
     offsets = np.arange(kernel) - kernel // 2
-    weights = np.exp(-offsets ** 2 / (2 * sigma ** 2))
+    weights = np.exp(-(offsets**2) / (2 * sigma**2))
     weights /= weights.sum()
     matrix = np.zeros((size, size))
     for offset, weight in zip(offsets, weights):

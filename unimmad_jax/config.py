@@ -4,6 +4,7 @@ Config files (`configs/*.py`) call `default_config()` and change what differs, a
 Flax examples; `--config.<field>=<value>` overrides any field on the command line.
 `config.image_size` is one reference shared by the model and the data pipeline.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,8 @@ def default_config() -> ml_collections.ConfigDict:
     image_size = config.get_ref("image_size")
 
     config.model = ml_collections.ConfigDict(
-        {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k not in ("image_size", "dtype")})
+        {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k not in ("image_size", "dtype")}
+    )
     config.model.image_size = image_size
     config.model.dtype = "float32"  # "bfloat16": bf16 compute, float32 parameters and optimizer
 

@@ -8,6 +8,7 @@ checkpoints into Flax variables, and Flax gradients back into the reference layo
 (for the parity comparison).  Unknown, missing or mis-shaped keys are errors that name
 the file, the key and both shapes; the unused keys of SPEC 7 are skipped silently.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,17 +35,18 @@ UNUSED_KEYS = re.compile(r"(^|\.)num_batches_tracked$|^(0\.model\.)?(layer4|fc)\
 
 # How a PyTorch tensor is laid out in Flax: a transposition, or a 1x1 conv taken as a matrix.
 LAYOUTS = {
-    "conv": (2, 3, 1, 0),        # [O, I, kh, kw] (conv-transpose [I, O, kh, kw]) -> [kh, kw, I, O] ([kh, kw, O, I])
-    "linear": (1, 0),            # [O, I] -> [I, O]
-    "bases": (0, 3, 4, 2, 1),    # [N, O, I, k, k] -> [N, k, k, I, O]
-    "embedding": (1, 2, 0),      # [C, H, W] -> [H, W, C]
-    "same": None,                # vectors and the leader experts' logits [R, N, C]
+    "conv": (2, 3, 1, 0),  # [O, I, kh, kw] (conv-transpose [I, O, kh, kw]) -> [kh, kw, I, O] ([kh, kw, O, I])
+    "linear": (1, 0),  # [O, I] -> [I, O]
+    "bases": (0, 3, 4, 2, 1),  # [N, O, I, k, k] -> [N, k, k, I, O]
+    "embedding": (1, 2, 0),  # [C, H, W] -> [H, W, C]
+    "same": None,  # vectors and the leader experts' logits [R, N, C]
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class KeyEntry:
     """One tensor: where it is in the reference (`part`, `key`) and in the Flax variables."""
+
     part: str
     key: str
     collection: str
@@ -202,13 +204,16 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         raise ConversionError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
+
         return load_file(path)
     if path.suffix in (".pth", ".pt", ".bin"):
         try:
             import torch
         except ImportError as error:
-            raise ConversionError(f"{path}: reading a PyTorch pickle needs torch, which is not installed; "
-                                  f"convert it to .safetensors, or install torch") from error
+            raise ConversionError(
+                f"{path}: reading a PyTorch pickle needs torch, which is not installed; "
+                f"convert it to .safetensors, or install torch"
+            ) from error
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
@@ -235,8 +240,12 @@ def _leaf_paths(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[s
             yield prefix + (name,)
 
 
-def to_variables(entries: list[KeyEntry], state_dicts: Mapping[str, Mapping[str, np.ndarray]],
-                 expected: Mapping, sources: Mapping[str, str]) -> dict:
+def to_variables(
+    entries: list[KeyEntry],
+    state_dicts: Mapping[str, Mapping[str, np.ndarray]],
+    expected: Mapping,
+    sources: Mapping[str, str],
+) -> dict:
     """Place the tensors of `state_dicts` (by part) into Flax variables shaped like `expected`.
 
     `sources` names each part's file for the error messages.
@@ -247,18 +256,23 @@ def to_variables(entries: list[KeyEntry], state_dicts: Mapping[str, Mapping[str,
         want = _get(expected, (entry.collection,) + entry.path).shape
         want_reference = entry.to_reference(np.empty(want, np.float32)).shape
         if entry.key not in tensors:
-            raise ConversionError(f"{source}: missing key {entry.key!r} (the model expects shape {list(want_reference)})")
+            raise ConversionError(
+                f"{source}: missing key {entry.key!r} (the model expects shape {list(want_reference)})"
+            )
         value = np.asarray(tensors[entry.key])
         if value.shape != want_reference:
-            raise ConversionError(f"{source}: key {entry.key!r} has shape {list(value.shape)}, "
-                                  f"the model expects {list(want_reference)}")
+            raise ConversionError(
+                f"{source}: key {entry.key!r} has shape {list(value.shape)}, the model expects {list(want_reference)}"
+            )
         _set(variables, (entry.collection,) + entry.path, entry.to_flax(value).astype(np.float32))
     for part, tensors in state_dicts.items():
         placed = {e.key for e in entries if e.part == part}
         unknown = sorted(k for k in tensors if k not in placed and not UNUSED_KEYS.search(k))
         if unknown:
-            raise ConversionError(f"{sources[part]}: {len(unknown)} unexpected key(s), e.g. "
-                                  f"{unknown[:5]} (with shapes {[list(tensors[k].shape) for k in unknown[:5]]})")
+            raise ConversionError(
+                f"{sources[part]}: {len(unknown)} unexpected key(s), e.g. "
+                f"{unknown[:5]} (with shapes {[list(tensors[k].shape) for k in unknown[:5]]})"
+            )
     wanted = {p for p in _leaf_paths(expected)}
     if not {p for p in _leaf_paths(variables)} >= wanted:
         missing = sorted("/".join(p) for p in wanted - set(_leaf_paths(variables)))
@@ -270,19 +284,23 @@ def _select(tree: Mapping, roots: tuple[str, ...]) -> dict:
     return {c: {r: tree[c][r] for r in roots if r in tree[c]} for c in tree}
 
 
-def convert_prior(weights: str | Path, cfg: ModelConfig = ModelConfig()) -> dict:
+def convert_prior(weights: str | Path, cfg: ModelConfig | None = None) -> dict:
     """A torchvision/timm WideResNet state dict -> the prior's variables (`params`/`batch_stats` under `prior`)."""
+    cfg = cfg or ModelConfig()
     expected = _select(abstract_variables(cfg), ("prior",))
     return to_variables(prior_key_map(cfg), {"prior": read_state_dict(weights)}, expected, {"prior": str(weights)})
 
 
-def convert_official(checkpoint_dir: str | Path, prior: str | Path, image_size: int,
-                     cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
+def convert_official(
+    checkpoint_dir: str | Path, prior: str | Path, image_size: int, cfg: ModelConfig | None = None
+) -> tuple[ModelConfig, dict]:
     """A reference checkpoint folder (SPEC 7) and its prior file -> (model config, all variables)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
-        raise ConversionError(f"{checkpoint_dir}: not a folder (expected a reference checkpoint folder "
-                              f"with {', '.join(REFERENCE_FILES.values())})")
+        raise ConversionError(
+            f"{checkpoint_dir}: not a folder (expected a reference checkpoint folder "
+            f"with {', '.join(REFERENCE_FILES.values())})"
+        )
     cfg = dataclasses.replace(cfg or ModelConfig(), image_size=image_size)
     sources = {part: str(checkpoint_dir / name) for part, name in REFERENCE_FILES.items()}
     sources["prior"] = str(prior)

@@ -1,4 +1,5 @@
 """Batched evaluation: per-sample maps and scores (SPEC 4), the metrics of SPEC 5 per class and dataset."""
+
 from __future__ import annotations
 
 import functools
@@ -33,8 +34,11 @@ def predict_step(model: UniMMAD, variables: dict, images: jax.Array, mask: jax.A
 def make_predict_fn(model: UniMMAD, mesh: Mesh):
     """`predict_step` compiled for the mesh: variables replicated, the batch split over devices."""
     split = sharding.batch_split(mesh)
-    return jax.jit(functools.partial(predict_step, model),
-                   in_shardings=(sharding.replicated(mesh), split, split), out_shardings=split)
+    return jax.jit(
+        functools.partial(predict_step, model),
+        in_shardings=(sharding.replicated(mesh), split, split),
+        out_shardings=split,
+    )
 
 
 def _names_to_bytes(names: np.ndarray) -> np.ndarray:
@@ -45,8 +49,9 @@ def _bytes_to_names(array: np.ndarray) -> np.ndarray:
     return np.char.decode(np.ascontiguousarray(array).view(f"S{NAME_BYTES}").reshape(-1), "utf-8")
 
 
-def evaluate_dataset(predict_fn, variables: dict, config: ml_collections.ConfigDict, dataset: str, mesh: Mesh,
-                     progress: bool = True) -> dict[str, dict[str, float]]:
+def evaluate_dataset(
+    predict_fn, variables: dict, config: ml_collections.ConfigDict, dataset: str, mesh: Mesh, progress: bool = True
+) -> dict[str, dict[str, float]]:
     """`{class: metrics}` of one prepared dataset's evaluation split, every host seeing all rows.
 
     Batches carry only as many modality slots as the dataset's samples have: the model never runs
@@ -61,8 +66,16 @@ def evaluate_dataset(predict_fn, variables: dict, config: ml_collections.ConfigD
         inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
         out = predict_fn(variables, inputs["specific_images"], inputs["modality_mask"])
         rows = sharding.gather({"anomaly_map": out["anomaly_map"], "image_score": out["image_score"]})
-        rows.update(sharding.gather({"gt_mask": batch["gt_mask"].astype(np.uint8), "label": batch["label"],
-                                     "valid": batch["valid"], "class_name": _names_to_bytes(batch["class_name"])}))
+        rows.update(
+            sharding.gather(
+                {
+                    "gt_mask": batch["gt_mask"].astype(np.uint8),
+                    "label": batch["label"],
+                    "valid": batch["valid"],
+                    "class_name": _names_to_bytes(batch["class_name"]),
+                }
+            )
+        )
         valid = rows.pop("valid").astype(bool)
         for key, value in rows.items():
             collected[key].append(value[valid])
@@ -71,18 +84,22 @@ def evaluate_dataset(predict_fn, variables: dict, config: ml_collections.ConfigD
     results = {}
     for name in dict.fromkeys(names):  # classes in dataset order
         rows = names == name
-        results[name] = metrics.compute_metrics(columns["label"][rows], columns["image_score"][rows],
-                                                columns["gt_mask"][rows], columns["anomaly_map"][rows])
+        results[name] = metrics.compute_metrics(
+            columns["label"][rows], columns["image_score"][rows], columns["gt_mask"][rows], columns["anomaly_map"][rows]
+        )
     return results
 
 
-def evaluate(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, mesh: Mesh,
-             progress: bool = True) -> dict:
+def evaluate(
+    model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, mesh: Mesh, progress: bool = True
+) -> dict:
     """The metrics summary (`metrics.summarize`) over every evaluation dataset."""
     predict_fn = make_predict_fn(model, mesh)
     variables = jax.device_put(variables, sharding.replicated(mesh))
-    results = {dataset: evaluate_dataset(predict_fn, variables, config, dataset, mesh, progress)
-               for dataset in eval_datasets(config)}
+    results = {
+        dataset: evaluate_dataset(predict_fn, variables, config, dataset, mesh, progress)
+        for dataset in eval_datasets(config)
+    }
     return metrics.summarize(results)
 
 

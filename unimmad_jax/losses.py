@@ -1,4 +1,5 @@
 """Training losses (SPEC 3): focal decompression consistency and the annealed load-balance loss."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,6 +19,7 @@ class LossConfig:
     reference), "per_sample" by its own sample's weight.  `moe_anneal`: "reference" is
     `max(1 - e / horizon, 0.001)`, "paper" is `(1 - e / horizon)^2`; the reference fixes horizon = 200.
     """
+
     weighting: str = "batch_mean"
     moe_anneal: str = "reference"
     moe_horizon: int = 200
@@ -39,7 +41,7 @@ def cosine_distance(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
     distances that make the maps and the loss.
     """
     a, b = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in (a, b))
-    norms = (jnp.maximum(jnp.linalg.norm(a, axis=-1), eps) * jnp.maximum(jnp.linalg.norm(b, axis=-1), eps))
+    norms = jnp.maximum(jnp.linalg.norm(a, axis=-1), eps) * jnp.maximum(jnp.linalg.norm(b, axis=-1), eps)
     return 1.0 - jnp.sum(a * b, axis=-1) / norms
 
 
@@ -67,8 +69,9 @@ def moe_weight(epoch: jax.Array, cfg: LossConfig, dtype=jnp.float32) -> jax.Arra
     return jnp.square(jnp.maximum(progress, 0.0))
 
 
-def total_loss(output: ModelOutput, loss_weight: jax.Array, epoch: jax.Array,
-               cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+def total_loss(
+    output: ModelOutput, loss_weight: jax.Array, epoch: jax.Array, cfg: LossConfig
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`L = L_DeC + a(epoch) * mean over levels of the C-MoE losses`, and both terms."""
     cos = decompression_loss(output, loss_weight, cfg)
     moe_loss = output.moe_loss.astype(jnp.promote_types(output.moe_loss.dtype, jnp.float32))

@@ -7,6 +7,7 @@
 
 Any config field can be overridden, e.g. `--config.train.batch_size=32`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -14,11 +15,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-flags.DEFINE_string("workdir", None, "Checkpoints, evaluation tables, predictions and TensorBoard logs go here.",
-                    required=True)
+flags.DEFINE_string(
+    "workdir", None, "Checkpoints, evaluation tables, predictions and TensorBoard logs go here.", required=True
+)
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to run.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (automatic when "
-                  "JAX_COORDINATOR_ADDRESS is set).")
+flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() (automatic when JAX_COORDINATOR_ADDRESS is set)."
+)
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
 FLAGS = flags.FLAGS
 

@@ -82,9 +82,7 @@ def compute_metrics(image_labels, image_scores, masks, anomaly_maps) -> dict[str
       ValueError: on shapes that do not fit together, labels or masks that are
         not binary, or scores and maps that are not finite.
     """
-    image_labels, image_scores, masks, anomaly_maps = _validated(
-        image_labels, image_scores, masks, anomaly_maps
-    )
+    image_labels, image_scores, masks, anomaly_maps = _validated(image_labels, image_scores, masks, anomaly_maps)
     metrics = dict.fromkeys(METRIC_NAMES, float("nan"))
     if _both_classes_present(image_labels, "image_labels", "I-AUROC, I-AP and I-F1max"):
         metrics["i_auroc"] = float(roc_auc_score(image_labels, image_scores))
@@ -283,9 +281,7 @@ def summarize(results: dict[str, dict[str, dict[str, float]]]) -> dict:
         raise ValueError("summarize needs at least one dataset, each with at least one class")
     datasets = {}
     for dataset, classes in results.items():
-        rows = {
-            name: _metric_row(metrics, f"{dataset}/{name}") for name, metrics in classes.items()
-        }
+        rows = {name: _metric_row(metrics, f"{dataset}/{name}") for name, metrics in classes.items()}
         datasets[dataset] = {"classes": rows, "mean": _mean_row(rows.values())}
     all_classes = [row for entry in datasets.values() for row in entry["classes"].values()]
     return {

@@ -4,6 +4,7 @@ A folder holds `model_config` (JSON: the `ModelConfig` fields and what the folde
 `variables` (`params` and `batch_stats`).  `kind` is "model" for a complete model and
 "prior" for the prior generator alone (the other parts are initialised from scratch).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,19 +24,25 @@ def save(directory: str | Path, cfg: ModelConfig, variables: dict, kind: str = "
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
     meta = {"kind": kind, "model": dataclasses.asdict(cfg)}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(Path(directory).absolute(), ocp.args.Composite(
-            model_config=ocp.args.JsonSave(meta), variables=ocp.args.StandardSave(variables)), force=True)
+        checkpointer.save(
+            Path(directory).absolute(),
+            ocp.args.Composite(model_config=ocp.args.JsonSave(meta), variables=ocp.args.StandardSave(variables)),
+            force=True,
+        )
 
 
 def load(directory: str | Path) -> tuple[str, ModelConfig, dict]:
     """(kind, model config, variables as numpy arrays) of a folder written by `save`."""
     directory = Path(directory).absolute()
     if not (directory / "model_config").is_dir():
-        raise FileNotFoundError(f"{directory}: not a model checkpoint (no model_config inside); "
-                                f"make one with `python -m unimmad_jax.convert`")
+        raise FileNotFoundError(
+            f"{directory}: not a model checkpoint (no model_config inside); "
+            f"make one with `python -m unimmad_jax.convert`"
+        )
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(directory, ocp.args.Composite(
-            model_config=ocp.args.JsonRestore(), variables=ocp.args.StandardRestore()))
+        restored = checkpointer.restore(
+            directory, ocp.args.Composite(model_config=ocp.args.JsonRestore(), variables=ocp.args.StandardRestore())
+        )
     meta = restored["model_config"]
     variables = jax.tree_util.tree_map(np.asarray, restored["variables"])
     return meta["kind"], ModelConfig.from_mapping(meta["model"]), variables

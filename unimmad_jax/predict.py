@@ -5,6 +5,7 @@
 modalities, and its ground truth drawn as a contour).  Results go to
 `<workdir>/predictions/<input name>/`: `scores.csv` and `overlays/*.png`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,22 +29,29 @@ from unimmad_jax.models.unimmad import UniMMAD  # noqa: E402
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def folder_batches(folder: Path, modality_type: str, image_size: int, num_slots: int,
-                   batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def folder_batches(
+    folder: Path, modality_type: str, image_size: int, num_slots: int, batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches of the images in `folder`, each a one-modality sample, the last batch padded (`valid`)."""
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InvalidDataError(f"config.predict.input={folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
     for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
+        chunk = files[start : start + batch_size]
         images = np.zeros((batch_size, num_slots, image_size, image_size, 3), np.float32)
         for row, path in enumerate(chunk):
             images[row, 0] = load_modality(path, modality_type, image_size)
         valid = np.arange(batch_size) < len(chunk)
-        yield {"specific_images": images, "modality_mask": (np.arange(num_slots) == 0)[None] & valid[:, None],
-               "valid": valid, "path": np.array([str(p) for p in chunk] + [""] * (batch_size - len(chunk))),
-               "label": np.full(batch_size, -1, np.int32), "class_name": np.full(batch_size, ""),
-               "modality_types": np.full(batch_size, modality_type), "gt_mask": None}
+        yield {
+            "specific_images": images,
+            "modality_mask": (np.arange(num_slots) == 0)[None] & valid[:, None],
+            "valid": valid,
+            "path": np.array([str(p) for p in chunk] + [""] * (batch_size - len(chunk))),
+            "label": np.full(batch_size, -1, np.int32),
+            "class_name": np.full(batch_size, ""),
+            "modality_types": np.full(batch_size, modality_type),
+            "gt_mask": None,
+        }
 
 
 def displayable(slot: np.ndarray, modality_type: str) -> np.ndarray:
@@ -54,8 +62,9 @@ def displayable(slot: np.ndarray, modality_type: str) -> np.ndarray:
     return np.clip(slot * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
 
 
-def save_overlay(path: Path, image: np.ndarray, heat: np.ndarray, score: float, gt_mask: np.ndarray | None,
-                 vmax: float) -> None:
+def save_overlay(
+    path: Path, image: np.ndarray, heat: np.ndarray, score: float, gt_mask: np.ndarray | None, vmax: float
+) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(6.4, 3.4))
     axes[0].imshow(image)
     axes[0].set_title("input")
@@ -79,8 +88,9 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
     mesh = sharding.data_mesh()
     batch_size = sharding.per_host_batch_size(config.predict.batch_size, mesh, "config.predict.batch_size")
     if Path(source).is_dir():
-        batches = folder_batches(Path(source), config.predict.modality_type, config.image_size,
-                                 config.data.num_slots, batch_size)
+        batches = folder_batches(
+            Path(source), config.predict.modality_type, config.image_size, config.data.num_slots, batch_size
+        )
         name = Path(source).name
     else:
         dataset, _, split = source.partition(":")
@@ -97,14 +107,24 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
         inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
         out = sharding.gather(predict_fn(variables, inputs["specific_images"], inputs["modality_mask"]))
         for row in np.flatnonzero(batch["valid"]):
-            record = {"path": str(batch["path"][row]), "class": str(batch["class_name"][row]),
-                      "label": int(batch["label"][row]), "image_score": float(out["image_score"][row])}
+            record = {
+                "path": str(batch["path"][row]),
+                "class": str(batch["class_name"][row]),
+                "label": int(batch["label"][row]),
+                "image_score": float(out["image_score"][row]),
+            }
             rows.append(record)
             if len(overlays) < config.predict.max_overlays:
                 first_type = str(batch["modality_types"][row]).split(",")[0]
                 gt = None if batch["gt_mask"] is None else batch["gt_mask"][row]
-                overlays.append((displayable(batch["specific_images"][row, 0], first_type),
-                                 out["anomaly_map"][row], record["image_score"], gt))
+                overlays.append(
+                    (
+                        displayable(batch["specific_images"][row, 0], first_type),
+                        out["anomaly_map"][row],
+                        record["image_score"],
+                        gt,
+                    )
+                )
     with open(out_dir / "scores.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "class", "label", "image_score"])
         writer.writeheader()
@@ -113,5 +133,7 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
     for index, (image, heat, score, gt) in enumerate(overlays):
         name = Path(rows[index]["path"]).with_suffix("").as_posix().strip("/").replace("/", "_")
         save_overlay(out_dir / "overlays" / f"{index:04d}_{name}.png", image, heat, score, gt, vmax)
-    print(f"wrote {len(rows)} scores to {out_dir / 'scores.csv'} and {len(overlays)} overlays to {out_dir / 'overlays'}")
+    print(
+        f"wrote {len(rows)} scores to {out_dir / 'scores.csv'} and {len(overlays)} overlays to {out_dir / 'overlays'}"
+    )
     return out_dir

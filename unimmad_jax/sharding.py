@@ -4,6 +4,7 @@ Parameters and optimizer state are replicated; every batch array is split along 
 axis.  `jax.jit` then computes BatchNorm statistics and losses over the global batch, so a
 step gives the same result on 1 device or 256.
 """
+
 from __future__ import annotations
 
 import os

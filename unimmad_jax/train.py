@@ -6,6 +6,7 @@ state and a JSON record of the epoch, seed and metrics.  All randomness derives 
 `config.seed`: the initial parameters, and the data draws (from the seed and the epoch,
 positioned by the iterator state), so a resumed run continues exactly where it stopped.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,10 +46,14 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: Any
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
-    def apply_gradients(self, grads, batch_stats) -> "TrainState":
+    def apply_gradients(self, grads, batch_stats) -> TrainState:
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                            batch_stats=batch_stats, opt_state=opt_state)
+        return self.replace(
+            step=self.step + 1,
+            params=optax.apply_updates(self.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
@@ -59,8 +64,12 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, params) -> optax.GradientTransformation:
     """Adam on the trained parts; the frozen prior gets no update and no optimizer state."""
-    adam = optax.adam(learning_rate_schedule(config, steps_per_epoch), b1=config.optimizer.b1,
-                      b2=config.optimizer.b2, eps=config.optimizer.eps)
+    adam = optax.adam(
+        learning_rate_schedule(config, steps_per_epoch),
+        b1=config.optimizer.b1,
+        b2=config.optimizer.b2,
+        eps=config.optimizer.eps,
+    )
     labels = {name: "frozen" if name in FROZEN else "trained" for name in params}
     return optax.multi_transform({"trained": adam, "frozen": optax.set_to_zero()}, labels)
 
@@ -73,8 +82,10 @@ def _check_compatible(loaded, expected, where: str) -> None:
         if path not in flat_loaded:
             raise ValueError(f"{where}: has no {name}; the configured model needs it")
         if np.shape(flat_loaded[path]) != np.shape(value):
-            raise ValueError(f"{where}: {name} has shape {np.shape(flat_loaded[path])}, "
-                             f"the configured model expects {np.shape(value)}")
+            raise ValueError(
+                f"{where}: {name} has shape {np.shape(flat_loaded[path])}, "
+                f"the configured model expects {np.shape(value)}"
+            )
 
 
 def prior_statistics(model: UniMMAD, variables: dict, images: np.ndarray) -> dict:
@@ -88,7 +99,8 @@ def prior_statistics(model: UniMMAD, variables: dict, images: np.ndarray) -> dic
     zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"]["prior"])
     start = {"params": variables["params"], "batch_stats": {**variables["batch_stats"], "prior": zeros}}
     _, updates = jax.jit(lambda v, x: model.apply(v, x, method=UniMMAD.prior_statistics, mutable=["batch_stats"]))(
-        start, images)
+        start, images
+    )
     # One update from zero running statistics leaves (1 - momentum) times the batch's.
     return jax.tree_util.tree_map(lambda s: s / (1 - BATCH_NORM_MOMENTUM), updates["batch_stats"]["prior"])
 
@@ -107,22 +119,26 @@ def initial_variables(model: UniMMAD, config: ml_collections.ConfigDict, prior_i
         if kind == "model":
             _check_compatible(loaded, variables, f"train.init_from={source}")
             return loaded
-        _check_compatible(loaded, {c: {"prior": variables[c]["prior"]} for c in variables},
-                          f"train.init_from={source}")
+        _check_compatible(loaded, {c: {"prior": variables[c]["prior"]} for c in variables}, f"train.init_from={source}")
         variables = {c: {**variables[c], "prior": loaded[c]["prior"]} for c in variables}
     else:
         variables["batch_stats"]["prior"] = prior_statistics(model, variables, prior_images)
-    return {c: {**variables[c], "encoder": jax.tree_util.tree_map(jnp.copy, variables[c]["prior"])}
-            for c in variables}
+    return {c: {**variables[c], "encoder": jax.tree_util.tree_map(jnp.copy, variables[c]["prior"])} for c in variables}
 
 
-def create_train_state(model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int,
-                       prior_images: np.ndarray) -> TrainState:
+def create_train_state(
+    model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int, prior_images: np.ndarray
+) -> TrainState:
     variables = initial_variables(model, config, prior_images)
     params = variables["params"]
     tx = make_optimizer(config, steps_per_epoch, params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
-                      opt_state=tx.init(params), tx=tx)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(params),
+        tx=tx,
+    )
 
 
 def abstract_train_state(model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int) -> TrainState:
@@ -131,8 +147,13 @@ def abstract_train_state(model: UniMMAD, config: ml_collections.ConfigDict, step
     variables = abstract_variables(model.config, slots=config.data.num_slots)
     params = variables["params"]
     tx = make_optimizer(config, steps_per_epoch, params)
-    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
-                      opt_state=jax.eval_shape(tx.init, params), tx=tx)
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=jax.eval_shape(tx.init, params),
+        tx=tx,
+    )
 
 
 def first_images(config: ml_collections.ConfigDict, batch_size: int) -> np.ndarray:
@@ -146,13 +167,19 @@ def first_images(config: ml_collections.ConfigDict, batch_size: int) -> np.ndarr
     return batch["specific_images"][batch["modality_mask"]]
 
 
-def train_step(model: UniMMAD, loss_cfg: LossConfig, state: TrainState, batch: dict[str, jax.Array],
-               epoch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    model: UniMMAD, loss_cfg: LossConfig, state: TrainState, batch: dict[str, jax.Array], epoch: jax.Array
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a (global) batch; BatchNorm statistics are the batch's."""
 
     def loss_fn(params):
-        out, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["specific_images"],
-                                   batch["modality_mask"], train=True, mutable=["batch_stats"])
+        out, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["specific_images"],
+            batch["modality_mask"],
+            train=True,
+            mutable=["batch_stats"],
+        )
         loss, parts = total_loss(out, batch["loss_weight"], epoch, loss_cfg)
         return loss, (parts, updates["batch_stats"])
 
@@ -162,21 +189,29 @@ def train_step(model: UniMMAD, loss_cfg: LossConfig, state: TrainState, batch: d
 
 def make_train_step(model: UniMMAD, loss_cfg: LossConfig, mesh: Mesh):
     replicated, split = sharding.replicated(mesh), sharding.batch_split(mesh)
-    return jax.jit(functools.partial(train_step, model, loss_cfg), in_shardings=(replicated, split, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+    return jax.jit(
+        functools.partial(train_step, model, loss_cfg),
+        in_shardings=(replicated, split, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
 
 
 def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     """Keeps the last `train.keep_checkpoints` and the best by `train.best_metric`; writes are atomic."""
     best_metric = config.train.best_metric
-    policy = preservation_policy.AnyPreservationPolicy([
-        preservation_policy.LatestN(n=config.train.keep_checkpoints),
-        preservation_policy.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
-                                  keep_checkpoints_without_metrics=False),
-    ])
+    policy = preservation_policy.AnyPreservationPolicy(
+        [
+            preservation_policy.LatestN(n=config.train.keep_checkpoints),
+            preservation_policy.BestN(
+                get_metric_fn=lambda m: m[best_metric], n=1, keep_checkpoints_without_metrics=False
+            ),
+        ]
+    )
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
-    return ocp.CheckpointManager(workdir.absolute() / "checkpoints", item_names=("state", "data", "meta"),
-                                 options=options)
+    return ocp.CheckpointManager(
+        workdir.absolute() / "checkpoints", item_names=("state", "data", "meta"), options=options
+    )
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: TrainState, iterator, mesh: Mesh):
@@ -189,12 +224,19 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState, iterator, 
     replicated = sharding.replicated(mesh)
     abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state)
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator),
-            meta=ocp.args.JsonRestore()))
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                data=grain.checkpoint.CheckpointRestore(iterator),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
     except (ValueError, KeyError) as error:
-        raise ValueError(f"checkpoint {manager.directory / str(step)} does not fit the configured model or data "
-                         f"(was it written with another config?): {error}") from error
+        raise ValueError(
+            f"checkpoint {manager.directory / str(step)} does not fit the configured model or data "
+            f"(was it written with another config?): {error}"
+        ) from error
     return restored["state"], restored["meta"]
 
 
@@ -205,6 +247,7 @@ class Logger:
         self.writer = self.lines = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
+
             self.writer = SummaryWriter(str(workdir / "tensorboard"))
             self.lines = open(workdir / "metrics.jsonl", "a")
 
@@ -232,6 +275,7 @@ def ensure_prepared(config: ml_collections.ConfigDict) -> None:
             prepare(name, config.data.data_dir)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices("datasets prepared")
 
 
@@ -261,16 +305,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if restored is not None:
         state, meta = restored
         if meta["steps_per_epoch"] != steps_per_epoch:
-            raise ValueError(f"the checkpoints in {workdir} were written with {meta['steps_per_epoch']} steps per "
-                             f"epoch, the configured data gives {steps_per_epoch}: resume with the same data config")
+            raise ValueError(
+                f"the checkpoints in {workdir} were written with {meta['steps_per_epoch']} steps per "
+                f"epoch, the configured data gives {steps_per_epoch}: resume with the same data config"
+            )
         print(f"Resumed from step {int(state.step)} (epoch {meta['epoch']}) in {manager.directory}")
     else:
-        state = jax.device_put(create_train_state(model, config, steps_per_epoch, first_images(config, batch_size)),
-                               sharding.replicated(mesh))
+        state = jax.device_put(
+            create_train_state(model, config, steps_per_epoch, first_images(config, batch_size)),
+            sharding.replicated(mesh),
+        )
         if not config.train.init_from:
-            print("Training from randomly initialised weights, the prior too (its BatchNorm statistics measured "
-                  "on a training batch): without pretrained prior weights (train.init_from) the features are not "
-                  "ImageNet features.")
+            print(
+                "Training from randomly initialised weights, the prior too (its BatchNorm statistics measured "
+                "on a training batch): without pretrained prior weights (train.init_from) the features are not "
+                "ImageNet features."
+            )
 
     step_fn = make_train_step(model, loss_cfg, mesh)
     schedule = learning_rate_schedule(config, steps_per_epoch)
@@ -291,8 +341,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 
 def _train_epoch(state, step_fn, loader, epoch, steps_per_epoch, schedule, mesh, logger, config) -> TrainState:
-    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
-               disable=jax.process_index() != 0, dynamic_ncols=True)
+    bar = tqdm(
+        range(steps_per_epoch),
+        desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
     epoch_array = jnp.asarray(epoch, jnp.int32)
     start, images = time.perf_counter(), 0
     for _ in bar:
@@ -306,8 +360,9 @@ def _train_epoch(state, step_fn, loader, epoch, steps_per_epoch, schedule, mesh,
             values["images_per_s"] = images / (time.perf_counter() - start)
             if not np.isfinite(values["loss"]):
                 raise FloatingPointError(f"the loss is {values['loss']} at step {step} (epoch {epoch + 1})")
-            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['learning_rate']:.2e}",
-                            img_s=f"{values['images_per_s']:.1f}")
+            bar.set_postfix(
+                loss=f"{values['loss']:.4f}", lr=f"{values['learning_rate']:.2e}", img_s=f"{values['images_per_s']:.1f}"
+            )
             logger.scalars(step, {f"train/{k}": v for k, v in values.items()})
     return state
 
@@ -315,13 +370,26 @@ def _train_epoch(state, step_fn, loader, epoch, steps_per_epoch, schedule, mesh,
 def _save(manager, state, iterator, epoch, steps_per_epoch, config, summary) -> None:
     flat = evaluate.flat_scalars(summary) if summary is not None else None
     if flat is not None and config.train.best_metric not in flat:
-        raise ValueError(f"train.best_metric={config.train.best_metric!r} is not an evaluation metric; "
-                         f"choose one of {sorted(flat)}")
-    meta = {"epoch": epoch, "step": int(state.step), "steps_per_epoch": steps_per_epoch, "seed": config.seed,
-            "config": config.to_dict(), "metrics": flat}
-    manager.save(int(state.step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
-        meta=ocp.args.JsonSave(meta)), metrics=flat)
+        raise ValueError(
+            f"train.best_metric={config.train.best_metric!r} is not an evaluation metric; choose one of {sorted(flat)}"
+        )
+    meta = {
+        "epoch": epoch,
+        "step": int(state.step),
+        "steps_per_epoch": steps_per_epoch,
+        "seed": config.seed,
+        "config": config.to_dict(),
+        "metrics": flat,
+    }
+    manager.save(
+        int(state.step),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(iterator),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        metrics=flat,
+    )
 
 
 def trained_variables(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -341,5 +409,7 @@ def trained_variables(config: ml_collections.ConfigDict, workdir: str | Path) ->
         if kind == "model":
             _check_compatible(variables, expected, f"train.init_from={config.train.init_from}")
             return variables
-    raise FileNotFoundError(f"no checkpoint in {checkpoints} and no complete model in train.init_from: "
-                            f"train first, or convert a released model with `python -m unimmad_jax.convert`")
+    raise FileNotFoundError(
+        f"no checkpoint in {checkpoints} and no complete model in train.init_from: "
+        f"train first, or convert a released model with `python -m unimmad_jax.convert`"
+    )

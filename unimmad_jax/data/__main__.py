@@ -1,7 +1,7 @@
 """Command line: prepare datasets and summarise what is prepared.
 
-  python -m unimmad_jax.data prepare --dataset NAME [--manual-dir DIR] --data-dir OUT
-  python -m unimmad_jax.data summary --data-dir OUT [--json]
+python -m unimmad_jax.data prepare --dataset NAME [--manual-dir DIR] --data-dir OUT
+python -m unimmad_jax.data summary --data-dir OUT [--json]
 """
 
 from __future__ import annotations
@@ -16,23 +16,19 @@ from unimmad_jax.data.schema import InvalidDataError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m unimmad_jax.data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m unimmad_jax.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    prepare_parser = commands.add_parser(
-        "prepare", help="build a dataset into array_record files once")
+    prepare_parser = commands.add_parser("prepare", help="build a dataset into array_record files once")
     prepare_parser.add_argument(
-        "--dataset", required=True,
-        help=f'one of {", ".join(sorted(BUILDERS))}; mmad_meta as mmad_meta/<dataset>')
-    prepare_parser.add_argument(
-        "--manual-dir", help="the downloaded dataset folder (not for synthetic)")
-    prepare_parser.add_argument(
-        "--data-dir", required=True, help="where prepared datasets live")
-    summary_parser = commands.add_parser(
-        "summary", help="samples per dataset, split and class")
+        "--dataset", required=True, help=f"one of {', '.join(sorted(BUILDERS))}; mmad_meta as mmad_meta/<dataset>"
+    )
+    prepare_parser.add_argument("--manual-dir", help="the downloaded dataset folder (not for synthetic)")
+    prepare_parser.add_argument("--data-dir", required=True, help="where prepared datasets live")
+    summary_parser = commands.add_parser("summary", help="samples per dataset, split and class")
     summary_parser.add_argument("--data-dir", required=True)
-    summary_parser.add_argument(
-        "--json", action="store_true", help="print JSON instead of a table")
+    summary_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 

@@ -133,9 +133,7 @@ def _open_catalog(config, names: Sequence[str], split: str, classes=None) -> _Ca
 
 def _check_slots(prepared: PreparedSplit, indices: np.ndarray, num_slots: int) -> None:
     if not 1 <= num_slots <= schema.MAX_MODALITIES:
-        raise InvalidDataError(
-            f"config.data.num_slots is {num_slots}; expected 1 to {schema.MAX_MODALITIES}."
-        )
+        raise InvalidDataError(f"config.data.num_slots is {num_slots}; expected 1 to {schema.MAX_MODALITIES}.")
     most = max((len(prepared.index.modality_types[i]) for i in indices), default=0)
     if most > num_slots:
         raise InvalidDataError(
@@ -161,9 +159,7 @@ class _SampleReader:
         try:
             return self._sample(split, example, path)
         except InvalidDataError as error:
-            raise InvalidDataError(
-                f"{split.name}/{split.split} record {index} ({path}): {error}"
-            ) from error
+            raise InvalidDataError(f"{split.name}/{split.split} record {index} ({path}): {error}") from error
 
     def _sample(self, split: PreparedSplit, example: Mapping[str, Any], path: str):
         size = self.image_size
@@ -210,8 +206,7 @@ def _hosts(process_index: int | None, process_count: int | None) -> tuple[int, i
     return index, count
 
 
-def _global_position(step: int, row: int, batch_size: int, process_index: int,
-                     process_count: int) -> int:
+def _global_position(step: int, row: int, batch_size: int, process_index: int, process_count: int) -> int:
     """Where row `row` of this host's batch `step` sits in the global order.
 
     Global batch `step` is positions [step * G, (step + 1) * G), G = batch_size
@@ -229,12 +224,19 @@ class _BalancedDraws:
     global batches.
     """
 
-    def __init__(self, class_keys: Sequence[tuple[str, str]], seed: int,
-                 steps_per_epoch: int, batch_size: int, process_index: int,
-                 process_count: int):
+    def __init__(
+        self,
+        class_keys: Sequence[tuple[str, str]],
+        seed: int,
+        steps_per_epoch: int,
+        batch_size: int,
+        process_index: int,
+        process_count: int,
+    ):
         _, class_ids, class_sizes = np.unique(
             np.array([f"{d}\0{c}" for d, c in class_keys]),
-            return_inverse=True, return_counts=True,
+            return_inverse=True,
+            return_counts=True,
         )
         probabilities = 1.0 / class_sizes[class_ids]
         self.probabilities = probabilities / probabilities.sum()
@@ -244,7 +246,7 @@ class _BalancedDraws:
         self.process_index = process_index
         self.process_count = process_count
 
-    @functools.lru_cache(maxsize=2)
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (one sampler per run: keeping it alive costs nothing)
     def epoch_draws(self, epoch: int) -> np.ndarray:
         """The record positions of every global sample of `epoch`."""
         rng = np.random.default_rng([self.seed, epoch])
@@ -254,8 +256,7 @@ class _BalancedDraws:
     def __call__(self, counter: int) -> int:
         step, row = divmod(counter, self.batch_size)
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-        position = _global_position(step_in_epoch, row, self.batch_size,
-                                    self.process_index, self.process_count)
+        position = _global_position(step_in_epoch, row, self.batch_size, self.process_index, self.process_count)
         return int(self.epoch_draws(epoch)[position])
 
 
@@ -308,10 +309,8 @@ def train_loader(
             f"The global batch size {global_batch_size} exceeds the {len(catalog)} "
             f"training samples of {tuple(config.datasets)}."
         )
-    draws = _BalancedDraws(catalog.class_keys, seed, steps_per_epoch, batch_size,
-                           process_index, process_count)
-    reader = _SampleReader(catalog, config.image_size, config.num_slots,
-                           dict(config.loss_weights), with_masks=False)
+    draws = _BalancedDraws(catalog.class_keys, seed, steps_per_epoch, batch_size, process_index, process_count)
+    reader = _SampleReader(catalog, config.image_size, config.num_slots, dict(config.loss_weights), with_masks=False)
     batches = (
         grain.MapDataset.range(sys.maxsize)
         .map(lambda counter: reader(draws(counter)))
@@ -376,8 +375,7 @@ def eval_loader(
     if num_examples == 0:
         raise InvalidDataError(f"{dataset}/{split} has no samples of classes {classes}.")
     num_batches = math.ceil(num_examples / (batch_size * process_count))
-    reader = _SampleReader(catalog, config.image_size, config.num_slots,
-                           dict(config.loss_weights), with_masks=True)
+    reader = _SampleReader(catalog, config.image_size, config.num_slots, dict(config.loss_weights), with_masks=True)
 
     def read(counter: int) -> dict[str, np.ndarray]:
         step, row = divmod(counter, batch_size)

@@ -65,7 +65,7 @@ def dataset_folder(data_dir: str | Path, name: str) -> Path:
     if name not in folders:
         raise InvalidDataError(
             f"Dataset {name!r} is not prepared in data_dir {data_dir} (prepared: "
-            f'{sorted(folders) or "none"}). Run `python -m unimmad_jax.data prepare '
+            f"{sorted(folders) or 'none'}). Run `python -m unimmad_jax.data prepare "
             f"--dataset {name} --manual-dir <downloaded folder> --data-dir {data_dir}`."
         )
     return folders[name]
@@ -95,9 +95,7 @@ def _split_index(data_dir: str | Path, name: str, split: str) -> tuple[Path, Dat
     folder = dataset_folder(data_dir, name)
     index = read_index(folder)
     if split not in index.splits:
-        raise InvalidDataError(
-            f"Dataset {name!r} has no split {split!r}; it has {sorted(index.splits)}."
-        )
+        raise InvalidDataError(f"Dataset {name!r} has no split {split!r}; it has {sorted(index.splits)}.")
     return folder, index
 
 
@@ -124,22 +122,14 @@ def summarize(data_dir: str | Path) -> dict[str, dict[str, dict[str, dict[str, A
     summary = {}
     for name, folder in sorted(find_prepared(data_dir).items()):
         index = read_index(folder)
-        summary[name] = {
-            split: _summarize_split(index.splits[split])
-            for split in SPLITS
-            if split in index.splits
-        }
+        summary[name] = {split: _summarize_split(index.splits[split]) for split in SPLITS if split in index.splits}
     return summary
 
 
 def _summarize_split(index: SplitIndex) -> dict[str, dict[str, Any]]:
     classes: dict[str, dict[str, Any]] = {}
-    for class_name, label, types in zip(
-        index.class_names, index.labels, index.modality_types
-    ):
-        entry = classes.setdefault(
-            class_name, {"good": 0, "anomalous": 0, "modalities": []}
-        )
+    for class_name, label, types in zip(index.class_names, index.labels, index.modality_types):
+        entry = classes.setdefault(class_name, {"good": 0, "anomalous": 0, "modalities": []})
         entry["anomalous" if label else "good"] += 1
         entry["modalities"] += [t for t in types if t not in entry["modalities"]]
     return classes
@@ -149,8 +139,7 @@ def format_summary(summary: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> 
     """The summary as an aligned text table."""
     header = ("dataset", "split", "class", "good", "anomalous", "modalities")
     rows = [
-        (name, split, class_name, str(counts["good"]), str(counts["anomalous"]),
-         "+".join(counts["modalities"]))
+        (name, split, class_name, str(counts["good"]), str(counts["anomalous"]), "+".join(counts["modalities"]))
         for name, splits in summary.items()
         for split, classes in splits.items()
         for class_name, counts in classes.items()
@@ -158,7 +147,6 @@ def format_summary(summary: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> 
     if not rows:
         return "No prepared datasets."
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in [header, *rows]]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)

@@ -32,9 +32,7 @@ DEPTH_SCALE = 100.0
 
 def preprocess_image(image: np.ndarray, image_size: int) -> np.ndarray:
     """uint8 ``[h, w, 3]`` -> ImageNet-normalised float32 ``[H, W, 3]``."""
-    resized = PIL.Image.fromarray(image).resize(
-        (image_size, image_size), PIL.Image.Resampling.BILINEAR
-    )
+    resized = PIL.Image.fromarray(image).resize((image_size, image_size), PIL.Image.Resampling.BILINEAR)
     scaled = np.asarray(resized, np.float32) / 255.0
     return (scaled - IMAGENET_MEAN) / IMAGENET_STD
 
@@ -57,10 +55,7 @@ def resize_bilinear(array: np.ndarray, image_size: int) -> np.ndarray:
     """
     rows_low, rows_high, row_weight = _source_indices(array.shape[0], image_size)
     cols_low, cols_high, col_weight = _source_indices(array.shape[1], image_size)
-    rows = (
-        array[rows_low] * (1 - row_weight)[:, None]
-        + array[rows_high] * row_weight[:, None]
-    )
+    rows = array[rows_low] * (1 - row_weight)[:, None] + array[rows_high] * row_weight[:, None]
     return rows[:, cols_low] * (1 - col_weight) + rows[:, cols_high] * col_weight
 
 
@@ -80,17 +75,13 @@ def normalise_depth(depth: np.ndarray, modality_type: str) -> np.ndarray:
     return ((filled - mean) * DEPTH_SCALE).astype(np.float32)
 
 
-def preprocess_depth(
-    depth: np.ndarray, modality_type: str, image_size: int
-) -> np.ndarray:
+def preprocess_depth(depth: np.ndarray, modality_type: str, image_size: int) -> np.ndarray:
     """float32 ``[h, w, 2]`` depth + foreground -> float32 ``[H, W, 3]``."""
     plane = resize_bilinear(normalise_depth(depth, modality_type), image_size)
     return np.repeat(plane[..., None], 3, axis=-1).astype(np.float32)
 
 
-def preprocess_modality(
-    array: np.ndarray, modality_type: str, image_size: int
-) -> np.ndarray:
+def preprocess_modality(array: np.ndarray, modality_type: str, image_size: int) -> np.ndarray:
     """One decoded modality (uint8 image or depth + fg) -> ``[H, W, 3]``."""
     if modality_type in IMAGE_TYPES:
         return preprocess_image(array, image_size)
@@ -100,15 +91,11 @@ def preprocess_modality(
 def preprocess_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
     """uint8 ``[h, w]`` or ``[h, w, 1]`` mask -> float32 ``[H, W]`` in {0, 1}."""
     plane = np.asarray(mask, np.float32).reshape(mask.shape[0], mask.shape[1])
-    resized = PIL.Image.fromarray(plane, mode="F").resize(
-        (image_size, image_size), PIL.Image.Resampling.BILINEAR
-    )
+    resized = PIL.Image.fromarray(plane, mode="F").resize((image_size, image_size), PIL.Image.Resampling.BILINEAR)
     return (np.asarray(resized) > 0).astype(np.float32)
 
 
-def load_modality(
-    path: str | Path, modality_type: str, image_size: int
-) -> np.ndarray:
+def load_modality(path: str | Path, modality_type: str, image_size: int) -> np.ndarray:
     """Reads and preprocesses one modality file as the batches do.
 
     Args:
@@ -124,12 +111,7 @@ def load_modality(
     """
     path = Path(path)
     if modality_type not in MODALITY_TYPES:
-        raise InvalidDataError(
-            f"Unknown modality type {modality_type!r} for {path}; expected one "
-            f"of {MODALITY_TYPES}."
-        )
+        raise InvalidDataError(f"Unknown modality type {modality_type!r} for {path}; expected one of {MODALITY_TYPES}.")
     if modality_type in IMAGE_TYPES:
         return preprocess_image(readers.read_image(path), image_size)
-    return preprocess_depth(
-        readers.read_depth_file(path, modality_type), modality_type, image_size
-    )
+    return preprocess_depth(readers.read_depth_file(path, modality_type), modality_type, image_size)

@@ -27,9 +27,7 @@ def _open_image(path: Path) -> PIL.Image.Image:
     except FileNotFoundError as error:
         raise InvalidDataError(f"Missing image file {path}.") from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise InvalidDataError(
-            f"Corrupt or unreadable image {path}: {error}"
-        ) from error
+        raise InvalidDataError(f"Corrupt or unreadable image {path}: {error}") from error
     return image
 
 
@@ -40,10 +38,7 @@ def _to_plain_mode(image: PIL.Image.Image, path: Path) -> PIL.Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES:
         return PIL.Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
     if image.mode in ("I", "F"):
-        raise InvalidDataError(
-            f"Image {path} has mode {image.mode!r} (32-bit); expected an 8- or "
-            "16-bit image."
-        )
+        raise InvalidDataError(f"Image {path} has mode {image.mode!r} (32-bit); expected an 8- or 16-bit image.")
     return image.convert("RGB")
 
 
@@ -94,15 +89,11 @@ def encode_mask(mask: np.ndarray) -> bytes:
 def check_depth(depth: np.ndarray, modality_type: str, path: Path) -> None:
     """Raises unless ``depth`` is a usable ``[h, w, 2]`` depth + foreground."""
     if depth.ndim != 3 or depth.shape[-1] != 2:
-        raise InvalidDataError(
-            f"Depth from {path} has shape {depth.shape}; expected [h, w, 2]."
-        )
+        raise InvalidDataError(f"Depth from {path} has shape {depth.shape}; expected [h, w, 2].")
     if not np.all(np.isfinite(depth)):
         raise InvalidDataError(f"Depth {path} holds NaN or infinite values.")
     if modality_type == "depth" and not np.any(depth[..., 1] > 0):
-        raise InvalidDataError(
-            f"Depth {path} has no foreground (every point is zero)."
-        )
+        raise InvalidDataError(f"Depth {path} has no foreground (every point is zero).")
 
 
 def with_foreground(depth: np.ndarray, foreground: np.ndarray) -> np.ndarray:
@@ -120,15 +111,11 @@ def read_xyz_depth(path: Path) -> np.ndarray:
     except FileNotFoundError as error:
         raise InvalidDataError(f"Missing point cloud file {path}.") from error
     except (OSError, ValueError, tifffile.TiffFileError) as error:
-        raise InvalidDataError(
-            f"Corrupt or unreadable TIFF {path}: {error}"
-        ) from error
+        raise InvalidDataError(f"Corrupt or unreadable TIFF {path}: {error}") from error
     if xyz.size == 0:  # tifffile logs and returns nothing for broken files
         raise InvalidDataError(f"Corrupt or unreadable TIFF {path}: no image data.")
     if xyz.ndim != 3 or xyz.shape[-1] != 3:
-        raise InvalidDataError(
-            f"Point cloud {path} has shape {xyz.shape}; expected [h, w, 3] (x, y, z)."
-        )
+        raise InvalidDataError(f"Point cloud {path} has shape {xyz.shape}; expected [h, w, 3] (x, y, z).")
     return with_foreground(xyz[..., 2], np.any(xyz != 0, axis=-1))
 
 
@@ -171,8 +158,6 @@ def read_depth_file(path: Path, modality_type: str) -> np.ndarray:
     elif suffix == ".npy":
         depth = read_npy_depth(path, modality_type)
     else:
-        raise InvalidDataError(
-            f"Cannot read depth from {path}: expected a .tiff point cloud or a .npy."
-        )
+        raise InvalidDataError(f"Cannot read depth from {path}: expected a .tiff point cloud or a .npy.")
     check_depth(depth, modality_type, path)
     return depth

@@ -55,23 +55,21 @@ class InvalidDataError(ValueError):
 def example_features() -> tfds.features.FeaturesDict:
     """The TFDS features of every prepared dataset."""
     text = tfds.features.Text
-    return tfds.features.FeaturesDict({
-        "modality_types": tfds.features.Sequence(text()),
-        "images": tfds.features.Sequence(
-            tfds.features.Image(shape=(None, None, 3), encoding_format=None)
-        ),
-        "depths": tfds.features.Sequence(
-            tfds.features.Tensor(
-                shape=(None, None, 2), dtype=np.float32, encoding="zlib"
-            )
-        ),
-        "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-        "label": tfds.features.ClassLabel(names=LABEL_NAMES),
-        "class_name": text(),
-        "dataset": text(),
-        "defect_type": text(),
-        "path": text(),
-    })
+    return tfds.features.FeaturesDict(
+        {
+            "modality_types": tfds.features.Sequence(text()),
+            "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3), encoding_format=None)),
+            "depths": tfds.features.Sequence(
+                tfds.features.Tensor(shape=(None, None, 2), dtype=np.float32, encoding="zlib")
+            ),
+            "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+            "label": tfds.features.ClassLabel(names=LABEL_NAMES),
+            "class_name": text(),
+            "dataset": text(),
+            "defect_type": text(),
+            "path": text(),
+        }
+    )
 
 
 def decode_text(value: bytes | str) -> str:
@@ -138,10 +136,7 @@ class DatasetIndex:
         try:
             return cls(
                 dataset=value["dataset"],
-                splits={
-                    name: SplitIndex.from_json(index)
-                    for name, index in value["splits"].items()
-                },
+                splits={name: SplitIndex.from_json(index) for name, index in value["splits"].items()},
             )
         except (KeyError, TypeError) as error:
             raise InvalidDataError(

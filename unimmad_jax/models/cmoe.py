@@ -16,6 +16,7 @@ so the fixed expert, the routed experts with their scores and the `post` 1x1 con
 On small maps composing `K_p` costs more than it saves; there a branch runs one C -> 2C
 convolution with `[F, sum_r gate[p, r] W_r]` and applies `post` after (`fold_post` decides).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from unimmad_jax.models.layers import ConvNormAct, Dtype, NormAct, batch_norm, g
 
 class Routing(NamedTuple):
     """Router output for P pairs: logits and probabilities `[P, R]`, the top-K `[P, K]`, the dense gate `[P, R]`."""
+
     logits: jax.Array
     probs: jax.Array
     index: jax.Array
@@ -39,6 +41,7 @@ class Routing(NamedTuple):
 
 class Router(nn.Module):
     """`softmax(Linear(stats))`, top-K renormalised (`s_j = p_j / (sum_K p + 1e-8)`) and scattered densely."""
+
     router_num: int
     top_k: int
     dtype: Dtype = None
@@ -92,7 +95,7 @@ def per_sample_conv(x: jax.Array, kernels: jax.Array) -> jax.Array:
     out = 0
     for tap, kernel in enumerate(taps):
         dy, dx = divmod(tap, k)
-        out = out + jnp.einsum("bhwi,bio->bhwo", padded[:, dy:dy + height, dx:dx + width], kernel[:, 0])
+        out = out + jnp.einsum("bhwi,bio->bhwo", padded[:, dy : dy + height, dx : dx + width], kernel[:, 0])
     return out
 
 
@@ -104,8 +107,8 @@ def fold_post(pixels: int, k: int, channels: int, pairs: int) -> bool:
     2C -> C `post`.  Folding wins on large maps, its composition costs more on small ones (the
     deepest level at the paper's sizes).
     """
-    folded = pairs * pixels * k * k * channels ** 2 + (pairs + 1) * k * k * channels ** 3
-    after = pairs * pixels * (k * k * channels * 2 * channels + 2 * channels ** 2)
+    folded = pairs * pixels * k * k * channels**2 + (pairs + 1) * k * k * channels**3
+    after = pairs * pixels * (k * k * channels * 2 * channels + 2 * channels**2)
     return folded <= after
 
 
@@ -119,12 +122,12 @@ def pair_conv(x: jax.Array, kernels: jax.Array) -> jax.Array:
     slots = pairs // num_samples
     per_sample = kernels.reshape(num_samples, slots, k, k, channels, out).transpose(0, 2, 3, 4, 1, 5)
     y = per_sample_conv(x, per_sample.reshape(num_samples, k, k, channels, slots * out))
-    return y.reshape(num_samples, height, width, slots, out).transpose(0, 3, 1, 2, 4).reshape(
-        pairs, height, width, out)
+    return y.reshape(num_samples, height, width, slots, out).transpose(0, 3, 1, 2, 4).reshape(pairs, height, width, out)
 
 
 class MiMoE(nn.Module):
     """One kernel-size branch: `pre`, router, leader experts over the shared base bank, fixed expert, `post`."""
+
     kernel: int
     embed_dim: int
     router_num: int
@@ -143,8 +146,9 @@ class MiMoE(nn.Module):
 
         dtype = self.dtype or jnp.result_type(x, base)
         x, fixed, post = x.astype(dtype), fixed.astype(dtype), post.astype(dtype)
-        mixing = jnp.einsum("pr,rnc->pnc", routing.gate.astype(dtype),
-                            jax.nn.softmax(leader_logits, axis=1).astype(dtype))
+        mixing = jnp.einsum(
+            "pr,rnc->pnc", routing.gate.astype(dtype), jax.nn.softmax(leader_logits, axis=1).astype(dtype)
+        )
         routed = jnp.einsum("pnc,nhwic->phwic", mixing, base.astype(dtype))
         if fold_post(x.shape[1] * x.shape[2], k, c, routed.shape[0]):
             kernels = jnp.einsum("hwic,co->hwio", fixed, post[:c]) + jnp.einsum("phwic,co->phwio", routed, post[c:])
@@ -161,6 +165,7 @@ class PairConcatConv(nn.Module):
     A convolution of a concatenation is the sum of each part's convolution, so the per-sample
     part runs once per sample rather than once per pair.
     """
+
     features: int
     kernel: int = 3
     dtype: Dtype = None
@@ -168,14 +173,18 @@ class PairConcatConv(nn.Module):
     @nn.compact
     def __call__(self, per_sample: jax.Array, per_pair: jax.Array) -> jax.Array:
         split = per_sample.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (self.kernel, self.kernel, split + per_pair.shape[-1], self.features))
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (self.kernel, self.kernel, split + per_pair.shape[-1], self.features),
+        )
         per_sample, per_pair, kernel = nn.dtypes.promote_dtype(per_sample, per_pair, kernel, dtype=self.dtype)
         pad = self.kernel // 2
 
         def conv(x, w):
-            return jax.lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
-                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return jax.lax.conv_general_dilated(
+                x, w, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
 
         slots = per_pair.shape[0] // per_sample.shape[0]
         sample_kernel, pair_kernel = jnp.split(kernel, [split], axis=2)
@@ -188,6 +197,7 @@ class CrossMoE(nn.Module):
     Returns the decompressed pair features, the level's load-balance loss (summed over its
     branches) and each branch's routing.
     """
+
     features: int
     embed_dim: int = 256
     base_num: int = 8
@@ -197,8 +207,9 @@ class CrossMoE(nn.Module):
     dtype: Dtype = None
 
     @nn.compact
-    def __call__(self, general: jax.Array, prior: jax.Array, pair_mask: jax.Array,
-                 train: bool) -> tuple[jax.Array, jax.Array, list[Routing]]:
+    def __call__(
+        self, general: jax.Array, prior: jax.Array, pair_mask: jax.Array, train: bool
+    ) -> tuple[jax.Array, jax.Array, list[Routing]]:
         c = self.embed_dim
         key = ConvNormAct(c, dtype=self.dtype, name="key")(general)
         query = ConvNormAct(c, dtype=self.dtype, name="query")(prior)
@@ -210,9 +221,11 @@ class CrossMoE(nn.Module):
 
         outputs, routings = [], []
         for k in self.kernels:
-            base = self.param(f"base_k{k}", nn.initializers.lecun_normal(in_axis=(1, 2, 3), out_axis=4,
-                                                                         batch_axis=0),
-                              (self.base_num, k, k, c, c))
+            base = self.param(
+                f"base_k{k}",
+                nn.initializers.lecun_normal(in_axis=(1, 2, 3), out_axis=4, batch_axis=0),
+                (self.base_num, k, k, c, c),
+            )
             out, routing = MiMoE(k, c, self.router_num, self.top_k, self.dtype, name=f"mimoe_k{k}")(key, stats, base)
             outputs.append(out)
             routings.append(routing)

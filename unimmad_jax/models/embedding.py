@@ -1,4 +1,5 @@
 """Input embedding (SPEC 2.1): the share image plus a learned map, through a small stem and a 1x1 shortcut."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ class InputEmbedding(nn.Module):
 
     `P` (`input_embedding`, `[H, W, channels]`, N(0, 0.02^2)) ties the model to one image size.
     """
+
     image_size: int
     channels: int = 12
     stem_widths: Sequence[int] = (24, 48)
@@ -23,8 +25,9 @@ class InputEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, share_image: jax.Array, train: bool) -> jax.Array:
-        position = self.param("input_embedding", nn.initializers.normal(0.02),
-                              (self.image_size, self.image_size, self.channels))
+        position = self.param(
+            "input_embedding", nn.initializers.normal(0.02), (self.image_size, self.image_size, self.channels)
+        )
         x = share_image + jnp.asarray(position, self.dtype or jnp.result_type(share_image, position))
         y = x
         for i, width in enumerate(self.stem_widths):

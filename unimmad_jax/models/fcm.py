@@ -5,6 +5,7 @@ depthwise-separable bottlenecks (kernels 1, 3, 5) and an outer bottleneck to str
 then decoded by a mirrored WideResNet back to the three levels.  Image sizes are
 multiples of 32, so the reference's resizes between levels never apply.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from unimmad_jax.models.wide_resnet import EXPANSION
 
 class DownBlock(nn.Module):
     """`relu(BN(conv3x3(relu(BN(conv3x3_s(x))))) + conv1x1_s(x))`."""
+
     features: int
     stride: int
     dtype: Dtype = None
@@ -34,6 +36,7 @@ class DownBlock(nn.Module):
 
 class UpBlock(nn.Module):
     """`relu(BN(conv3x3(relu(BN(convT2x2/2(x))))) + convT4x4/2(x))`, the shortcut with a bias."""
+
     features: int
     dtype: Dtype = None
 
@@ -43,13 +46,15 @@ class UpBlock(nn.Module):
         y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(y))
         y = conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
         y = batch_norm(train, dtype=self.dtype, name="bn2")(y)
-        shortcut = conv_transpose(self.features, 4, stride=2, padding=1, bias=True, dtype=self.dtype,
-                                  name="shortcut")(x)
+        shortcut = conv_transpose(self.features, 4, stride=2, padding=1, bias=True, dtype=self.dtype, name="shortcut")(
+            x
+        )
         return nn.relu(y + shortcut)
 
 
 class SeparableBranch(nn.Module):
     """Depthwise KxK, pointwise to `features`, `norm_act`."""
+
     kernel: int
     features: int
     dtype: Dtype = None
@@ -62,6 +67,7 @@ class SeparableBranch(nn.Module):
 
 class InnerBottleneck(nn.Module):
     """One separable branch per level, concatenated, then conv2x2/2 (with bias) and `norm_act`."""
+
     kernel: int
     features: int
     dtype: Dtype = None
@@ -69,14 +75,20 @@ class InnerBottleneck(nn.Module):
     @nn.compact
     def __call__(self, levels: Sequence[jax.Array]) -> jax.Array:
         branch_features = self.features // len(levels)
-        y = jnp.concatenate([SeparableBranch(self.kernel, branch_features, self.dtype, name=f"level{i}")(x)
-                             for i, x in enumerate(levels)], axis=-1)
+        y = jnp.concatenate(
+            [
+                SeparableBranch(self.kernel, branch_features, self.dtype, name=f"level{i}")(x)
+                for i, x in enumerate(levels)
+            ],
+            axis=-1,
+        )
         y = conv(self.features, 2, stride=2, padding=0, bias=True, dtype=self.dtype, name="post_conv")(y)
         return NormAct(self.dtype, name="post")(y)
 
 
 class DecoderBottleneck(nn.Module):
     """A mirrored WRN bottleneck; the first of a stage upsamples x2 with transposed 2x2 convolutions."""
+
     planes: int
     width: int
     upsample: bool = False
@@ -106,6 +118,7 @@ class FeatureDecompressor(nn.Module):
     `planes`/`blocks`/`width_factor` are the encoder's; the decoder runs the stages in reverse
     plane order (WRN-50-2: 256 x 3 blocks, 128 x 4, 64 x 6). `embed_dim` is E of SPEC 2.3.
     """
+
     planes: Sequence[int] = (64, 128, 256)
     blocks: Sequence[int] = (3, 4, 6)
     width_factor: int = 2
@@ -117,18 +130,23 @@ class FeatureDecompressor(nn.Module):
     def __call__(self, levels: Sequence[jax.Array], train: bool) -> list[jax.Array]:
         x1, x2, x3 = levels
         d = self.dtype
-        aligned = [DownBlock(self.embed_dim, 2, d, name="down_level0")(x1, train),
-                   DownBlock(self.embed_dim, 1, d, name="down_level1")(x2, train),
-                   UpBlock(self.embed_dim, d, name="up_level2")(x3, train)]
-        compressed = jnp.concatenate([InnerBottleneck(k, self.embed_dim, d, name=f"bottleneck_k{k}")(aligned)
-                                      for k in self.bottleneck_kernels], axis=-1)
+        aligned = [
+            DownBlock(self.embed_dim, 2, d, name="down_level0")(x1, train),
+            DownBlock(self.embed_dim, 1, d, name="down_level1")(x2, train),
+            UpBlock(self.embed_dim, d, name="up_level2")(x3, train),
+        ]
+        compressed = jnp.concatenate(
+            [InnerBottleneck(k, self.embed_dim, d, name=f"bottleneck_k{k}")(aligned) for k in self.bottleneck_kernels],
+            axis=-1,
+        )
         y = ConvNormAct(self.embed_dim, dtype=d, name="fuse")(compressed)
         y = ConvNormAct(2 * EXPANSION * self.planes[-1], kernel=2, stride=2, padding=0, dtype=d, name="head")(y)
         decoded = []
         for stage, (planes, blocks) in enumerate(zip(reversed(self.planes), self.blocks)):
             for block in range(blocks):
-                y = DecoderBottleneck(planes, self.width_factor * planes, upsample=block == 0, dtype=d,
-                                      name=f"decoder{stage + 1}_{block}")(y, train)
+                y = DecoderBottleneck(
+                    planes, self.width_factor * planes, upsample=block == 0, dtype=d, name=f"decoder{stage + 1}_{block}"
+                )(y, train)
             decoded.append(y)
         decoded.reverse()
         return [conv(f.shape[-1], 1, dtype=d, name=f"final{i}")(f) for i, f in enumerate(decoded)]

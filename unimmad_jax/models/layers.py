@@ -4,6 +4,7 @@ Every module takes a compute `dtype`: `None` follows the inputs and parameters
 (float32, or float64 under `jax_enable_x64` for the gradient parity checks),
 `jnp.bfloat16` computes in bfloat16 while the parameters stay float32.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,6 +30,7 @@ class PointwiseConv(nn.Module):
     XLA's CPU convolution ran 1x1 kernels at a third of a matrix product's speed (forward and
     backward); a stride keeps every stride-th pixel, as a 1x1 convolution does.
     """
+
     features: int
     stride: int = 1
     use_bias: bool = False
@@ -39,18 +41,33 @@ class PointwiseConv(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jnp.einsum("bhwi,io->bhwo", x[:, ::self.stride, ::self.stride], kernel[0, 0])
+        y = jnp.einsum("bhwi,io->bhwo", x[:, :: self.stride, :: self.stride], kernel[0, 0])
         return y if bias is None else y + bias
 
 
-def conv(features: int, kernel: int, *, stride: int = 1, padding: int | None = None,
-         bias: bool = False, dtype: Dtype = None, name: str | None = None) -> nn.Module:
+def conv(
+    features: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    padding: int | None = None,
+    bias: bool = False,
+    dtype: Dtype = None,
+    name: str | None = None,
+) -> nn.Module:
     """A PyTorch `Conv2d`: symmetric explicit padding (default k // 2), no bias unless asked."""
     pad = kernel // 2 if padding is None else padding
     if kernel == 1 and pad == 0:
         return PointwiseConv(features, stride, bias, dtype, name=name)
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   use_bias=bias, dtype=dtype, name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=bias,
+        dtype=dtype,
+        name=name,
+    )
 
 
 class ConvTranspose(nn.Module):
@@ -63,6 +80,7 @@ class ConvTranspose(nn.Module):
     these fast forwards and backwards, where its dilated convolutions (`lax.conv_transpose`)
     took 20x the forward time to differentiate on a CPU.
     """
+
     features: int
     kernel: int
     stride: int
@@ -89,7 +107,7 @@ class ConvTranspose(nn.Module):
         for tap, tap_kernel in enumerate(taps):
             ky, kx = divmod(tap, k)
             dy, dx = offsets[ky] + margin, offsets[kx] + margin
-            shifted = padded[:, dy:dy + height, dx:dx + width]
+            shifted = padded[:, dy : dy + height, dx : dx + width]
             phase = ((ky - p) % s, (kx - p) % s)
             term = jnp.einsum("bhwi,oi->bhwo", shifted, tap_kernel[0])
             phases[phase] = phases[phase] + term if phase in phases else term
@@ -104,6 +122,7 @@ class DepthwiseConv(nn.Module):
     Computed as k*k shifted, per-channel scaled copies of the input: XLA fuses them into one loop,
     20x faster than its grouped convolution on a CPU (10x with the backward pass).
     """
+
     kernel: int
     dtype: Dtype = None
 
@@ -122,19 +141,33 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     pad = k // 2
     height, width = x.shape[1:3]
     padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    return sum(padded[:, dy:dy + height, dx:dx + width] * kernel[dy, dx, 0] for dy in range(k) for dx in range(k))
+    return sum(padded[:, dy : dy + height, dx : dx + width] * kernel[dy, dx, 0] for dy in range(k) for dx in range(k))
 
 
-def conv_transpose(features: int, kernel: int, *, stride: int, padding: int = 0, bias: bool = False,
-                   dtype: Dtype = None, name: str | None = None) -> ConvTranspose:
+def conv_transpose(
+    features: int,
+    kernel: int,
+    *,
+    stride: int,
+    padding: int = 0,
+    bias: bool = False,
+    dtype: Dtype = None,
+    name: str | None = None,
+) -> ConvTranspose:
     """A PyTorch `ConvTranspose2d` (see `ConvTranspose`)."""
     return ConvTranspose(features, kernel, stride, padding, use_bias=bias, dtype=dtype, name=name)
 
 
 def batch_norm(train: bool, *, dtype: Dtype = None, name: str | None = None) -> nn.BatchNorm:
     """PyTorch `BatchNorm2d`: eps 1e-5, momentum 0.1 (Flax's 0.9), two-pass variance for float32 accuracy."""
-    return nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5,
-                        use_fast_variance=False, dtype=dtype, name=name)
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BATCH_NORM_MOMENTUM,
+        epsilon=1e-5,
+        use_fast_variance=False,
+        dtype=dtype,
+        name=name,
+    )
 
 
 class GroupNorm(nn.Module):
@@ -144,6 +177,7 @@ class GroupNorm(nn.Module):
     group: XLA runs this and its gradient 1.7x faster on a CPU than a reduction over a reshaped
     `[..., groups, channels per group]` array.  The variance is taken of the deviations (two passes).
     """
+
     dtype: Dtype = None
 
     @nn.compact
@@ -169,6 +203,7 @@ class GroupNorm(nn.Module):
 
 class NormAct(nn.Module):
     """`norm_act(C)`: GroupNorm then ReLU."""
+
     dtype: Dtype = None
 
     @nn.compact
@@ -178,6 +213,7 @@ class NormAct(nn.Module):
 
 class ConvNormAct(nn.Module):
     """A bias-free convolution followed by `norm_act`."""
+
     features: int
     kernel: int = 1
     stride: int = 1
@@ -186,8 +222,7 @@ class ConvNormAct(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = conv(self.features, self.kernel, stride=self.stride, padding=self.padding, dtype=self.dtype,
-                 name="conv")(x)
+        x = conv(self.features, self.kernel, stride=self.stride, padding=self.padding, dtype=self.dtype, name="conv")(x)
         return nn.relu(GroupNorm(self.dtype, name="norm")(x))
 
 

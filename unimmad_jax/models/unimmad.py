@@ -1,4 +1,5 @@
 """The whole UniMMAD model: share image, general encoder, FCM/decoder, frozen prior, three C-MoEs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ FROZEN = ("prior",)
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Widths and depths of the model; the defaults are the paper's (SPEC 2)."""
+
     image_size: int = 256
     max_modalities: int = 4
     embedding_widths: tuple[int, ...] = (24, 48)
@@ -43,13 +45,15 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.image_size % IMAGE_SIZE_MULTIPLE:
-            raise ValueError(f"model.image_size={self.image_size} is not a multiple of {IMAGE_SIZE_MULTIPLE}: "
-                             f"the model's levels sit at strides 4 to 32 and must tile the image")
+            raise ValueError(
+                f"model.image_size={self.image_size} is not a multiple of {IMAGE_SIZE_MULTIPLE}: "
+                f"the model's levels sit at strides 4 to 32 and must tile the image"
+            )
         if not 1 <= self.top_k <= self.router_num:
             raise ValueError(f"model.top_k={self.top_k} must be between 1 and model.router_num={self.router_num}")
 
     @classmethod
-    def from_mapping(cls, fields: Mapping[str, Any]) -> "ModelConfig":
+    def from_mapping(cls, fields: Mapping[str, Any]) -> ModelConfig:
         """Build from a config section (e.g. `config.model`), naming unknown fields."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
@@ -73,6 +77,7 @@ class ModelOutput(NamedTuple):
     `pair_mask [P]` marks valid pairs; `moe_loss [levels]` is each C-MoE's load-balance loss;
     `routing[l][branch]` the routers' decisions.
     """
+
     prior: list[jax.Array]
     decompressed: list[jax.Array]
     pair_mask: jax.Array
@@ -89,26 +94,41 @@ def share_image(specific_images: jax.Array, max_modalities: int) -> jax.Array:
 
 class UniMMAD(nn.Module):
     """`specific_images [B, S, H, W, 3]` and `modality_mask [B, S]` (S <= max_modalities) -> `ModelOutput`."""
+
     config: ModelConfig
 
     def setup(self):
         cfg = self.config
         dtype = cfg.compute_dtype
-        wrn = dict(planes=cfg.planes, blocks=cfg.blocks, width_factor=cfg.width_factor, stem_width=cfg.stem_width,
-                   dtype=dtype)
+        wrn = dict(
+            planes=cfg.planes, blocks=cfg.blocks, width_factor=cfg.width_factor, stem_width=cfg.stem_width, dtype=dtype
+        )
         self.embedding = InputEmbedding(cfg.image_size, 3 * cfg.max_modalities, cfg.embedding_widths, dtype=dtype)
         self.encoder = WideResNetFeatures(**wrn)
         self.fcm = FeatureDecompressor(cfg.planes, cfg.blocks, cfg.width_factor, cfg.fcm_dim, dtype=dtype)
         self.prior = WideResNetFeatures(**wrn)
-        self.cmoes = [CrossMoE(dim, cfg.moe_dim, cfg.base_num, cfg.router_num, cfg.top_k, cfg.moe_kernels,
-                               dtype=dtype, name=f"cmoe{level}") for level, dim in enumerate(cfg.feature_dims)]
+        self.cmoes = [
+            CrossMoE(
+                dim,
+                cfg.moe_dim,
+                cfg.base_num,
+                cfg.router_num,
+                cfg.top_k,
+                cfg.moe_kernels,
+                dtype=dtype,
+                name=f"cmoe{level}",
+            )
+            for level, dim in enumerate(cfg.feature_dims)
+        ]
 
     def __call__(self, specific_images: jax.Array, modality_mask: jax.Array, train: bool) -> ModelOutput:
         cfg = self.config
         _, slots, height, width, _ = specific_images.shape
         if slots > cfg.max_modalities or (height, width) != (cfg.image_size, cfg.image_size):
-            raise ValueError(f"images {specific_images.shape[1:]} do not fit a model of image_size "
-                             f"{cfg.image_size} with at most {cfg.max_modalities} modalities")
+            raise ValueError(
+                f"images {specific_images.shape[1:]} do not fit a model of image_size "
+                f"{cfg.image_size} with at most {cfg.max_modalities} modalities"
+            )
         # Padded slots are zero in the share image whatever the batch holds there.
         specific_images = jnp.where(modality_mask[:, :, None, None, None], specific_images, 0)
         if cfg.compute_dtype is not None:

@@ -3,6 +3,7 @@
 torchvision's ResNet v1.5: the stride of a bottleneck sits on its 3x3 conv. layer4 and
 the classifier are never built: their result would be thrown away.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ EXPANSION = 4
 
 class Bottleneck(nn.Module):
     """conv1x1 -> BN -> ReLU -> conv3x3/stride -> BN -> ReLU -> conv1x1 -> BN, plus the (projected) input; ReLU."""
+
     planes: int
     width: int
     stride: int = 1
@@ -44,6 +46,7 @@ class WideResNetFeatures(nn.Module):
     `planes` and `blocks` are per stage; a bottleneck is `width_factor * planes` wide and
     outputs `4 * planes` channels (WRN-50-2: planes 64/128/256, blocks 3/4/6, factor 2).
     """
+
     planes: Sequence[int] = (64, 128, 256)
     blocks: Sequence[int] = (3, 4, 6)
     width_factor: int = 2
@@ -59,8 +62,14 @@ class WideResNetFeatures(nn.Module):
         for stage, (planes, blocks) in enumerate(zip(self.planes, self.blocks)):
             for block in range(blocks):
                 first = block == 0
-                x = Bottleneck(planes, self.width_factor * planes, stride=2 if first and stage > 0 else 1,
-                               project=first, dtype=self.dtype, name=f"layer{stage + 1}_{block}")(x, train)
+                x = Bottleneck(
+                    planes,
+                    self.width_factor * planes,
+                    stride=2 if first and stage > 0 else 1,
+                    project=first,
+                    dtype=self.dtype,
+                    name=f"layer{stage + 1}_{block}",
+                )(x, train)
             features.append(x)
         return features
 

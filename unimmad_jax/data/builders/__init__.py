@@ -23,8 +23,7 @@ from unimmad_jax.data.builders.visa import Visa
 from unimmad_jax.data.schema import InvalidDataError
 
 BUILDERS: dict[str, type[ExampleBuilder]] = {
-    cls.name: cls
-    for cls in (Mvtec3d, Eyecandies, MulsenAd, MvtecAd, Visa, MmadMeta, Synthetic)
+    cls.name: cls for cls in (Mvtec3d, Eyecandies, MulsenAd, MvtecAd, Visa, MmadMeta, Synthetic)
 }
 
 
@@ -33,14 +32,12 @@ def make_builder(name: str, data_dir: str | Path) -> ExampleBuilder:
     base_name, _, sub_name = name.partition("/")
     if base_name not in BUILDERS:
         raise InvalidDataError(
-            f"Unknown dataset {name!r} (--dataset); expected one of "
-            f"{sorted(BUILDERS)} or mmad_meta/<dataset>."
+            f"Unknown dataset {name!r} (--dataset); expected one of {sorted(BUILDERS)} or mmad_meta/<dataset>."
         )
     if base_name == MmadMeta.name:
         if not sub_name:
             raise InvalidDataError(
-                "--dataset mmad_meta needs the dataset it holds: mmad_meta/<dataset>, "
-                "e.g. mmad_meta/brats."
+                "--dataset mmad_meta needs the dataset it holds: mmad_meta/<dataset>, e.g. mmad_meta/brats."
             )
         return MmadMeta.for_dataset(sub_name, data_dir=data_dir)
     if sub_name:
@@ -48,9 +45,7 @@ def make_builder(name: str, data_dir: str | Path) -> ExampleBuilder:
     return BUILDERS[base_name](data_dir=data_dir)
 
 
-def prepare(
-    name: str, data_dir: str | Path, manual_dir: str | Path | None = None
-) -> Path:
+def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = None) -> Path:
     """Builds dataset `name` into `data_dir` (array_record) once.
 
     Args:
@@ -68,7 +63,5 @@ def prepare(
         manual_dir = None if manual_dir is None else Path(manual_dir).expanduser()
         check_manual_dir(manual_dir, name, builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    builder.download_and_prepare(
-        file_format="array_record", download_config=download_config
-    )
+    builder.download_and_prepare(file_format="array_record", download_config=download_config)
     return Path(builder.data_dir)

@@ -30,8 +30,7 @@ class SampleSpec(Protocol):
     label: int
 
     @property
-    def modality_types(self) -> tuple[str, ...]:
-        ...
+    def modality_types(self) -> tuple[str, ...]: ...
 
 
 class ExampleBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -65,9 +64,7 @@ class ExampleBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return self.name
 
     @abc.abstractmethod
-    def _list_samples(
-        self, dl_manager: tfds.download.DownloadManager
-    ) -> Mapping[str, Sequence[SampleSpec]]:
+    def _list_samples(self, dl_manager: tfds.download.DownloadManager) -> Mapping[str, Sequence[SampleSpec]]:
         """Samples per split (`schema.SPLITS`), in record order."""
 
     @abc.abstractmethod
@@ -92,10 +89,7 @@ class ExampleBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             },
         )
         self.info.metadata.update(index.to_json())
-        return {
-            split: self._generate_examples(split_samples)
-            for split, split_samples in samples.items()
-        }
+        return {split: self._generate_examples(split_samples) for split, split_samples in samples.items()}
 
     def _generate_examples(self, samples: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         for key, sample in enumerate(samples):
@@ -218,9 +212,7 @@ def class_folders(root: Path, marker: str, instructions: str) -> list[Path]:
     """Sub-folders of `root` holding `marker`; an error if there is none."""
     folders = [path for path in subfolders(root) if (path / marker).is_dir()]
     if not folders:
-        raise layout_error(
-            f"{root} is not laid out as expected: no <class>/{marker} folder.", instructions
-        )
+        raise layout_error(f"{root} is not laid out as expected: no <class>/{marker} folder.", instructions)
     return folders
 
 

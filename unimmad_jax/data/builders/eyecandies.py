@@ -12,10 +12,7 @@ from unimmad_jax.data import readers
 from unimmad_jax.data.builders import base
 from unimmad_jax.data.schema import InvalidDataError
 
-_LAYOUT = (
-    "<Class>/<train|val|test_public>/data/<id>_image_{0..5}.png, _depth.png "
-    "(16-bit), _info_depth.yaml, _mask.png"
-)
+_LAYOUT = "<Class>/<train|val|test_public>/data/<id>_image_{0..5}.png, _depth.png (16-bit), _info_depth.yaml, _mask.png"
 _SPLIT_FOLDERS = {"train": "train", "validation": "val", "test": "test_public"}
 # Lighting 4 (all lights) is the RGB view commonly used for Eyecandies.
 _RGB_VIEW = 4
@@ -45,8 +42,7 @@ class Eyecandies(base.FolderBuilder):
         samples = {split: [] for split in _SPLIT_FOLDERS}
         for class_dir in base.class_folders(root, "train", self.MANUAL_DOWNLOAD_INSTRUCTIONS):
             for split, folder in _SPLIT_FOLDERS.items():
-                split_samples = _list_split(root, class_dir, class_dir / folder / "data",
-                                            labelled=split == "test")
+                split_samples = _list_split(root, class_dir, class_dir / folder / "data", labelled=split == "test")
                 if split == "train":
                     base.require_training_images(split_samples, class_dir / folder)
                 samples[split].extend(split_samples)
@@ -102,9 +98,7 @@ def read_depth(png: Path, info: Path) -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as error:
         raise InvalidDataError(f"Corrupt or unreadable depth image {png}: {error}") from error
     if raw.dtype != np.uint16:
-        raise InvalidDataError(
-            f"Depth image {png} is {raw.dtype}; Eyecandies depth is a 16-bit PNG."
-        )
+        raise InvalidDataError(f"Depth image {png} is {raw.dtype}; Eyecandies depth is a 16-bit PNG.")
     low, high = _normalization(info)
     depth = low + raw.astype(np.float32) / 65535.0 * (high - low)
     return readers.with_foreground(depth, np.ones_like(depth))
@@ -117,6 +111,4 @@ def _normalization(info: Path) -> tuple[float, float]:
     except FileNotFoundError as error:
         raise InvalidDataError(f"Missing depth info {info}.") from error
     except (yaml.YAMLError, KeyError, TypeError, ValueError) as error:
-        raise InvalidDataError(
-            f"{info} lacks normalization: {{min, max}} ({error})."
-        ) from error
+        raise InvalidDataError(f"{info} lacks normalization: {{min, max}} ({error}).") from error

@@ -60,9 +60,7 @@ class MmadMeta(base.FolderBuilder):
                 f"mmad_meta/{dataset}: the dataset name must be a Python identifier "
                 "(letters, digits, underscores), e.g. mmad_meta/brats."
             )
-        config = tfds.core.BuilderConfig(
-            name=dataset, description=f"{dataset} from the authors' release."
-        )
+        config = tfds.core.BuilderConfig(name=dataset, description=f"{dataset} from the authors' release.")
         return cls(config=config, **kwargs)
 
     @property
@@ -74,9 +72,7 @@ class MmadMeta(base.FolderBuilder):
         meta = _read_meta(meta_path)
         unknown = set(meta) - set(SPLITS)
         if unknown:
-            raise InvalidDataError(
-                f"{meta_path}: unknown splits {sorted(unknown)}; expected {SPLITS}."
-            )
+            raise InvalidDataError(f"{meta_path}: unknown splits {sorted(unknown)}; expected {SPLITS}.")
         samples = {}
         for split, classes in meta.items():
             samples[split] = [
@@ -112,9 +108,7 @@ def _sample(root: Path, entry: dict[str, Any], class_key: str, where: str):
         paths, types = list(entry["img_path"]), list(entry["img_type"])
         label = int(entry["anomaly"])
     except (KeyError, TypeError, ValueError) as error:
-        raise InvalidDataError(
-            f"{where} needs img_path, img_type and anomaly ({error!r})."
-        ) from error
+        raise InvalidDataError(f"{where} needs img_path, img_type and anomaly ({error!r}).") from error
     if not 1 <= len(paths) <= MAX_MODALITIES or len(paths) != len(types):
         raise InvalidDataError(
             f"{where}: img_path and img_type must list the same 1 to "
@@ -122,10 +116,7 @@ def _sample(root: Path, entry: dict[str, Any], class_key: str, where: str):
         )
     for modality_type in types:
         if modality_type not in MODALITY_TYPES:
-            raise InvalidDataError(
-                f"{where}: unknown img_type {modality_type!r}; expected one of "
-                f"{MODALITY_TYPES}."
-            )
+            raise InvalidDataError(f"{where}: unknown img_type {modality_type!r}; expected one of {MODALITY_TYPES}.")
     files = [root / path for path in paths]
     for path in files:
         if not path.is_file():

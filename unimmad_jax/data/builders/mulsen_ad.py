@@ -8,10 +8,7 @@ from pathlib import Path
 from unimmad_jax.data.builders import base
 from unimmad_jax.data.schema import InvalidDataError
 
-_LAYOUT = (
-    "<class>/{RGB,Infrared}/{train,test/<defect>}/N.png, "
-    "<class>/{RGB,Infrared}/GT/<defect>/{N.png, data.csv}"
-)
+_LAYOUT = "<class>/{RGB,Infrared}/{train,test/<defect>}/N.png, <class>/{RGB,Infrared}/GT/<defect>/{N.png, data.csv}"
 
 
 class MulsenAd(base.FolderBuilder):
@@ -44,9 +41,7 @@ class MulsenAd(base.FolderBuilder):
                 defect = defect_dir.name
                 csv_path = class_dir / "RGB" / "GT" / defect / "data.csv"
                 labels = None if defect == "good" else _read_labels(csv_path)
-                samples["test"].extend(
-                    _list_files(root, class_dir, f"test/{defect}", defect, labels)
-                )
+                samples["test"].extend(_list_files(root, class_dir, f"test/{defect}", defect, labels))
         return samples
 
 
@@ -55,8 +50,8 @@ def _list_files(root, class_dir, folder, defect, labels):
     rgb_files = base.sorted_files(class_dir / "RGB" / folder, "*.png")
     if labels is not None and len(labels) != len(rgb_files):
         raise InvalidDataError(
-            f'{class_dir / "RGB" / "GT" / defect / "data.csv"} has {len(labels)} '
-            f'rows but {class_dir / "RGB" / folder} has {len(rgb_files)} images.'
+            f"{class_dir / 'RGB' / 'GT' / defect / 'data.csv'} has {len(labels)} "
+            f"rows but {class_dir / 'RGB' / folder} has {len(rgb_files)} images."
         )
     samples = []
     for position, rgb in enumerate(rgb_files):
@@ -88,7 +83,4 @@ def _read_labels(csv_path: Path) -> list[int]:
     except FileNotFoundError as error:
         raise InvalidDataError(f"Missing label file {csv_path}.") from error
     except (ValueError, csv.Error) as error:
-        raise InvalidDataError(
-            f'{csv_path} is not "object, rgb, infrared, pointcloud" 0/1 labels: '
-            f"{error}"
-        ) from error
+        raise InvalidDataError(f'{csv_path} is not "object, rgb, infrared, pointcloud" 0/1 labels: {error}') from error

@@ -10,10 +10,7 @@ from unimmad_jax.data import readers
 from unimmad_jax.data.builders import base
 from unimmad_jax.data.schema import SPLITS, InvalidDataError
 
-_LAYOUT = (
-    "<class>/{train,validation,test}/<good|defect>/{rgb/*.png, xyz/*.tiff, "
-    "gt/*.png}"
-)
+_LAYOUT = "<class>/{train,validation,test}/<good|defect>/{rgb/*.png, xyz/*.tiff, gt/*.png}"
 
 
 class Mvtec3d(base.FolderBuilder):

@@ -7,10 +7,7 @@ from pathlib import Path
 from unimmad_jax.data.builders import base
 from unimmad_jax.data.schema import InvalidDataError
 
-_LAYOUT = (
-    "<class>/{train,test}/<defect>/*.png with "
-    "<class>/ground_truth/<defect>/<name>_mask.png"
-)
+_LAYOUT = "<class>/{train,test}/<defect>/*.png with <class>/ground_truth/<defect>/<name>_mask.png"
 
 
 class MvtecAd(base.FolderBuilder):
@@ -61,7 +58,5 @@ def _mask_file(class_dir: Path, defect: str, image: Path) -> Path | None:
         return None
     mask = class_dir / "ground_truth" / defect / f"{image.stem}_mask.png"
     if not mask.is_file():
-        raise InvalidDataError(
-            f"Missing ground truth {mask} for defective image {image}."
-        )
+        raise InvalidDataError(f"Missing ground truth {mask} for defective image {image}.")
     return mask

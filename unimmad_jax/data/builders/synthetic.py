@@ -91,10 +91,7 @@ class Synthetic(base.ExampleBuilder):
         del dl_manager  # nothing to download
         train, test = [], []
         for class_index, spec in enumerate(CLASSES):
-            train += [
-                SyntheticSample(class_index, "train", i, "good")
-                for i in range(spec.num_train)
-            ]
+            train += [SyntheticSample(class_index, "train", i, "good") for i in range(spec.num_train)]
             defects = [spec.defects[i % len(spec.defects)] for i in range(TEST_ANOMALOUS)]
             test += [
                 SyntheticSample(class_index, "test", i, defect)
@@ -113,8 +110,7 @@ class Synthetic(base.ExampleBuilder):
             "class_name": sample.class_name,
             "dataset": self.dataset_name,
             "defect_type": sample.defect_type,
-            "path": f"{sample.class_name}/{sample.split}/{sample.defect_type}/"
-            f"{sample.index:03d}",
+            "path": f"{sample.class_name}/{sample.split}/{sample.defect_type}/{sample.index:03d}",
         }
 
 
@@ -148,9 +144,7 @@ def _disc(yy, xx, centre, radius_y, radius_x=None):
 def _segment(yy, xx, start, end, half_width):
     """Pixels within half_width of the segment start-end."""
     direction = np.subtract(end, start)
-    t = ((yy - start[0]) * direction[0] + (xx - start[1]) * direction[1]) / (
-        direction @ direction
-    )
+    t = ((yy - start[0]) * direction[0] + (xx - start[1]) * direction[1]) / (direction @ direction)
     t = np.clip(t, 0, 1)
     distance = np.hypot(yy - start[0] - t * direction[0], xx - start[1] - t * direction[1])
     return distance <= half_width

@@ -40,10 +40,7 @@ class Visa(base.FolderBuilder):
             train = [s for s in samples["train"] if s.class_name == class_name]
             base.require_training_images(train, root / class_name)
         # Group each split by class, keeping the CSV order within a class.
-        return {
-            split: sorted(split_samples, key=lambda s: s.class_name)
-            for split, split_samples in samples.items()
-        }
+        return {split: sorted(split_samples, key=lambda s: s.class_name) for split, split_samples in samples.items()}
 
 
 def _read_rows(csv_path: Path):
@@ -65,8 +62,7 @@ def _sample(root: Path, row: dict[str, str], where: str):
     split, label_name = row["split"].strip(), row["label"].strip()
     if split not in ("train", "test") or label_name not in _LABELS:
         raise InvalidDataError(
-            f"{where}: split {split!r} / label {label_name!r} not in "
-            f"(train|test) / {tuple(_LABELS)}."
+            f"{where}: split {split!r} / label {label_name!r} not in (train|test) / {tuple(_LABELS)}."
         )
     image = root / row["image"].strip()
     if not image.is_file():
