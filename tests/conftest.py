@@ -1,8 +1,7 @@
-"""Shared fixtures: a tiny model config on the full model's code path, and the shared parity files.
+"""Session set-up: 8 simulated CPU devices, one compilation cache, the tiny model and the synthetic data.
 
-Tests run with 8 simulated CPU devices (multi-device behaviour is tested in-process on
-meshes of 1 and 8 of them) and one persistent compilation cache, which the command-line
-runs of the tests share.
+Multi-device behaviour is tested in-process on meshes of 1 and 8 of the devices; the
+command-line runs of the tests share the compilation cache (`helpers.subprocess_env`).
 """
 
 from __future__ import annotations
@@ -16,43 +15,17 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from helpers import COMPILATION_CACHE_ENV, tiny_model_config  # noqa: E402
 
 from unimmad_jax.models.unimmad import ModelConfig  # noqa: E402
 
-COMPILATION_CACHE = tempfile.mkdtemp(prefix="unimmad_jax_xla_cache_")
-jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-PARITY = SHARED / "parity"
-
-TINY = ModelConfig(
-    image_size=64,
-    embedding_widths=(4, 8),
-    planes=(4, 8, 16),
-    blocks=(1, 2, 1),
-    stem_width=8,
-    fcm_dim=24,
-    moe_dim=8,
-    base_num=2,
-    router_num=4,
-    top_k=2,
-)
-"""Every part of the paper's model at a few channels: runs in seconds on a CPU."""
+os.environ.setdefault(COMPILATION_CACHE_ENV, tempfile.mkdtemp(prefix="unimmad_jax_xla_cache_"))
+jax.config.update("jax_compilation_cache_dir", os.environ[COMPILATION_CACHE_ENV])
 
 
 @pytest.fixture(scope="session")
 def tiny_config() -> ModelConfig:
-    return TINY
-
-
-def subprocess_env(devices: int = 1) -> dict[str, str]:
-    """The environment of a command-line run on `devices` simulated CPU devices, sharing the compilation cache."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
+    return tiny_model_config()
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +36,3 @@ def synthetic_data_dir(tmp_path_factory) -> Path:
     data_dir = tmp_path_factory.mktemp("data")
     prepare("synthetic", data_dir)
     return data_dir
-
-
-def load_config(name: str):
-    """`configs/<name>.py`'s config, as `--config=configs/<name>.py` gives it."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO, subprocess_env
+from helpers import REPO, subprocess_env
 
 
 def benchmark(mode: str, out) -> dict:

@@ -1,7 +1,7 @@
 """Every config file builds a valid model, loss and data section, and bad fields are named."""
 
 import pytest
-from conftest import REPO, load_config
+from helpers import REPO, load_config
 
 from unimmad_jax.config import loss_config, model_config
 from unimmad_jax.data import BUILDERS

@@ -3,7 +3,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import PARITY
+from helpers import PARITY
 
 from unimmad_jax import convert
 from unimmad_jax.models.unimmad import ModelConfig, abstract_variables

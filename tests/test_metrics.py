@@ -2,10 +2,10 @@
 
 import json
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import PARITY
 from scipy import ndimage
 from sklearn.metrics import average_precision_score
 
@@ -21,7 +21,7 @@ from unimmad_jax.metrics import (
     to_text,
 )
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared/parity/cases/metrics_official.npz"
+FIXTURE = PARITY / "cases" / "metrics_official.npz"
 # SPEC 8: metrics 1e-6 absolute, AUPRO 1e-4.
 SPEC_TOLERANCE = {name: 1e-4 if name == "aupro_0.3" else 1e-6 for name in METRIC_NAMES}
 

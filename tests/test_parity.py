@@ -14,11 +14,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import PARITY, REPO
+from helpers import PARITY, REPO
 
 pytestmark = pytest.mark.slow
 
-CASES = {"official": PARITY / "cases" / "official_128.npz", "unseen": REPO / "tests" / "data" / "unseen_64.npz"}
+CASES = {"official": PARITY / "cases" / "official_128.npz", "unseen": PARITY / "cases" / "unseen_64.npz"}
 
 
 def run(*args):

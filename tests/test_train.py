@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, load_config, subprocess_env
+from helpers import REPO, load_config, subprocess_env
 from jax.sharding import Mesh
 
 from unimmad_jax import sharding, train

@@ -1,0 +1,41 @@
+"""What several test modules use: the repository's paths, the tiny config and command-line runs.
+
+`conftest.py` sets the device count and compilation cache before JAX starts; this module only
+reads them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PARITY = REPO / "tests" / "data" / "parity"
+"""The parity fixtures: cases and manifests (tests/data/parity/README.md)."""
+COMPILATION_CACHE_ENV = "UNIMMAD_TEST_COMPILATION_CACHE"
+"""Where conftest tells command-line runs of the tests to share its compilation cache."""
+
+
+def load_config(name: str):
+    """`configs/<name>.py`'s config, as `--config=configs/<name>.py` gives it."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_model_config():
+    """The model of `configs/tiny.py`: every part of the paper's model at a few channels."""
+    from unimmad_jax.config import model_config
+
+    return model_config(load_config("tiny"))
+
+
+def subprocess_env(devices: int = 1) -> dict[str, str]:
+    """The environment of a command-line run on `devices` simulated CPU devices, sharing the compilation cache."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_COMPILATION_CACHE_DIR"] = os.environ[COMPILATION_CACHE_ENV]
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
