@@ -8,7 +8,7 @@ def get_config():
     config.image_size = 64
     config.model.embedding_widths = (4, 8)
     config.model.planes = (4, 8, 16)
-    config.model.blocks = (1, 2, 1)
+    config.model.blocks = (1, 1, 1)
     config.model.stem_width = 8
     config.model.fcm_dim = 24
     config.model.moe_dim = 8

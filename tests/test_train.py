@@ -15,9 +15,9 @@ import pytest
 from helpers import REPO, load_config, subprocess_env
 from jax.sharding import Mesh
 
-from unimmad_jax import sharding, train
+from unimmad_jax import checkpoints, loop, sharding, train
 from unimmad_jax.config import loss_config, model_config
-from unimmad_jax.data import train_loader
+from unimmad_jax.data import first_training_images, train_loader
 from unimmad_jax.models.unimmad import UniMMAD
 
 EPOCHS = 3  # of configs/tiny.py, on its classes tiles and brain_scan
@@ -53,7 +53,7 @@ def tiny_config(data_dir):
 
 
 def final_params(workdir, data_dir):
-    return train.trained_variables(tiny_config(data_dir), workdir)["params"]
+    return checkpoints.trained_variables(tiny_config(data_dir), workdir, mesh_of(1))["params"]
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,9 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
     with jax.enable_x64(True):
         for devices in (1, 8):
             mesh = mesh_of(devices)
-            state = train.create_train_state(model, config, loader.steps_per_epoch, train.first_images(config, 8))
+            state = train.create_train_state(
+                model, config, loader.steps_per_epoch, first_training_images(config.data, seed=0, batch_size=8)
+            )
             params = to64(state.params)
             state = state.replace(params=params, batch_stats=to64(state.batch_stats), opt_state=state.tx.init(params))
             state = jax.device_put(state, sharding.replicated(mesh))
@@ -186,28 +188,24 @@ def test_checkpoint_moves_between_device_counts(
         shutil.copytree(trained_workdir, workdir)
     else:
         monkeypatch.setattr(sharding, "data_mesh", lambda: mesh_of(written_on))
-        train.train_and_evaluate(config, workdir)
+        loop.train_and_evaluate(config, workdir)
     steps_per_epoch = 96 // 8
     first_losses = logged_losses(workdir)
     shutil.rmtree(workdir / "checkpoints" / str(EPOCHS * steps_per_epoch))
     (workdir / "metrics.jsonl").unlink()
-    saved = train.trained_variables(config, workdir)["params"]
+    saved = jax.device_get(checkpoints.trained_variables(config, workdir, mesh_of(1))["params"])
 
     monkeypatch.setattr(sharding, "data_mesh", lambda: mesh_of(resumed_on))
     mesh = mesh_of(resumed_on)
     model = UniMMAD(model_config(config))
-    loader = train_loader(config.data, seed=config.seed, batch_size=8)
-    state = jax.device_put(
-        train.create_train_state(model, config, steps_per_epoch, train.first_images(config, 8)),
-        sharding.replicated(mesh),
-    )
-    restored, meta = train.restore_latest(train.checkpoint_manager(workdir, config), state, loader.iterator, mesh)
+    abstract = train.abstract_train_state(model, config, steps_per_epoch)
+    restored, meta = checkpoints.restore_latest(checkpoints.checkpoint_manager(workdir, config), abstract, mesh)
     assert meta["epoch"] == EPOCHS - 1 and int(restored.step) == (EPOCHS - 1) * steps_per_epoch
     assert len(restored.params["encoder"]["conv1"]["kernel"].sharding.device_set) == resumed_on
     for a, b in zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(jax.device_get(restored.params))):
         np.testing.assert_array_equal(a, b)
 
-    state = train.train_and_evaluate(config, workdir)
+    state = loop.train_and_evaluate(config, workdir)
     assert int(state.step) == EPOCHS * steps_per_epoch
     redone = logged_losses(workdir)
     assert set(redone) == {s for s in first_losses if s > (EPOCHS - 1) * steps_per_epoch}

@@ -45,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.num_epochs = 200
     config.train.batch_size = 10  # global, over all devices and hosts
     config.train.log_every_steps = 10
+    config.train.prefetch_batches = 2  # batches sent to the devices ahead of the step that reads them
     config.train.eval_every_epochs = 10
     config.train.checkpoint_every_epochs = 1
     config.train.keep_checkpoints = 3

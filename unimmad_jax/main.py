@@ -28,9 +28,9 @@ FLAGS = flags.FLAGS
 
 def run(argv) -> int:
     del argv
-    from unimmad_jax import evaluate, predict, sharding, train
+    from unimmad_jax import checkpoints, evaluate, loop, predict, sharding
     from unimmad_jax.config import model_config
-    from unimmad_jax.data import InvalidDataError
+    from unimmad_jax.data import InvalidDataError, ensure_prepared
     from unimmad_jax.models.unimmad import UniMMAD
 
     if not FLAGS["verbosity"].present:  # orbax and grain log every checkpoint step at INFO
@@ -39,13 +39,14 @@ def run(argv) -> int:
     sharding.initialize_distributed(FLAGS.multihost)
     try:
         if FLAGS.mode == "train":
-            train.train_and_evaluate(config, FLAGS.workdir)
+            loop.train_and_evaluate(config, FLAGS.workdir)
             return 0
-        variables = train.trained_variables(config, FLAGS.workdir)
+        mesh = sharding.data_mesh()
+        variables = checkpoints.trained_variables(config, FLAGS.workdir, mesh)
         model = UniMMAD(model_config(config))
         if FLAGS.mode == "eval":
-            train.ensure_prepared(config)
-            summary = evaluate.evaluate(model, variables, config, sharding.data_mesh())
+            ensure_prepared(config.data.datasets, config.data.data_dir)
+            summary = evaluate.evaluate(model, variables, config, mesh)
             print(evaluate.metrics.to_text(summary))
             path = evaluate.write_summary(summary, f"{FLAGS.workdir}/eval", "final")
             print(f"wrote {path} and its .md")

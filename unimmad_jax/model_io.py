@@ -46,3 +46,15 @@ def load(directory: str | Path) -> tuple[str, ModelConfig, dict]:
     meta = restored["model_config"]
     variables = jax.tree_util.tree_map(np.asarray, restored["variables"])
     return meta["kind"], ModelConfig.from_mapping(meta["model"]), variables
+
+
+def check_compatible(loaded, expected, where: str) -> None:
+    """Same tree and shapes, or an error naming `where` and the first parameter that differs."""
+    flat_loaded = dict(jax.tree_util.tree_leaves_with_path(loaded))
+    for path, value in jax.tree_util.tree_leaves_with_path(expected):
+        name = jax.tree_util.keystr(path)
+        if path not in flat_loaded:
+            raise ValueError(f"{where}: has no {name}; the configured model needs it")
+        if np.shape(flat_loaded[path]) != np.shape(value):
+            shape = np.shape(flat_loaded[path])
+            raise ValueError(f"{where}: {name} has shape {shape}, the configured model expects {np.shape(value)}")

@@ -9,13 +9,14 @@ then read it with `train_loader` / `eval_loader`, configured by
 `config.data = default_data_config()` (fields documented in `pipeline`).
 """
 
-from unimmad_jax.data.builders import BUILDERS, prepare
+from unimmad_jax.data.builders import BUILDERS, ensure_prepared, prepare
 from unimmad_jax.data.pipeline import (
     DEFAULT_LOSS_WEIGHTS,
     EvalLoader,
     TrainLoader,
     default_data_config,
     eval_loader,
+    first_training_images,
     train_loader,
 )
 from unimmad_jax.data.prepared import find_prepared, summarize
@@ -30,8 +31,10 @@ __all__ = [
     "MODALITY_TYPES",
     "TrainLoader",
     "default_data_config",
+    "ensure_prepared",
     "eval_loader",
     "find_prepared",
+    "first_training_images",
     "load_modality",
     "prepare",
     "summarize",

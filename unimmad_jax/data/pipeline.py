@@ -265,10 +265,9 @@ class TrainLoader:
     """Class-balanced training batches, epoch after epoch, never ending.
 
     Attributes:
-      iterator: a grain `DatasetIterator` of this host's batches; its state
-        (`get_state`/`set_state`, or orbax via `grain.checkpoint.CheckpointSave`
-        / `CheckpointRestore`) is the global step, so a restored iterator yields
-        exactly the batch that followed the saved one.
+      iterator: a grain `DatasetIterator` of this host's batches; its position is
+        the global step (`seek`), whatever the number of hosts, so a resumed run
+        reads exactly the batch that followed the last one trained on.
       steps_per_epoch: floor(epoch_size / global_batch_size), the same on every
         host; epoch e is global steps [e * steps_per_epoch, (e + 1) * ...).
       epoch_size: training records of all datasets (draws per epoch).
@@ -280,13 +279,27 @@ class TrainLoader:
     epoch_size: int
     global_batch_size: int
 
+    def seek(self, step: int) -> None:
+        """The next batch is this host's share of global step `step`."""
+        grain.experimental.set_next_index(self.iterator, step)
+
+
+def first_training_images(config: ml_collections.ConfigDict, *, seed: int, batch_size: int) -> np.ndarray:
+    """The valid modality images `[n, H, W, 3]` of the first global training batch of `batch_size` samples.
+
+    Read whole on every host, whatever the number of hosts, so that what is computed from them is a
+    function of the config alone.
+    """
+    loader = train_loader(config, seed=seed, batch_size=batch_size, process_index=0, process_count=1)
+    batch = next(loader.iterator)
+    return batch["specific_images"][batch["modality_mask"]]
+
 
 def train_loader(
     config: ml_collections.ConfigDict,
     *,
     seed: int,
     batch_size: int,
-    start_epoch: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> TrainLoader:
@@ -296,7 +309,6 @@ def train_loader(
       config: `config.data` (see module docstring).
       seed: the global seed; the draws of epoch e depend on (seed, e) only.
       batch_size: per-host batch size B.
-      start_epoch: the epoch whose first batch comes first.
       process_index: this host (default `jax.process_index()`).
       process_count: hosts (default `jax.process_count()`).
     """
@@ -317,7 +329,6 @@ def train_loader(
         .batch(batch_size, drop_remainder=True, batch_fn=_stack)
     )
     iterator = iter(batches.to_iter_dataset(_read_options(config)))
-    grain.experimental.set_next_index(iterator, start_epoch * steps_per_epoch)
     return TrainLoader(iterator, steps_per_epoch, len(catalog), global_batch_size)
 
 

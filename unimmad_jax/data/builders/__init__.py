@@ -8,8 +8,10 @@ no builder code.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import tensorflow_datasets as tfds
 
 from unimmad_jax.data.builders.base import ExampleBuilder, FolderBuilder, check_manual_dir
@@ -21,6 +23,9 @@ from unimmad_jax.data.builders.mvtec_ad import MvtecAd
 from unimmad_jax.data.builders.synthetic import Synthetic
 from unimmad_jax.data.builders.visa import Visa
 from unimmad_jax.data.schema import InvalidDataError
+
+BUILT_IN = ("synthetic",)
+"""Datasets that need no download: prepared on the fly when missing."""
 
 BUILDERS: dict[str, type[ExampleBuilder]] = {
     cls.name: cls for cls in (Mvtec3d, Eyecandies, MulsenAd, MvtecAd, Visa, MmadMeta, Synthetic)
@@ -65,3 +70,18 @@ def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = Non
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     builder.download_and_prepare(file_format="array_record", download_config=download_config)
     return Path(builder.data_dir)
+
+
+def ensure_prepared(names: Sequence[str], data_dir: str | Path) -> None:
+    """Prepare the built-in datasets of `names` missing from `data_dir` (process 0; the others wait)."""
+    from unimmad_jax.data.prepared import find_prepared
+
+    missing = [name for name in names if name in BUILT_IN and name not in find_prepared(data_dir)]
+    if missing and jax.process_index() == 0:
+        for name in missing:
+            print(f"Preparing the built-in {name} dataset in {data_dir} (once).")
+            prepare(name, data_dir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("datasets prepared")

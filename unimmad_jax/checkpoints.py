@@ -1,0 +1,103 @@
+"""Orbax checkpoints of a training run: write, resume, and the variables to evaluate or predict with.
+
+A checkpoint `<workdir>/checkpoints/<step>/` holds the train state (step, parameters, BatchNorm
+statistics, optimizer state) and a JSON record (epoch, step, steps per epoch, seed, config,
+metrics).  The data position is the step itself (`TrainLoader.seek`), so a checkpoint resumes
+on any number of hosts and devices: arrays are restored into the mesh the run configures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+from unimmad_jax import model_io, sharding
+from unimmad_jax.config import model_config
+from unimmad_jax.models.unimmad import UniMMAD, abstract_variables
+from unimmad_jax.train import TrainState, abstract_train_state
+
+ITEMS = ("state", "meta")
+
+
+def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    """Keeps the last `train.keep_checkpoints` and the best by `train.best_metric`; writes are atomic."""
+    best_metric = config.train.best_metric
+    policy = preservation_policy.AnyPreservationPolicy(
+        [
+            preservation_policy.LatestN(n=config.train.keep_checkpoints),
+            preservation_policy.BestN(
+                get_metric_fn=lambda m: m[best_metric], n=1, keep_checkpoints_without_metrics=False
+            ),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
+    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", item_names=ITEMS, options=options)
+
+
+def _on_mesh(abstract: TrainState, mesh: Mesh) -> TrainState:
+    replicated = sharding.replicated(mesh)
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState, mesh: Mesh) -> dict:
+    try:
+        return manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_on_mesh(abstract, mesh)), meta=ocp.args.JsonRestore()
+            ),
+        )
+    except (ValueError, KeyError) as error:
+        raise ValueError(
+            f"checkpoint {manager.directory / str(step)} does not fit the configured model "
+            f"(was it written with another config?): {error}"
+        ) from error
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract: TrainState, mesh: Mesh) -> tuple[TrainState, dict] | None:
+    """The latest complete checkpoint's state (placed on `mesh`) and JSON record, or None.
+
+    `abstract` gives the structure, shapes and dtypes (arrays or `ShapeDtypeStruct`s)."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    restored = _restore(manager, step, abstract, mesh)
+    return restored["state"], restored["meta"]
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict, metrics: dict | None) -> None:
+    """Checkpoint `state` at step `meta["step"]` (a host value: saving never waits for the device)."""
+    manager.save(
+        meta["step"],
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics,
+    )
+
+
+def trained_variables(config: ml_collections.ConfigDict, workdir: str | Path, mesh: Mesh) -> dict:
+    """The variables to evaluate or predict with, on `mesh`: the latest checkpoint in `workdir`, else
+    `train.init_from` (a complete model)."""
+    checkpoints = Path(workdir).absolute() / "checkpoints"
+    model = UniMMAD(model_config(config))
+    if checkpoints.is_dir():
+        with ocp.CheckpointManager(checkpoints, item_names=ITEMS) as manager:
+            step = manager.latest_step()
+            if step is not None:
+                state = _restore(manager, step, abstract_train_state(model, config, steps_per_epoch=1), mesh)["state"]
+                return {"params": state.params, "batch_stats": state.batch_stats}
+    source = config.train.init_from
+    if source:
+        kind, _, variables = model_io.load(source)
+        if kind == "model":
+            expected = abstract_variables(model.config, slots=config.data.num_slots)
+            model_io.check_compatible(variables, expected, f"train.init_from={source}")
+            return jax.device_put(variables, sharding.replicated(mesh))
+    raise FileNotFoundError(
+        f"no checkpoint in {checkpoints} and no complete model in train.init_from: "
+        f"train first, or convert a released model with `python -m unimmad_jax.convert`"
+    )

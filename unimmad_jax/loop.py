@@ -1,0 +1,212 @@
+"""The training loop: epochs of jitted steps, evaluation, checkpoints and logs.
+
+A steady-state step never waits for the device: the step count lives on the host, the next
+batches are put on the devices while the current step runs, and metrics are fetched only on
+the steps that log them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from unimmad_jax import checkpoints, evaluate, metrics, sharding
+from unimmad_jax.config import loss_config, model_config
+from unimmad_jax.data import TrainLoader, ensure_prepared, first_training_images, train_loader
+from unimmad_jax.models.unimmad import UniMMAD
+from unimmad_jax.train import (
+    TrainState,
+    abstract_train_state,
+    create_train_state,
+    learning_rate_schedule,
+    make_train_step,
+)
+
+
+class Logger:
+    """Scalars to TensorBoard and, one JSON object a line, to `metrics.jsonl` (process 0 only)."""
+
+    def __init__(self, workdir: Path):
+        self.writer = self.lines = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            self.lines = open(workdir / "metrics.jsonl", "a")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+        self.lines.write(json.dumps({"step": step, **values}) + "\n")
+        self.lines.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.lines.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRun:
+    """What every epoch of one training run uses."""
+
+    config: ml_collections.ConfigDict
+    model: UniMMAD
+    mesh: Mesh
+    loader: TrainLoader
+    step_fn: Callable
+    schedule: optax.Schedule
+    logger: Logger
+    workdir: Path
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.loader.steps_per_epoch
+
+
+def device_batches(run: TrainRun, depth: int) -> Iterator[dict[str, jax.Array]]:
+    """The loader's batches as global arrays, `depth` of them already sent to the devices."""
+    queue = collections.deque()
+    while True:
+        while len(queue) < depth:
+            queue.append(sharding.to_global(next(run.loader.iterator), run.mesh))
+        yield queue.popleft()
+
+
+def train_epoch(run: TrainRun, state: TrainState, step: int, batches: Iterator) -> tuple[TrainState, int]:
+    """One epoch from global step `step` (a host count); returns the state and the step after it."""
+    epoch = step // run.steps_per_epoch
+    config = run.config
+    bar = tqdm(
+        range(run.steps_per_epoch),
+        desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    epoch_array = jax.device_put(np.int32(epoch), sharding.replicated(run.mesh))
+    start, images = time.perf_counter(), 0
+    for _ in bar:
+        state, step_metrics = run.step_fn(state, next(batches), epoch_array)
+        step += 1
+        images += config.train.batch_size
+        if step % config.train.log_every_steps == 0 or step % run.steps_per_epoch == 0:
+            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            values["learning_rate"] = float(run.schedule(step - 1))
+            values["images_per_s"] = images / (time.perf_counter() - start)
+            if not np.isfinite(values["loss"]):
+                raise FloatingPointError(f"the loss is {values['loss']} at step {step} (epoch {epoch + 1})")
+            bar.set_postfix(
+                loss=f"{values['loss']:.4f}",
+                lr=f"{values['learning_rate']:.2e}",
+                img_s=f"{values['images_per_s']:.1f}",
+            )
+            run.logger.scalars(step, {f"train/{k}": v for k, v in values.items()})
+    return state, step
+
+
+def run_evaluation(run: TrainRun, state: TrainState, step: int) -> dict:
+    epoch = step // run.steps_per_epoch
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    summary = evaluate.evaluate(run.model, variables, run.config, run.mesh)
+    if jax.process_index() == 0:
+        print(f"\nEvaluation after epoch {epoch}:\n{metrics.to_text(summary)}")
+        evaluate.write_summary(summary, run.workdir / "eval", f"epoch_{epoch:04d}")
+        run.logger.scalars(step, {f"eval/{k}": v for k, v in evaluate.flat_scalars(summary).items()})
+    return summary
+
+
+def _save(run: TrainRun, manager: ocp.CheckpointManager, state: TrainState, step: int, summary) -> None:
+    flat = evaluate.flat_scalars(summary) if summary is not None else None
+    if flat is not None and run.config.train.best_metric not in flat:
+        raise ValueError(
+            f"train.best_metric={run.config.train.best_metric!r} is not an evaluation metric; "
+            f"choose one of {sorted(flat)}"
+        )
+    meta = {
+        "epoch": step // run.steps_per_epoch,
+        "step": step,
+        "steps_per_epoch": run.steps_per_epoch,
+        "seed": run.config.seed,
+        "config": run.config.to_dict(),
+        "metrics": flat,
+    }
+    checkpoints.save(manager, state, meta, flat)
+
+
+def _start(run: TrainRun, manager: ocp.CheckpointManager) -> tuple[TrainState, int]:
+    """The state and global step to start from: the latest checkpoint, else the initial weights."""
+    config, mesh = run.config, run.mesh
+    restored = checkpoints.restore_latest(manager, abstract_train_state(run.model, config, run.steps_per_epoch), mesh)
+    if restored is not None:
+        state, meta = restored
+        if meta["steps_per_epoch"] != run.steps_per_epoch:
+            raise ValueError(
+                f"the checkpoints in {run.workdir} were written with {meta['steps_per_epoch']} steps per "
+                f"epoch, the configured data gives {run.steps_per_epoch}: resume with the same data config"
+            )
+        print(f"Resumed from step {meta['step']} (epoch {meta['epoch']}) in {manager.directory}")
+        return state, meta["step"]
+    # The prior's statistics come from the first global batch, read whole on every host.
+    prior_images = first_training_images(config.data, seed=config.seed, batch_size=config.train.batch_size)
+    state = create_train_state(run.model, config, run.steps_per_epoch, prior_images)
+    if not config.train.init_from:
+        print(
+            "Training from randomly initialised weights, the prior too (its BatchNorm statistics measured "
+            "on a training batch): without pretrained prior weights (train.init_from) the features are not "
+            "ImageNet features."
+        )
+    return jax.device_put(state, sharding.replicated(mesh)), 0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+    """Train for `train.num_epochs` epochs, resuming from the latest checkpoint in `workdir`."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.data_mesh()
+    model = UniMMAD(model_config(config))
+    ensure_prepared(config.data.datasets, config.data.data_dir)
+    batch_size = sharding.per_host_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
+    loader = train_loader(config.data, seed=config.seed, batch_size=batch_size)
+    run = TrainRun(
+        config=config,
+        model=model,
+        mesh=mesh,
+        loader=loader,
+        step_fn=make_train_step(model, loss_config(config), mesh),
+        schedule=learning_rate_schedule(config, loader.steps_per_epoch),
+        logger=Logger(workdir),
+        workdir=workdir,
+    )
+    manager = checkpoints.checkpoint_manager(workdir, config)
+    state, step = _start(run, manager)
+    loader.seek(step)
+    batches = device_batches(run, config.train.prefetch_batches)
+    total = config.train.num_epochs * run.steps_per_epoch
+    while step < total:
+        state, step = train_epoch(run, state, step, batches)
+        epoch = step // run.steps_per_epoch
+        final = step == total
+        summary = None
+        if epoch % config.train.eval_every_epochs == 0 or final:
+            summary = run_evaluation(run, state, step)
+        if epoch % config.train.checkpoint_every_epochs == 0 or final:
+            _save(run, manager, state, step, summary)
+    manager.wait_until_finished()
+    manager.close()
+    run.logger.close()
+    return state
