@@ -1,6 +1,8 @@
-"""Reproducibility against the PyTorch release: run a converted model on a parity case, compare (SPEC 8).
+"""Reproducibility against the PyTorch release: run a converted model on a parity case, compare.
 
-    python experiments/compare_pytorch.py --checkpoint DIR --case ../shared/parity/cases/official_128.npz
+See docs/parity.md for the cases and the tolerances.
+
+    python experiments/compare_pytorch.py --checkpoint DIR --case tests/data/parity/cases/official_128.npz
 
 DIR is a model checkpoint written by `python -m unimmad_jax.convert official` from a reference
 checkpoint folder with the case's weights.  The case holds the reference's inputs and outputs:
@@ -27,7 +29,7 @@ from unimmad_jax import anomaly_map, convert, model_io  # noqa: E402
 from unimmad_jax.losses import LossConfig, total_loss  # noqa: E402
 from unimmad_jax.models.unimmad import UniMMAD  # noqa: E402
 
-TOLERANCES = {  # SPEC 8
+TOLERANCES = {  # docs/parity.md#tolerances
     "prior": 1e-5,
     "decompressed": 5e-4,
     "gate_index": 0,

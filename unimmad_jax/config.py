@@ -17,7 +17,7 @@ from unimmad_jax.models.unimmad import ModelConfig
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The paper's model and training recipe (SPEC 6) on the built-in synthetic data."""
+    """The paper's model and training recipe (docs/model.md#training-recipe) on the built-in synthetic data."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.image_size = 256

@@ -1,4 +1,4 @@
-"""Anomaly-detection metrics of one class, and tables of many classes (SPEC 5).
+"""Anomaly-detection metrics of one class, and tables of many classes (docs/model.md#metrics).
 
 Per class, ``compute_metrics`` returns
 

@@ -1,4 +1,4 @@
-"""Cross Mixture-of-Experts (SPEC 2.4): router, MoE-in-MoE branches (MiMoE) and the C-MoE of one level.
+"""Cross Mixture-of-Experts (docs/model.md#c-moe): router, MoE-in-MoE branches (MiMoE) and the C-MoE of one level.
 
 Pairs are (sample, modality slot) combinations packed sample-major, pair `p = b * S + s`, so
 that sharding the batch shards the pairs (the reference packs them slot-first; only the

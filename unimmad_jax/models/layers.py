@@ -1,4 +1,4 @@
-"""Building blocks with PyTorch's numerics (SPEC 2, "Norm and activation conventions").
+"""Building blocks with PyTorch's numerics (docs/model.md#conventions).
 
 Every module takes a compute `dtype`: `None` follows the inputs and parameters
 (float32, or float64 under `jax_enable_x64` for the gradient parity checks),
@@ -171,7 +171,7 @@ def batch_norm(train: bool, *, dtype: Dtype = None, name: str | None = None) -> 
 
 
 class GroupNorm(nn.Module):
-    """GN(C) of SPEC 2: groups from `group_count`, eps 1e-5, affine; statistics in at least float32.
+    """GN(C): groups from `group_count`, eps 1e-5, affine; statistics in at least float32.
 
     Statistics are reduced per channel over the pixels first (a contiguous reduction), then per
     group: XLA runs this and its gradient 1.7x faster on a CPU than a reduction over a reshaped

@@ -25,7 +25,7 @@ FROZEN = ("prior",)
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Widths and depths of the model; the defaults are the paper's (SPEC 2)."""
+    """Widths and depths of the model; the defaults are the paper's (docs/model.md#the-network)."""
 
     image_size: int = 256
     max_modalities: int = 4
@@ -86,7 +86,7 @@ class ModelOutput(NamedTuple):
 
 
 def share_image(specific_images: jax.Array, max_modalities: int) -> jax.Array:
-    """SPEC 1's `img`: slot m in channels 3m..3m+2, zero-padded to `3 * max_modalities` channels."""
+    """The reference's `img`: slot m in channels 3m..3m+2, zero-padded to `3 * max_modalities` channels."""
     batch, slots, height, width, channels = specific_images.shape
     stacked = specific_images.transpose(0, 2, 3, 1, 4).reshape(batch, height, width, slots * channels)
     return jnp.pad(stacked, ((0, 0), (0, 0), (0, 0), (0, (max_modalities - slots) * channels)))
