@@ -157,8 +157,7 @@ class UniMMAD(nn.Module):
 def init_variables(model: UniMMAD, seed: int, slots: int = 1) -> dict:
     """Randomly initialised variables, in one compiled call.
 
-    The key is an `rbg` key: XLA compiles its generator in a fraction of the time that
-    hundreds of threefry draws (one per parameter) take on a CPU.
+    An `rbg` key compiles much faster than threefry's draws (docs/performance.md#initialisation).
     """
     size = model.config.image_size
     images = jnp.zeros((1, slots, size, size, 3), jnp.float32)
