@@ -118,10 +118,10 @@ class MiMoE(nn.Module):
     dtype: Dtype = None
 
     @nn.compact
-    def __call__(self, key: jax.Array, stats: jax.Array, base: jax.Array) -> tuple[jax.Array, Routing]:
-        """`key [B, h, w, C]` per sample, `stats [P, C]` per pair (P = B * S), `base [N, k, k, C, C]`."""
+    def __call__(self, general_map: jax.Array, stats: jax.Array, base: jax.Array) -> tuple[jax.Array, Routing]:
+        """`general_map [B, h, w, C]` per sample, `stats [P, C]` per pair (P = B * S), `base [N, k, k, C, C]`."""
         c, k = self.embed_dim, self.kernel
-        x = ConvNormAct(c, dtype=self.dtype, name="pre")(key)
+        x = ConvNormAct(c, dtype=self.dtype, name="pre")(general_map)
         routing = Router(self.router_num, self.top_k, self.dtype, name="router")(stats)
         leader_logits = self.param("leader_logits", nn.initializers.normal(1.0), (self.router_num, base.shape[0], c))
         fixed = self.param("fixed_expert", identity_kernel, (k, k, c, c))
@@ -194,9 +194,10 @@ class CrossMoE(nn.Module):
         self, general: jax.Array, prior: jax.Array, pair_mask: jax.Array, train: bool
     ) -> tuple[jax.Array, jax.Array, list[Routing]]:
         c = self.embed_dim
-        key = ConvNormAct(c, dtype=self.dtype, name="key")(general)
-        query = ConvNormAct(c, dtype=self.dtype, name="query")(prior)
-        cond = PairConcatConv(c, dtype=self.dtype, name="cond_conv")(key, query)
+        # The reference's `key` and `query` projections (their parameter names stay).
+        general_map = ConvNormAct(c, dtype=self.dtype, name="key")(general)
+        prior_map = ConvNormAct(c, dtype=self.dtype, name="query")(prior)
+        cond = PairConcatConv(c, dtype=self.dtype, name="cond_conv")(general_map, prior_map)
         cond = batch_norm(train, dtype=self.dtype, name="cond_bn")(cond, mask=pair_mask[:, None, None, None])
         cond = NormAct(self.dtype, name="cond_act")(gelu(cond))
         cond = ConvNormAct(c, dtype=self.dtype, name="cond_proj")(cond)
@@ -209,7 +210,9 @@ class CrossMoE(nn.Module):
                 nn.initializers.lecun_normal(in_axis=(1, 2, 3), out_axis=4, batch_axis=0),
                 (self.base_num, k, k, c, c),
             )
-            out, routing = MiMoE(k, c, self.router_num, self.top_k, self.dtype, name=f"mimoe_k{k}")(key, stats, base)
+            out, routing = MiMoE(k, c, self.router_num, self.top_k, self.dtype, name=f"mimoe_k{k}")(
+                general_map, stats, base
+            )
             outputs.append(out)
             routings.append(routing)
         y = ConvNormAct(self.features, dtype=self.dtype, name="out")(jnp.concatenate(outputs, axis=-1))
