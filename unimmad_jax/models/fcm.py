@@ -112,7 +112,7 @@ class DecoderBottleneck(nn.Module):
         return nn.relu(y + x)
 
 
-class FeatureDecompressor(nn.Module):
+class FeatureCompressorDecoder(nn.Module):
     """FCM + decoder + final 1x1 convs: encoder levels `[4p0 @ /4, 4p1 @ /8, 4p2 @ /16]` in, same shapes out.
 
     `planes`/`blocks`/`width_factor` are the encoder's; the decoder runs the stages in reverse

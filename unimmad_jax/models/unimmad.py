@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from unimmad_jax.models.cmoe import CrossMoE, Routing
 from unimmad_jax.models.embedding import InputEmbedding
-from unimmad_jax.models.fcm import FeatureDecompressor
+from unimmad_jax.models.fcm import FeatureCompressorDecoder
 from unimmad_jax.models.layers import l2_normalize
 from unimmad_jax.models.wide_resnet import EXPANSION, WideResNetFeatures
 
@@ -105,7 +105,7 @@ class UniMMAD(nn.Module):
         )
         self.embedding = InputEmbedding(cfg.image_size, 3 * cfg.max_modalities, cfg.embedding_widths, dtype=dtype)
         self.encoder = WideResNetFeatures(**wrn)
-        self.fcm = FeatureDecompressor(cfg.planes, cfg.blocks, cfg.width_factor, cfg.fcm_dim, dtype=dtype)
+        self.fcm = FeatureCompressorDecoder(cfg.planes, cfg.blocks, cfg.width_factor, cfg.fcm_dim, dtype=dtype)
         self.prior = WideResNetFeatures(**wrn)
         self.cmoes = [
             CrossMoE(
