@@ -65,10 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    fields = config.model.to_dict()
-    if fields.get("dtype") == "float32":
-        fields["dtype"] = None  # follow the parameters: float32, or float64 in parity checks
-    return ModelConfig.from_mapping(fields)
+    return ModelConfig.from_mapping(config.model.to_dict())
 
 
 def loss_config(config: ml_collections.ConfigDict) -> LossConfig:

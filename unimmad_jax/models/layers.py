@@ -1,8 +1,7 @@
 """Building blocks with PyTorch's numerics (docs/model.md#conventions).
 
-Every module takes a compute `dtype`: `None` follows the inputs and parameters
-(float32, or float64 under `jax_enable_x64` for the gradient parity checks),
-`jnp.bfloat16` computes in bfloat16 while the parameters stay float32.
+Every module takes a compute `dtype` (the model passes `ModelConfig.dtype`: float32, bfloat16,
+or float64 for parity checks); parameters stay float32.  `None` follows the inputs and parameters.
 """
 
 from __future__ import annotations

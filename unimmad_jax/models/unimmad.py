@@ -16,6 +16,9 @@ from unimmad_jax.models.fcm import FeatureCompressorDecoder
 from unimmad_jax.models.layers import l2_normalize
 from unimmad_jax.models.wide_resnet import EXPANSION, WideResNetFeatures
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
+"""What the layers may compute in (docs/model.md#compute-dtype); parameters stay float32."""
+
 IMAGE_SIZE_MULTIPLE = 32
 """The deepest level is at stride 32, and every level must tile it exactly."""
 
@@ -40,8 +43,8 @@ class ModelConfig:
     router_num: int = 32
     top_k: int = 2
     moe_kernels: tuple[int, ...] = (1, 3, 5)
-    dtype: str | None = None
-    """Compute dtype ('bfloat16', 'float32'); None follows the parameters and inputs."""
+    dtype: str = "float32"
+    """The compute dtype, one of `COMPUTE_DTYPES`."""
 
     def __post_init__(self):
         if self.image_size % IMAGE_SIZE_MULTIPLE:
@@ -49,6 +52,8 @@ class ModelConfig:
                 f"model.image_size={self.image_size} is not a multiple of {IMAGE_SIZE_MULTIPLE}: "
                 f"the model's levels sit at strides 4 to 32 and must tile the image"
             )
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r} is not one of {COMPUTE_DTYPES}")
         if not 1 <= self.top_k <= self.router_num:
             raise ValueError(f"model.top_k={self.top_k} must be between 1 and model.router_num={self.router_num}")
 
@@ -67,8 +72,8 @@ class ModelConfig:
         return tuple(EXPANSION * p for p in self.planes)
 
     @property
-    def compute_dtype(self):
-        return None if self.dtype is None else jnp.dtype(self.dtype)
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
 
 
 class ModelOutput(NamedTuple):
@@ -130,9 +135,7 @@ class UniMMAD(nn.Module):
                 f"{cfg.image_size} with at most {cfg.max_modalities} modalities"
             )
         # Padded slots are zero in the share image whatever the batch holds there.
-        specific_images = jnp.where(modality_mask[:, :, None, None, None], specific_images, 0)
-        if cfg.compute_dtype is not None:
-            specific_images = specific_images.astype(cfg.compute_dtype)
+        specific_images = jnp.where(modality_mask[:, :, None, None, None], specific_images, 0).astype(cfg.compute_dtype)
 
         embedded = self.embedding(share_image(specific_images, cfg.max_modalities), train)
         general = self.fcm(self.encoder(embedded, train), train)
