@@ -1,4 +1,6 @@
-"""The paper's unified model and recipe (SPEC 6) over MVTec 3D-AD, Eyecandies, MulSen-AD and the medical sets.
+"""The paper's unified model and recipe over MVTec 3D-AD, Eyecandies, MulSen-AD and the medical sets.
+
+The recipe: docs/model.md#training-recipe.
 
 Prepare each dataset first (README, "Datasets"); the medical sets come from the authors'
 preprocessed release as `mmad_meta/<name>`.  Start from ImageNet prior weights:

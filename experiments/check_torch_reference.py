@@ -1,12 +1,12 @@
 """Check the independent PyTorch reference (`torch_reference.py`) against a parity case.
 
     /work/torchenv/bin/python experiments/check_torch_reference.py            # official_128.npz
-    /work/torchenv/bin/python experiments/check_torch_reference.py --case tests/data/unseen_64.npz
+    /work/torchenv/bin/python experiments/check_torch_reference.py --case tests/data/parity/cases/unseen_64.npz
 
 Runs the model on the case's inputs with the recipe weights of the case's salt and
 image size, and prints the max-abs / relative difference of every output and
-gradient against the SPEC 8 tolerances. Exit status 0 only if all pass.
-With `--via-checkpoint` the weights go through a SPEC 7 checkpoint folder written by
+gradient against the tolerances of docs/parity.md#tolerances. Exit status 0 only if all pass.
+With `--via-checkpoint` the weights go through a reference checkpoint folder written by
 `reference_checkpoint.py` and loaded with safetensors.torch (tests that path too).
 """
 
@@ -26,11 +26,11 @@ import reference_checkpoint as rc  # noqa: E402
 
 OFFICIAL = rc.PARITY_DIR / "cases" / "official_128.npz"
 
-# SPEC 8
+# docs/parity.md#tolerances
 TOL = {
     "prior": 1e-5,  # max-abs
     "decompressed": 5e-4,  # max-abs
-    "gate_score": 1e-4,  # max-abs (not in SPEC 8; scores are softmax outputs)
+    "gate_score": 1e-4,  # max-abs (scores are softmax outputs)
     "map": 1e-4,  # raw and blurred, max-abs
     "score": 1e-4,  # image score, max-abs
     "loss32": 1e-4,  # relative

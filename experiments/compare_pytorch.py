@@ -1,6 +1,8 @@
-"""Reproducibility against the PyTorch release: run a converted model on a parity case, compare (SPEC 8).
+"""Reproducibility against the PyTorch release: run a converted model on a parity case, compare.
 
-    python experiments/compare_pytorch.py --checkpoint DIR --case ../shared/parity/cases/official_128.npz
+See docs/parity.md for the cases and the tolerances.
+
+    python experiments/compare_pytorch.py --checkpoint DIR --case tests/data/parity/cases/official_128.npz
 
 DIR is a model checkpoint written by `python -m unimmad_jax.convert official` from a reference
 checkpoint folder with the case's weights.  The case holds the reference's inputs and outputs:
@@ -12,13 +14,14 @@ and exits 0 only when every row is within tolerance.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 
 import jax
 
-jax.config.update("jax_enable_x64", True)  # float64 for the gradient rows; float32 rows stay float32
+jax.config.update("jax_enable_x64", True)  # for the float64 rows; the others run a float32 model
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -27,7 +30,7 @@ from unimmad_jax import anomaly_map, convert, model_io  # noqa: E402
 from unimmad_jax.losses import LossConfig, total_loss  # noqa: E402
 from unimmad_jax.models.unimmad import UniMMAD  # noqa: E402
 
-TOLERANCES = {  # SPEC 8
+TOLERANCES = {  # docs/parity.md#tolerances
     "prior": 1e-5,
     "decompressed": 5e-4,
     "gate_index": 0,
@@ -155,6 +158,7 @@ def train_loss_fn(model):
 
 def compare_train(model, variables, images, mask, case, report: Report, gradients: bool) -> None:
     loss = train_loss_fn(model)
+    loss64 = train_loss_fn(UniMMAD(dataclasses.replace(model.config, dtype="float64")))
     args32 = (
         variables["params"],
         variables["batch_stats"],
@@ -171,7 +175,7 @@ def compare_train(model, variables, images, mask, case, report: Report, gradient
     args64 = jax.tree_util.tree_map(
         lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, args32
     )
-    (total, parts), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(*args64)
+    (total, parts), grads = jax.jit(jax.value_and_grad(loss64, has_aux=True))(*args64)
     for name, value in (("total_loss", total), ("cos_loss", parts["cos_loss"]), ("moe_loss", parts["moe_loss"])):
         report.relative(f"train64_{name}", value, case[f"train64_{name}"], TOLERANCES["loss64"])
     ours = convert.to_reference_layout(convert.reference_key_map(model.config), grads)
@@ -198,7 +202,7 @@ def main(argv=None) -> int:
     if images.shape[2] != cfg.image_size:
         raise SystemExit(f"the case is {images.shape[2]} px, the checkpoint {cfg.image_size} px")
     valid = reference_pairs(case, mask)
-    model = UniMMAD(cfg)
+    model = UniMMAD(dataclasses.replace(cfg, dtype="float32"))
     variables = jax.tree_util.tree_map(jnp.asarray, variables)
 
     report = Report()

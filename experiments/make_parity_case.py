@@ -1,14 +1,14 @@
-"""Make a parity case (npz in the layout of parity/cases/official_128.npz) with the
+"""Make a parity case (npz in the layout of tests/data/parity/cases/official_128.npz) with the
 independent PyTorch reference of `torch_reference.py`.
 
 Needs the torch venv (torch is not a dependency of the package), e.g.
 
     /work/torchenv/bin/python experiments/make_parity_case.py \
         --salt unseen --image-size 64 --modalities 1,3,2 --loss-weights 0.5,1,10 \
-        --epoch 37 --seed 3 --out tests/data/unseen_64.npz
+        --epoch 37 --seed 3 --out tests/data/parity/cases/unseen_64.npz
 
-Weights are the deterministic ones of `parity/recipe.py` (salt, size) and can be
-written as a SPEC 7 checkpoint folder with `--write-checkpoint DIR` (the writer
+Weights are the deterministic ones of `reference_checkpoint.py` (salt, size) and can be
+written as a reference checkpoint folder with `--write-checkpoint DIR` (the writer
 lives in `reference_checkpoint.py`, numpy + safetensors only).
 
 Layout (names, dtypes and shapes as in official_128.npz): inputs `img`,
@@ -51,7 +51,7 @@ DEFAULT_GRAD_KEYS = (
 
 def build_model(weights, size: int, dtype=torch.float32) -> tr.UniMMAD:
     """`weights`: {part: numpy state dict} (see reference_checkpoint.reference_weights), or the
-    path of a SPEC 7 checkpoint folder holding also `prior_wide_resnet50_2.safetensors`."""
+    path of a reference checkpoint folder holding also `prior_wide_resnet50_2.safetensors`."""
     m = tr.UniMMAD(size)
     if isinstance(weights, (str, Path)):
         m.load_checkpoint(weights, Path(weights) / rc.PRIOR_FILE)
@@ -198,7 +198,7 @@ def main(argv=None):
     ap.add_argument(
         "--write-checkpoint",
         default=None,
-        help="also write the SPEC 7 checkpoint folder (+ prior file) for salt/size here",
+        help="also write the reference checkpoint folder (+ prior file) for salt/size here",
     )
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)

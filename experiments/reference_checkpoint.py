@@ -105,8 +105,9 @@ def write_reference_checkpoint(
     prior_path: str | Path | None = None,
     parity_dir: str | Path = PARITY_DIR,
 ) -> dict[str, Path]:
-    """Write the reference checkpoint folder (docs/model.md#reference-checkpoints) and the prior file
-    (by default inside the folder). Returns the paths."""
+    """Write the reference checkpoint folder (docs/model.md#reference-checkpoints) and the prior file.
+
+    The prior file goes inside the folder unless `prior_path` says otherwise. Returns the paths."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)

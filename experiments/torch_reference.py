@@ -1,11 +1,11 @@
-"""Independent PyTorch reading of SPEC.md (the UniMMAD reference model).
+"""Independent PyTorch reading of the UniMMAD reference model as docs/model.md describes it.
 
-Written from /work/shared/SPEC.md alone, for parity work only: it is never
+Written from that description alone, for parity work only: it is never
 imported by the `unimmad_jax` package and torch is not a dependency of it.
 It runs in float32 or, after `.double()`, in float64.
 
 Module trees are laid out so that the state-dict keys are exactly those of
-the reference checkpoint (SPEC 7, `parity/manifests/`):
+the reference checkpoint (docs/model.md#reference-checkpoints, `tests/data/parity/manifests/`):
 
 - `GeneralMultimodalEncoder` (model.safetensors): `0.model.<torchvision WRN>` and
   `1.<FCM / decoder>`;
@@ -13,7 +13,7 @@ the reference checkpoint (SPEC 7, `parity/manifests/`):
 - `CMoEs` (model_2.safetensors): `<level>.<...>`;
 - `WideResNet50_2(with_fc=True)` for the frozen prior (`conv1.weight`, ..., `fc.*`).
 
-Ambiguities of the SPEC, resolved by the fixture `parity/cases/official_128.npz`.
+Ambiguities of the description, resolved by the fixture `tests/data/parity/cases/official_128.npz`.
 Numbers in brackets are what the rejected alternative gives against the fixture
 (chosen reading: decompressed max-abs 1.4e-5, float64 total loss rel. 1.8e-15):
 

@@ -57,17 +57,17 @@ def test_branch_equals_three_convolutions(kernel, size):
     """The branch == fixed + each routed expert + post 1x1, as the reference runs it; `post` folded or not."""
     batch, slots = 2, 2
     assert cmoe.fold_post(size * size, kernel, C, batch * slots) == (size == 7 or kernel == 1)
-    key = jax.random.normal(jax.random.key(0), (batch, size, size, C))
+    general_map = jax.random.normal(jax.random.key(0), (batch, size, size, C))
     stats = jax.random.normal(jax.random.key(1), (slots * batch, C))
     base = jax.random.normal(jax.random.key(2), (N, kernel, kernel, C, C)) / (kernel * np.sqrt(C))
     module = cmoe.MiMoE(kernel, C, R, K)
-    params = module.init(jax.random.key(3), key, stats, base)["params"]
+    params = module.init(jax.random.key(3), general_map, stats, base)["params"]
     params["fixed_expert"] = params["fixed_expert"] + 0.1 * jax.random.normal(
         jax.random.key(4), params["fixed_expert"].shape
     )
-    fused, routing = module.apply({"params": params}, key, stats, base)
+    fused, routing = module.apply({"params": params}, general_map, stats, base)
 
-    x = layers.ConvNormAct(C).apply({"params": params["pre"]}, key)
+    x = layers.ConvNormAct(C).apply({"params": params["pre"]}, general_map)
     mix = jax.nn.softmax(params["leader_logits"], axis=1)  # [R, N, C]
     leaders = jnp.einsum("rnc,nhwic->rhwic", mix, base)  # W_r, per output channel c
     for pair in range(slots * batch):

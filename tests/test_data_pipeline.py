@@ -45,7 +45,7 @@ def _paths(batches):
     return [list(batch["path"]) for batch in batches]
 
 
-# Preprocessing values (SPEC 1).
+# Preprocessing values (docs/data.md#preprocessing).
 
 
 def test_depth_recipe_on_a_known_array():

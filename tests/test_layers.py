@@ -107,7 +107,7 @@ def test_pointwise_conv_is_a_1x1_convolution(stride):
 
 
 @pytest.mark.parametrize("channels", [512, 170, 8])
-def test_group_norm_is_flax_group_norm_with_spec_groups(channels):
+def test_group_norm_is_flax_group_norm_with_first_divisor_groups(channels):
     x = 3.0 + jax.random.normal(jax.random.key(0), (2, 5, 4, channels))
     params = {
         "scale": jax.random.normal(jax.random.key(1), (channels,)),

@@ -22,8 +22,8 @@ from unimmad_jax.metrics import (
 )
 
 FIXTURE = PARITY / "cases" / "metrics_official.npz"
-# SPEC 8: metrics 1e-6 absolute, AUPRO 1e-4.
-SPEC_TOLERANCE = {name: 1e-4 if name == "aupro_0.3" else 1e-6 for name in METRIC_NAMES}
+# docs/parity.md#tolerances: metrics 1e-6 absolute, AUPRO 1e-4.
+TOLERANCE = {name: 1e-4 if name == "aupro_0.3" else 1e-6 for name in METRIC_NAMES}
 
 
 # ----------------------------------------------------------------------------
@@ -38,8 +38,8 @@ def test_matches_reference_fixture():
     assert set(metrics) == set(METRIC_NAMES)
     for name in METRIC_NAMES:
         assert isinstance(metrics[name], float)
-        assert abs(metrics[name] - float(case[name])) <= SPEC_TOLERANCE[name], name
-    # The reading of SPEC 5 documented in `aupro` reproduces the reference exactly.
+        assert abs(metrics[name] - float(case[name])) <= TOLERANCE[name], name
+    # The reading of AUPRO in docs/model.md#metrics reproduces the reference exactly.
     assert abs(metrics["aupro_0.3"] - float(case["aupro_0.3"])) < 1e-12
 
 
@@ -127,7 +127,7 @@ def _reference_regions(mask):
 
 
 def _reference_aupro(masks, maps, fpr_limit=0.3):
-    """SPEC 5 with explicit loops over thresholds, regions and curve segments."""
+    """AUPRO as docs/model.md#metrics reads it, with explicit loops over thresholds, regions and curve segments."""
     region_scores = [
         np.array([maps[image][pixel] for pixel in region])
         for image in range(masks.shape[0])

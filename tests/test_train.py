@@ -146,6 +146,7 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
     """
     assert len(jax.devices()) == 8
     config = tiny_config(synthetic_data_dir)
+    config.model.dtype = "float64"
     model = UniMMAD(model_config(config))
     loader = train_loader(config.data, seed=0, batch_size=8)
     batches = [next(loader.iterator) for _ in range(3)]

@@ -1,4 +1,4 @@
-"""Anomaly maps and image scores (SPEC 4), per sample at any batch size.
+"""Anomaly maps and image scores (docs/model.md#anomaly-maps-and-image-score), per sample at any batch size.
 
 Both resampling steps are linear and separable, so each is a pair of small matrices:
 bilinear upsampling with `align_corners=True`, and the 15x15 (sigma 4) Gaussian blur with

@@ -17,7 +17,7 @@ from unimmad_jax.models.unimmad import ModelConfig
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The paper's model and training recipe (SPEC 6) on the built-in synthetic data."""
+    """The paper's model and training recipe (docs/model.md#training-recipe) on the built-in synthetic data."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.image_size = 256
@@ -66,10 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    fields = config.model.to_dict()
-    if fields.get("dtype") == "float32":
-        fields["dtype"] = None  # follow the parameters: float32, or float64 in parity checks
-    return ModelConfig.from_mapping(fields)
+    return ModelConfig.from_mapping(config.model.to_dict())
 
 
 def loss_config(config: ml_collections.ConfigDict) -> LossConfig:

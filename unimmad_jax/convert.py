@@ -1,4 +1,4 @@
-"""PyTorch weights -> Flax variables: torchvision/timm WideResNet priors and reference checkpoints (SPEC 7).
+"""PyTorch weights -> Flax variables: torchvision/timm WideResNet priors and reference checkpoints.
 
     python -m unimmad_jax.convert prior --weights wide_resnet50_2.safetensors --out DIR
     python -m unimmad_jax.convert official --checkpoint-dir CKPT --prior FILE --image-size 256 --out DIR
@@ -6,7 +6,8 @@
 Every tensor is placed by one declarative key map (`reference_key_map`), used both ways:
 checkpoints into Flax variables, and Flax gradients back into the reference layout
 (for the parity comparison).  Unknown, missing or mis-shaped keys are errors that name
-the file, the key and both shapes; the unused keys of SPEC 7 are skipped silently.
+the file, the key and both shapes; the keys the reference never uses are skipped silently
+(docs/model.md#reference-checkpoints).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ GRADIENT_PARTS = {"model": "general_multimodal_encoder", "model_1": "input_embed
 """The names the parity fixtures give the reference's files."""
 
 UNUSED_KEYS = re.compile(r"(^|\.)num_batches_tracked$|^(0\.model\.)?(layer4|fc)\.|^\d+\.(conv_out_second|prior_head)\.")
-"""Keys the reference stores but never uses (SPEC 2.2, 2.4, 7)."""
+"""Keys the reference stores but never uses: layer4 and fc of the WideResNets, unused heads, BN counters."""
 
 # How a PyTorch tensor is laid out in Flax: a transposition, or a 1x1 conv taken as a matrix.
 LAYOUTS = {
@@ -180,7 +181,7 @@ def prior_key_map(cfg: ModelConfig) -> list[KeyEntry]:
 
 
 def reference_key_map(cfg: ModelConfig) -> list[KeyEntry]:
-    """Every tensor of a reference checkpoint folder (SPEC 7) plus its prior file."""
+    """Every tensor of a reference checkpoint folder plus its prior file."""
     entries = prior_key_map(cfg)
     _wide_resnet(_Builder(entries, "model", "0.model.", ("encoder",)), cfg)
     _feature_decompressor(_Builder(entries, "model", "1.", ("fcm",)), cfg)
@@ -294,7 +295,7 @@ def convert_prior(weights: str | Path, cfg: ModelConfig | None = None) -> dict:
 def convert_official(
     checkpoint_dir: str | Path, prior: str | Path, image_size: int, cfg: ModelConfig | None = None
 ) -> tuple[ModelConfig, dict]:
-    """A reference checkpoint folder (SPEC 7) and its prior file -> (model config, all variables)."""
+    """A reference checkpoint folder and its prior file -> (model config, all variables)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise ConversionError(

@@ -1,4 +1,4 @@
-"""Batched evaluation: per-sample maps and scores (SPEC 4), the metrics of SPEC 5 per class and dataset."""
+"""Batched evaluation: per-sample maps and scores, and the metrics per class and dataset (docs/model.md#metrics)."""
 
 from __future__ import annotations
 

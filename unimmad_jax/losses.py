@@ -1,4 +1,4 @@
-"""Training losses (SPEC 3): focal decompression consistency and the annealed load-balance loss."""
+"""Training losses (docs/model.md#losses): focal decompression consistency and the annealed load-balance loss."""
 
 from __future__ import annotations
 

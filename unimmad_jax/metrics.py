@@ -1,35 +1,9 @@
-"""Anomaly-detection metrics of one class, and tables of many classes (SPEC 5).
+"""Anomaly-detection metrics of one class, and tables of many classes (docs/model.md#metrics).
 
-Per class, ``compute_metrics`` returns
-
-* ``i_auroc``, ``i_ap``, ``i_f1max``: over the image scores of the class;
-* ``p_auroc``, ``p_f1max``, ``p_ap``: over every pixel of every image of the class;
-* ``aupro_0.3``: the normalised area under the per-region-overlap curve up to a
-  false-positive rate of 30 % (see ``aupro``).
-
-AUROC is ``sklearn.metrics.roc_auc_score``. AP and F1max both come from one
-``sklearn.metrics.precision_recall_curve`` (one point per distinct score as the
-threshold ``score >= t``, plus the final point P = 1, R = 0): AP is the step sum
-``-sum(diff(R) * P[:-1])`` = ``sum_n (R_n - R_{n-1}) P_n`` without interpolation,
-which is what ``sklearn.metrics.average_precision_score`` computes on that same
-curve for binary labels (the tests check the two agree), and F1max is the
-maximum of ``2 P R / (P + R + 1e-8)`` over the curve's points. Sharing the curve
-saves one of three sorts of all pixels.
-
-A metric is undefined when its labels hold one class only (all images normal or
-all anomalous; no anomalous pixel or no normal pixel). It is then returned as NaN
-with an ``UndefinedMetricWarning`` naming the cause, so the other metrics of the
-class are still reported; ``summarize`` lets NaN propagate into every mean it
-enters, so an average is never silently taken over fewer classes.
-
-Cost, for a class of ``n`` pixels of which ``p`` are anomalous: the pixel metrics
-sort all pixels twice inside scikit-learn (``roc_auc_score`` and
-``precision_recall_curve``, O(n log n) each); AUPRO sorts the normal pixels once,
-labels the ground truth once (O(n)) and places each anomalous pixel among the 99
-thresholds with a binary search (O(p log 99)), with no loop over thresholds.
-Measured for 150 images of 256 x 256 (~10M pixels) on a shared 2-core Xeon:
-~11 s in all, of which ~10 s are the two scikit-learn calls and ~0.2 s AUPRO;
-peak memory ~0.55 GB above the inputs.
+Per class, ``compute_metrics`` returns ``i_auroc``, ``i_ap``, ``i_f1max`` over the image scores,
+``p_auroc``, ``p_f1max``, ``p_ap`` over every pixel, and ``aupro_0.3``. A metric whose labels
+hold one class only is NaN, with an ``UndefinedMetricWarning`` naming the cause; ``summarize``
+lets NaN propagate into every mean it enters, so no average is silently taken over fewer classes.
 """
 
 from __future__ import annotations
@@ -115,32 +89,11 @@ def aupro(
     fpr_limit: float = AUPRO_FPR_LIMIT,
     num_thresholds: int = AUPRO_NUM_THRESHOLDS,
 ) -> float:
-    """Normalised area under the PRO curve for FPR in [0, fpr_limit].
+    """Normalised area under the PRO curve for FPR in [0, fpr_limit], as docs/model.md#metrics reads it.
 
-    With ``masks`` boolean ``[N, h, w]`` holding both anomalous and normal pixels:
-
-    * regions: the connected components of each image's ground truth, with
-      8-connectivity; the regions of all images of the class are pooled.
-    * thresholds: sort the scores of the normal pixels ascending into ``s`` (length
-      ``M``); the positions are ``np.linspace(0, M - 1, num_thresholds)`` truncated
-      to integers (``astype(int64)``: floor of numpy's float positions, which for
-      about 3.5 % of the values of ``M`` lie 1 ulp below an exact integer
-      ``k (M - 1) / (num_thresholds - 1)`` and so land one position lower); the
-      threshold at position ``q`` is ``s[q]``, its FPR ``1 - (q + 1) / M``.
-    * PRO at a threshold ``t``: the mean over all regions of the fraction of the
-      region's pixels with score strictly above ``t`` (``> t``, the same side as
-      the FPR, which counts the ``M - (q + 1)`` normal pixels after ``q``).
-    * curve: the point (FPR 1, PRO 1) is prepended and the points are stably
-      sorted by ascending FPR. Equal FPRs only arise when ``M < num_thresholds``
-      and then repeat the same position, so the same point: they add zero-width
-      trapezoids and need no merging.
-    * area: trapezoids over the points with FPR < ``fpr_limit``, closed by the
-      point at ``fpr_limit`` linearly interpolated between its neighbours (the
-      curve always reaches FPR 0, at ``q = M - 1``), divided by ``fpr_limit``.
-
-    The fixture ``metrics_official.npz`` is reproduced to 0.0 with this reading;
-    it does not tell ``>`` from ``>=`` (no anomalous pixel there ties a threshold),
-    while rounding the positions to nearest or up is off by 1.5e-5 and 1.7e-5.
+    ``masks`` boolean ``[N, h, w]`` with both anomalous and normal pixels; regions are the
+    8-connected components of all images, thresholds the normal pixels' scores at truncated
+    ``linspace`` positions, and a region pixel counts above a threshold when strictly greater.
     """
     masks = np.asarray(masks, dtype=bool)
     anomaly_maps = np.asarray(anomaly_maps)
@@ -167,7 +120,7 @@ def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _normal_pixel_thresholds(normal_scores: np.ndarray, num_thresholds: int):
-    """The ``num_thresholds`` thresholds (ascending) and their FPRs; see ``aupro``."""
+    """The ``num_thresholds`` thresholds (ascending) and their FPRs (docs/model.md#metrics)."""
     sorted_scores = np.sort(normal_scores, axis=None)
     num_normal = sorted_scores.size
     positions = np.linspace(0, num_normal - 1, num_thresholds).astype(np.int64)

@@ -44,6 +44,8 @@ def load(directory: str | Path) -> tuple[str, ModelConfig, dict]:
             directory, ocp.args.Composite(model_config=ocp.args.JsonRestore(), variables=ocp.args.StandardRestore())
         )
     meta = restored["model_config"]
+    if meta["model"].get("dtype", "") is None:  # written when None meant float32
+        del meta["model"]["dtype"]
     variables = jax.tree_util.tree_map(np.asarray, restored["variables"])
     return meta["kind"], ModelConfig.from_mapping(meta["model"]), variables
 

@@ -81,7 +81,7 @@ def initial_variables(model: UniMMAD, config: ml_collections.ConfigDict, prior_i
 
     `train.init_from` names a whole model (all of it is loaded) or a prior; otherwise the prior has
     random weights (from the seed) and BatchNorm statistics measured on `prior_images`.  The
-    general encoder starts as a copy of the prior (SPEC 2.2); the other parts are random.
+    general encoder starts as a copy of the prior (docs/model.md#prior-and-general-encoder); the other parts are random.
     """
     variables = init_variables(model, config.seed, slots=config.data.num_slots)
     source = config.train.init_from

@@ -2,7 +2,7 @@
 
 Data flows one way: downloaded files -> a TFDS builder (`builders`) ->
 array_record files in `data_dir` -> the grain pipeline (`pipeline`) -> batch
-dicts of numpy arrays (SPEC 1) -> the model. Nothing here needs TensorFlow.
+dicts of numpy arrays (docs/data.md#the-batch) -> the model. Nothing here needs TensorFlow.
 
 Prepare a dataset once (command line: `python -m unimmad_jax.data prepare`),
 then read it with `train_loader` / `eval_loader`, configured by

@@ -1,4 +1,4 @@
-"""Grain pipelines from prepared datasets to the fixed-shape batches of SPEC 1.
+"""Grain pipelines from prepared datasets to fixed-shape batches (docs/data.md#the-batch).
 
 Every batch is a dict of numpy arrays (channels last), for a per-host batch
 size ``B``, ``S = config.num_slots`` and ``H = W = config.image_size``:
@@ -29,7 +29,7 @@ size ``B``, ``S = config.num_slots`` and ``H = W = config.image_size``:
 - ``num_slots``: modality slots S (1..4), at least the largest modality count
   of the samples read.
 - ``loss_weights``: ``{record dataset: weight}``, keyed by the records'
-  ``dataset`` field (``brats`` for ``mmad_meta/brats``); SPEC 6 defaults.
+  ``dataset`` field (``brats`` for ``mmad_meta/brats``); the release's weights by default.
 - ``num_read_threads``: threads reading and preprocessing (0: in the caller).
 - ``prefetch_batches``: batches read ahead per host.
 """

@@ -1,4 +1,4 @@
-"""Per-modality preprocessing of SPEC 1: decoded arrays -> model inputs.
+"""Per-modality preprocessing (docs/data.md#preprocessing): decoded arrays -> model inputs.
 
 - ``rgb``, ``gray``, ``infrared`` (all read as 8-bit RGB): PIL bilinear resize
   of the uint8 image (PIL's bilinear widens its support when shrinking, i.e.

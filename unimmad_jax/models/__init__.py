@@ -1,1 +1,1 @@
-"""Flax modules of UniMMAD (SPEC 2)."""
+"""Flax modules of UniMMAD (docs/model.md#the-network)."""

@@ -1,20 +1,9 @@
-"""Cross Mixture-of-Experts (SPEC 2.4): router, MoE-in-MoE branches (MiMoE) and the C-MoE of one level.
+"""Cross Mixture-of-Experts (docs/model.md#c-moe): router, MoE-in-MoE branches (MiMoE) and the C-MoE of one level.
 
-Pairs are (sample, modality slot) combinations packed sample-major, pair `p = b * S + s`, so
-that sharding the batch shards the pairs (the reference packs them slot-first; only the
-order differs).  Every pair is computed (static shapes); `pair_mask` marks the valid ones,
-and padded pairs change no statistic, loss or valid output.
-
-Routing is dense: the top-K scores are scattered into a `[P, R]` gate, so a pair's expert
-kernel is a masked einsum over all R leader experts.  Each branch then runs ONE convolution
-per pair: everything between the branch's input and its GroupNorm is linear in the kernel,
-so the fixed expert, the routed experts with their scores and the `post` 1x1 conv fold into
-
-    K_p = F . Post_a + (sum_r gate[p, r] W_r) . Post_b,
-    W_r[c] = sum_n softmax_n(L_r)[n, c] Base[n, c]      (c: output channel of the base kernels).
-
-On small maps composing `K_p` costs more than it saves; there a branch runs one C -> 2C
-convolution with `[F, sum_r gate[p, r] W_r]` and applies `post` after (`fold_post` decides).
+Pairs are packed sample-major, `p = b * S + s`, so that sharding the batch shards the pairs.
+Every pair is computed (static shapes); `pair_mask` keeps padded pairs out of every statistic,
+loss and valid output.  Routing is dense (a `[P, R]` gate), and a branch runs one convolution
+per pair with its experts (and possibly `post`) composed into one kernel.
 """
 
 from __future__ import annotations
@@ -79,18 +68,14 @@ def identity_kernel(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> 
 def per_sample_conv(x: jax.Array, kernels: jax.Array) -> jax.Array:
     """Convolve sample b of `x [B, h, w, C]` with its own kernel `kernels[b] [k, k, C, O]` ('same' padding).
 
-    Computed as k*k shifted per-sample matrix products, which XLA runs well on every backend.
-    As a batch-grouped convolution it ran 7x (forward) and 4x (with backward) slower on a CPU
-    at the paper's size, and XLA's SPMD partitioner got its 1x1 case wrong on a sharded batch.
-    Differentiation keeps only the inputs and recomputes the shifted copies (not the products),
-    where it would otherwise keep all k*k copies.
+    k*k shifted per-sample matrix products rather than a batch-grouped convolution, and
+    rematerialised for the backward pass: see docs/performance.md#per-pair-convolutions.
     """
     num_samples, k, _, channels, out_channels = kernels.shape
     pad = k // 2
     height, width = x.shape[1:3]
     padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    # Taps by `split`, whose gradient is one concatenation; indexing taps out made XLA add k*k
-    # zero-padded copies of the whole kernel gradient (2.8 s of a 14.5 s training step).
+    # Taps by `split`: its gradient is one concatenation (docs/performance.md#kernel-taps-by-split).
     taps = jnp.split(kernels.reshape(num_samples, k * k, channels, out_channels), k * k, axis=1)
     out = 0
     for tap, kernel in enumerate(taps):
@@ -102,10 +87,8 @@ def per_sample_conv(x: jax.Array, kernels: jax.Array) -> jax.Array:
 def fold_post(pixels: int, k: int, channels: int, pairs: int) -> bool:
     """Whether folding `post` into the branch kernels costs fewer multiply-adds than applying it after.
 
-    Folded: one C -> C convolution per pair, plus composing the kernels (`k^2 C^3` per pair and once
-    for the fixed expert).  Not folded: a C -> 2C convolution (fixed and routed experts) and the
-    2C -> C `post`.  Folding wins on large maps, its composition costs more on small ones (the
-    deepest level at the paper's sizes).
+    Folding wins on large maps; on small ones composing the kernels costs more than it saves
+    (docs/performance.md#folding-post).
     """
     folded = pairs * pixels * k * k * channels**2 + (pairs + 1) * k * k * channels**3
     after = pairs * pixels * (k * k * channels * 2 * channels + 2 * channels**2)
@@ -135,10 +118,10 @@ class MiMoE(nn.Module):
     dtype: Dtype = None
 
     @nn.compact
-    def __call__(self, key: jax.Array, stats: jax.Array, base: jax.Array) -> tuple[jax.Array, Routing]:
-        """`key [B, h, w, C]` per sample, `stats [P, C]` per pair (P = B * S), `base [N, k, k, C, C]`."""
+    def __call__(self, general_map: jax.Array, stats: jax.Array, base: jax.Array) -> tuple[jax.Array, Routing]:
+        """`general_map [B, h, w, C]` per sample, `stats [P, C]` per pair (P = B * S), `base [N, k, k, C, C]`."""
         c, k = self.embed_dim, self.kernel
-        x = ConvNormAct(c, dtype=self.dtype, name="pre")(key)
+        x = ConvNormAct(c, dtype=self.dtype, name="pre")(general_map)
         routing = Router(self.router_num, self.top_k, self.dtype, name="router")(stats)
         leader_logits = self.param("leader_logits", nn.initializers.normal(1.0), (self.router_num, base.shape[0], c))
         fixed = self.param("fixed_expert", identity_kernel, (k, k, c, c))
@@ -211,9 +194,10 @@ class CrossMoE(nn.Module):
         self, general: jax.Array, prior: jax.Array, pair_mask: jax.Array, train: bool
     ) -> tuple[jax.Array, jax.Array, list[Routing]]:
         c = self.embed_dim
-        key = ConvNormAct(c, dtype=self.dtype, name="key")(general)
-        query = ConvNormAct(c, dtype=self.dtype, name="query")(prior)
-        cond = PairConcatConv(c, dtype=self.dtype, name="cond_conv")(key, query)
+        # The reference's `key` and `query` projections (their parameter names stay).
+        general_map = ConvNormAct(c, dtype=self.dtype, name="key")(general)
+        prior_map = ConvNormAct(c, dtype=self.dtype, name="query")(prior)
+        cond = PairConcatConv(c, dtype=self.dtype, name="cond_conv")(general_map, prior_map)
         cond = batch_norm(train, dtype=self.dtype, name="cond_bn")(cond, mask=pair_mask[:, None, None, None])
         cond = NormAct(self.dtype, name="cond_act")(gelu(cond))
         cond = ConvNormAct(c, dtype=self.dtype, name="cond_proj")(cond)
@@ -226,7 +210,9 @@ class CrossMoE(nn.Module):
                 nn.initializers.lecun_normal(in_axis=(1, 2, 3), out_axis=4, batch_axis=0),
                 (self.base_num, k, k, c, c),
             )
-            out, routing = MiMoE(k, c, self.router_num, self.top_k, self.dtype, name=f"mimoe_k{k}")(key, stats, base)
+            out, routing = MiMoE(k, c, self.router_num, self.top_k, self.dtype, name=f"mimoe_k{k}")(
+                general_map, stats, base
+            )
             outputs.append(out)
             routings.append(routing)
         y = ConvNormAct(self.features, dtype=self.dtype, name="out")(jnp.concatenate(outputs, axis=-1))

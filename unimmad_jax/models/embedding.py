@@ -1,4 +1,4 @@
-"""Input embedding (SPEC 2.1): the share image plus a learned map, through a small stem and a 1x1 shortcut."""
+"""Input embedding: the share image plus a learned map, a small stem and a shortcut (docs/model.md#input-embedding)."""
 
 from __future__ import annotations
 

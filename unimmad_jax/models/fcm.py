@@ -1,4 +1,4 @@
-"""Feature compression (FCM) and the reverse-distillation decoder (SPEC 2.3).
+"""Feature compression (FCM) and the reverse-distillation decoder (docs/model.md#fcm-and-decoder).
 
 The general encoder's three levels are brought to stride 8, compressed by three
 depthwise-separable bottlenecks (kernels 1, 3, 5) and an outer bottleneck to stride 32,
@@ -112,11 +112,11 @@ class DecoderBottleneck(nn.Module):
         return nn.relu(y + x)
 
 
-class FeatureDecompressor(nn.Module):
+class FeatureCompressorDecoder(nn.Module):
     """FCM + decoder + final 1x1 convs: encoder levels `[4p0 @ /4, 4p1 @ /8, 4p2 @ /16]` in, same shapes out.
 
     `planes`/`blocks`/`width_factor` are the encoder's; the decoder runs the stages in reverse
-    plane order (WRN-50-2: 256 x 3 blocks, 128 x 4, 64 x 6). `embed_dim` is E of SPEC 2.3.
+    plane order (WRN-50-2: 256 x 3 blocks, 128 x 4, 64 x 6). `embed_dim` is the FCM's width E.
     """
 
     planes: Sequence[int] = (64, 128, 256)

@@ -1,8 +1,7 @@
-"""Building blocks with PyTorch's numerics (SPEC 2, "Norm and activation conventions").
+"""Building blocks with PyTorch's numerics (docs/model.md#conventions).
 
-Every module takes a compute `dtype`: `None` follows the inputs and parameters
-(float32, or float64 under `jax_enable_x64` for the gradient parity checks),
-`jnp.bfloat16` computes in bfloat16 while the parameters stay float32.
+Every module takes a compute `dtype` (the model passes `ModelConfig.dtype`: float32, bfloat16,
+or float64 for parity checks); parameters stay float32.  `None` follows the inputs and parameters.
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ def group_count(channels: int) -> int:
 class PointwiseConv(nn.Module):
     """A 1x1 `Conv2d` (kernel `[1, 1, in, out]`) as a matrix product over channels.
 
-    XLA's CPU convolution ran 1x1 kernels at a third of a matrix product's speed (forward and
-    backward); a stride keeps every stride-th pixel, as a 1x1 convolution does.
+    A stride keeps every stride-th pixel, as a 1x1 convolution does (docs/performance.md#pointwise-convolutions).
     """
 
     features: int
@@ -74,11 +72,8 @@ class ConvTranspose(nn.Module):
     """PyTorch's `ConvTranspose2d` (scatter semantics) when `kernel - 2 * padding == stride`: out = stride * in.
 
     The kernel is stored `[kh, kw, out, in]`: PyTorch's `[in, out, kh, kw]` transposed by (2, 3, 1, 0),
-    the same permutation as a plain convolution's weight.  Output pixel `s * m + r` only receives
-    the taps `k` with `k = r + padding (mod s)`, from input pixel `m + (r + padding - k) / s`; so
-    each tap is one matrix product of a shifted input, written into its output phase.  XLA runs
-    these fast forwards and backwards, where its dilated convolutions (`lax.conv_transpose`)
-    took 20x the forward time to differentiate on a CPU.
+    the same permutation as a plain convolution's weight.  Each tap is one matrix product of a
+    shifted input, added into its output phase (docs/performance.md#transposed-convolutions).
     """
 
     features: int
@@ -100,8 +95,7 @@ class ConvTranspose(nn.Module):
         offsets = [(r + p - tap) // s for tap in range(k) for r in [(tap - p) % s]]
         margin = max(abs(o) for o in offsets)
         padded = jnp.pad(x, ((0, 0), (margin, margin), (margin, margin), (0, 0)))
-        # Taps by `split`: its gradient is one concatenation, where indexing would add k*k
-        # zero-padded copies of the kernel's gradient.
+        # Taps by `split`: its gradient is one concatenation (docs/performance.md#kernel-taps-by-split).
         taps = jnp.split(kernel.reshape(k * k, self.features, -1), k * k)
         phases = {}
         for tap, tap_kernel in enumerate(taps):
@@ -119,8 +113,7 @@ class ConvTranspose(nn.Module):
 class DepthwiseConv(nn.Module):
     """A PyTorch depthwise `Conv2d` (groups = channels, 'same' padding, no bias), kernel `[k, k, 1, C]`.
 
-    Computed as k*k shifted, per-channel scaled copies of the input: XLA fuses them into one loop,
-    20x faster than its grouped convolution on a CPU (10x with the backward pass).
+    A sum of k*k shifted, per-channel scaled copies of the input (docs/performance.md#depthwise-convolutions).
     """
 
     kernel: int
@@ -135,8 +128,7 @@ class DepthwiseConv(nn.Module):
 
 @jax.checkpoint
 def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`DepthwiseConv`'s computation.  Differentiation keeps only the inputs and recomputes the
-    shifted copies, where it would otherwise keep all k*k of them."""
+    """`DepthwiseConv`'s computation; the backward pass recomputes the shifted copies from the inputs."""
     k = kernel.shape[0]
     pad = k // 2
     height, width = x.shape[1:3]
@@ -171,11 +163,10 @@ def batch_norm(train: bool, *, dtype: Dtype = None, name: str | None = None) -> 
 
 
 class GroupNorm(nn.Module):
-    """GN(C) of SPEC 2: groups from `group_count`, eps 1e-5, affine; statistics in at least float32.
+    """GN(C): groups from `group_count`, eps 1e-5, affine; statistics in at least float32.
 
-    Statistics are reduced per channel over the pixels first (a contiguous reduction), then per
-    group: XLA runs this and its gradient 1.7x faster on a CPU than a reduction over a reshaped
-    `[..., groups, channels per group]` array.  The variance is taken of the deviations (two passes).
+    Reduced per channel first, then per group (docs/performance.md#groupnorm); the variance is
+    taken of the deviations (two passes).
     """
 
     dtype: Dtype = None

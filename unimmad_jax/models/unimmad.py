@@ -12,9 +12,12 @@ import jax.numpy as jnp
 
 from unimmad_jax.models.cmoe import CrossMoE, Routing
 from unimmad_jax.models.embedding import InputEmbedding
-from unimmad_jax.models.fcm import FeatureDecompressor
+from unimmad_jax.models.fcm import FeatureCompressorDecoder
 from unimmad_jax.models.layers import l2_normalize
 from unimmad_jax.models.wide_resnet import EXPANSION, WideResNetFeatures
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
+"""What the layers may compute in (docs/model.md#compute-dtype); parameters stay float32."""
 
 IMAGE_SIZE_MULTIPLE = 32
 """The deepest level is at stride 32, and every level must tile it exactly."""
@@ -25,7 +28,7 @@ FROZEN = ("prior",)
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Widths and depths of the model; the defaults are the paper's (SPEC 2)."""
+    """Widths and depths of the model; the defaults are the paper's (docs/model.md#the-network)."""
 
     image_size: int = 256
     max_modalities: int = 4
@@ -40,8 +43,8 @@ class ModelConfig:
     router_num: int = 32
     top_k: int = 2
     moe_kernels: tuple[int, ...] = (1, 3, 5)
-    dtype: str | None = None
-    """Compute dtype ('bfloat16', 'float32'); None follows the parameters and inputs."""
+    dtype: str = "float32"
+    """The compute dtype, one of `COMPUTE_DTYPES`."""
 
     def __post_init__(self):
         if self.image_size % IMAGE_SIZE_MULTIPLE:
@@ -49,6 +52,8 @@ class ModelConfig:
                 f"model.image_size={self.image_size} is not a multiple of {IMAGE_SIZE_MULTIPLE}: "
                 f"the model's levels sit at strides 4 to 32 and must tile the image"
             )
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r} is not one of {COMPUTE_DTYPES}")
         if not 1 <= self.top_k <= self.router_num:
             raise ValueError(f"model.top_k={self.top_k} must be between 1 and model.router_num={self.router_num}")
 
@@ -67,8 +72,8 @@ class ModelConfig:
         return tuple(EXPANSION * p for p in self.planes)
 
     @property
-    def compute_dtype(self):
-        return None if self.dtype is None else jnp.dtype(self.dtype)
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
 
 
 class ModelOutput(NamedTuple):
@@ -86,7 +91,7 @@ class ModelOutput(NamedTuple):
 
 
 def share_image(specific_images: jax.Array, max_modalities: int) -> jax.Array:
-    """SPEC 1's `img`: slot m in channels 3m..3m+2, zero-padded to `3 * max_modalities` channels."""
+    """The reference's `img`: slot m in channels 3m..3m+2, zero-padded to `3 * max_modalities` channels."""
     batch, slots, height, width, channels = specific_images.shape
     stacked = specific_images.transpose(0, 2, 3, 1, 4).reshape(batch, height, width, slots * channels)
     return jnp.pad(stacked, ((0, 0), (0, 0), (0, 0), (0, (max_modalities - slots) * channels)))
@@ -105,7 +110,7 @@ class UniMMAD(nn.Module):
         )
         self.embedding = InputEmbedding(cfg.image_size, 3 * cfg.max_modalities, cfg.embedding_widths, dtype=dtype)
         self.encoder = WideResNetFeatures(**wrn)
-        self.fcm = FeatureDecompressor(cfg.planes, cfg.blocks, cfg.width_factor, cfg.fcm_dim, dtype=dtype)
+        self.fcm = FeatureCompressorDecoder(cfg.planes, cfg.blocks, cfg.width_factor, cfg.fcm_dim, dtype=dtype)
         self.prior = WideResNetFeatures(**wrn)
         self.cmoes = [
             CrossMoE(
@@ -130,9 +135,7 @@ class UniMMAD(nn.Module):
                 f"{cfg.image_size} with at most {cfg.max_modalities} modalities"
             )
         # Padded slots are zero in the share image whatever the batch holds there.
-        specific_images = jnp.where(modality_mask[:, :, None, None, None], specific_images, 0)
-        if cfg.compute_dtype is not None:
-            specific_images = specific_images.astype(cfg.compute_dtype)
+        specific_images = jnp.where(modality_mask[:, :, None, None, None], specific_images, 0).astype(cfg.compute_dtype)
 
         embedded = self.embedding(share_image(specific_images, cfg.max_modalities), train)
         general = self.fcm(self.encoder(embedded, train), train)
@@ -157,8 +160,7 @@ class UniMMAD(nn.Module):
 def init_variables(model: UniMMAD, seed: int, slots: int = 1) -> dict:
     """Randomly initialised variables, in one compiled call.
 
-    The key is an `rbg` key: XLA compiles its generator in a fraction of the time that
-    hundreds of threefry draws (one per parameter) take on a CPU.
+    An `rbg` key compiles much faster than threefry's draws (docs/performance.md#initialisation).
     """
     size = model.config.image_size
     images = jnp.zeros((1, slots, size, size, 3), jnp.float32)

@@ -1,4 +1,4 @@
-"""WideResNet-50-2 features up to layer3 (SPEC 2.2).
+"""WideResNet-50-2 features up to layer3 (docs/model.md#prior-and-general-encoder).
 
 torchvision's ResNet v1.5: the stride of a bottleneck sits on its 3x3 conv. layer4 and
 the classifier are never built: their result would be thrown away.
