@@ -105,8 +105,11 @@ def train_epoch(run: TrainRun, state: TrainState, step: int, batches: Iterator) 
         step += 1
         images += config.train.batch_size
         if step % config.train.log_every_steps == 0 or step % run.steps_per_epoch == 0:
-            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            values["learning_rate"] = float(run.schedule(step - 1))
+            # Logging steps are the loop's only sync point: they read the metrics and evaluate the
+            # schedule on the device on purpose, even under a `jax.transfer_guard` of the caller.
+            with jax.transfer_guard("allow"):
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                values["learning_rate"] = float(run.schedule(step - 1))
             values["images_per_s"] = images / (time.perf_counter() - start)
             if not np.isfinite(values["loss"]):
                 raise FloatingPointError(f"the loss is {values['loss']} at step {step} (epoch {epoch + 1})")
