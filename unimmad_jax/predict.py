@@ -33,10 +33,7 @@ from unimmad_jax.data import InvalidDataError, eval_loader, load_modality  # noq
 from unimmad_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from unimmad_jax.data.schema import DEPTH_TYPES  # noqa: E402
 from unimmad_jax.models.unimmad import UniMMAD  # noqa: E402
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-COLUMNS = ("path", "class", "label", "image_score", "normalized_score", "decision", "threshold")
-"""Of `scores.csv` and of each row of `scores.json` (serving writes the same)."""
+from unimmad_jax.serving import COLUMNS, IMAGE_SUFFIXES  # noqa: E402  (serving's loader writes the same rows)
 
 
 def folder_batches(
