@@ -53,8 +53,9 @@ def run(argv) -> int:
             print(f"wrote {path} and its .md")
         elif FLAGS.mode == "calibrate":
             ensure_prepared(config.data.datasets, config.data.data_dir)
-            latest = checkpoints.latest_record(FLAGS.workdir)
-            calibrate.calibrate_workdir(model, variables, config, FLAGS.workdir, mesh, latest and latest[0])
+            latest = checkpoints.latest_record(FLAGS.workdir)  # None: the variables of train.init_from
+            step = latest[0] if latest else None
+            calibrate.calibrate_workdir(model, variables, config, FLAGS.workdir, mesh, step)
         else:
             predict.predict(model, variables, config, FLAGS.workdir)
     except (InvalidDataError, ValueError, FileNotFoundError) as error:
