@@ -93,7 +93,7 @@ def test_train_eval_predict_write_their_files(trained_workdir, synthetic_data_di
     )
     predictions = trained_workdir / "predictions" / "synthetic_test"
     rows = (predictions / "scores.csv").read_text().splitlines()
-    assert rows[0] == "path,class,label,image_score" and len(rows) == 1 + 48
+    assert rows[0] == "path,class,label,image_score,normalized_score,decision,threshold" and len(rows) == 1 + 48
     assert len(list((predictions / "overlays").glob("*.png"))) == 5
 
 

@@ -101,3 +101,15 @@ def trained_variables(config: ml_collections.ConfigDict, workdir: str | Path, me
         f"no checkpoint in {checkpoints} and no complete model in train.init_from: "
         f"train first, or convert a released model with `python -m unimmad_jax.convert`"
     )
+
+
+def latest_record(workdir: str | Path) -> tuple[int, dict] | None:
+    """The step and JSON record (epoch, step, config, ...) of the latest checkpoint in `workdir`, or None."""
+    directory = Path(workdir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        return None
+    with ocp.CheckpointManager(directory, item_names=ITEMS) as manager:
+        step = manager.latest_step()
+        if step is None:
+            return None
+        return step, manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -62,6 +62,16 @@ def default_config() -> ml_collections.ConfigDict:
     config.predict.modality_type = "rgb"  # of the images of a folder
     config.predict.batch_size = 8
     config.predict.max_overlays = 64
+    config.predict.class_name = ""  # the class of a folder's images; empty: unknown (dataset-level statistics)
+    # Overrides of the calibrated decision (unimmad_jax/calibrate.py), at most one: an image-score
+    # threshold for every class, or a sensitivity in (0, 1) (0.5: the calibrated thresholds).
+    config.predict.threshold = ml_collections.config_dict.placeholder(float)
+    config.predict.sensitivity = ml_collections.config_dict.placeholder(float)
+
+    config.calibrate = ml_collections.ConfigDict()
+    config.calibrate.split = "validation"  # of each dataset; its train split's good images where it has none
+    config.calibrate.good_quantile = 0.99  # the threshold when the calibration images are all good
+    config.calibrate.min_class_images = 10  # fewer: the class takes its dataset's statistics
     return config
 
 

@@ -52,15 +52,28 @@ def _bytes_to_names(array: np.ndarray) -> np.ndarray:
 def evaluate_dataset(
     predict_fn, variables: dict, config: ml_collections.ConfigDict, dataset: str, mesh: Mesh, progress: bool = True
 ) -> dict[str, dict[str, float]]:
-    """`{class: metrics}` of one prepared dataset's evaluation split, every host seeing all rows.
+    """`{class: metrics}` of one prepared dataset's evaluation split, every host seeing all rows."""
+    return per_class_metrics(predict_split(predict_fn, variables, config, dataset, config.eval.split, mesh, progress))
+
+
+def predict_split(
+    predict_fn,
+    variables: dict,
+    config: ml_collections.ConfigDict,
+    dataset: str,
+    split: str,
+    mesh: Mesh,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Every sample's `anomaly_map`, `image_score`, `gt_mask`, `label` and `class_name` of one split, on every host.
 
     Batches carry only as many modality slots as the dataset's samples have: the model never runs
     on slots that are padding for every sample (a single-modality dataset runs one slot).
     """
     batch_size = sharding.per_host_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
     data_config = config.data.copy_and_resolve_references()
-    data_config.num_slots = max_modality_count(config.data.data_dir, dataset, config.eval.split)
-    loader = eval_loader(data_config, dataset, config.eval.split, batch_size=batch_size, shard_by_host=True)
+    data_config.num_slots = max_modality_count(config.data.data_dir, dataset, split)
+    loader = eval_loader(data_config, dataset, split, batch_size=batch_size, shard_by_host=True)
     collected = defaultdict(list)
     for batch in tqdm(loader, total=loader.num_batches, desc=f"eval {dataset}", disable=not progress, leave=False):
         inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
@@ -80,7 +93,13 @@ def evaluate_dataset(
         for key, value in rows.items():
             collected[key].append(value[valid])
     columns = {key: np.concatenate(values) for key, values in collected.items()}
-    names = _bytes_to_names(columns["class_name"])
+    columns["class_name"] = _bytes_to_names(columns["class_name"])
+    return columns
+
+
+def per_class_metrics(columns: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """`{class: metrics}` of `predict_split`'s columns, classes in dataset order."""
+    names = columns["class_name"]
     results = {}
     for name in dict.fromkeys(names):  # classes in dataset order
         rows = names == name

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from unimmad_jax import checkpoints, evaluate, metrics, sharding
+from unimmad_jax import calibrate, checkpoints, evaluate, metrics, sharding
 from unimmad_jax.config import loss_config, model_config
 from unimmad_jax.data import TrainLoader, ensure_prepared, first_training_images, train_loader
 from unimmad_jax.models.unimmad import UniMMAD
@@ -212,4 +212,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     manager.wait_until_finished()
     manager.close()
     run.logger.close()
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    calibrate.calibrate_workdir(model, variables, config, workdir, mesh, step)
     return state

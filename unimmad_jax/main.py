@@ -2,6 +2,7 @@
 
     python -m unimmad_jax.main --config=configs/unified.py --workdir=runs/unified
     python -m unimmad_jax.main --config=configs/demo.py --workdir=runs/demo --mode=eval
+    python -m unimmad_jax.main --config=configs/demo.py --workdir=runs/demo --mode=calibrate
     python -m unimmad_jax.main --config=configs/demo.py --workdir=runs/demo --mode=predict \\
         --config.predict.input=path/to/images
 
@@ -18,7 +19,7 @@ from ml_collections import config_flags
 flags.DEFINE_string(
     "workdir", None, "Checkpoints, evaluation tables, predictions and TensorBoard logs go here.", required=True
 )
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "calibrate", "predict"], "What to run.")
 flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() (automatic when JAX_COORDINATOR_ADDRESS is set)."
 )
@@ -28,7 +29,7 @@ FLAGS = flags.FLAGS
 
 def run(argv) -> int:
     del argv
-    from unimmad_jax import checkpoints, evaluate, loop, predict, sharding
+    from unimmad_jax import calibrate, checkpoints, evaluate, loop, predict, sharding
     from unimmad_jax.config import model_config
     from unimmad_jax.data import InvalidDataError, ensure_prepared
     from unimmad_jax.models.unimmad import UniMMAD
@@ -50,6 +51,11 @@ def run(argv) -> int:
             print(evaluate.metrics.to_text(summary))
             path = evaluate.write_summary(summary, f"{FLAGS.workdir}/eval", "final")
             print(f"wrote {path} and its .md")
+        elif FLAGS.mode == "calibrate":
+            ensure_prepared(config.data.datasets, config.data.data_dir)
+            latest = checkpoints.latest_record(FLAGS.workdir)  # None: the variables of train.init_from
+            step = latest[0] if latest else None
+            calibrate.calibrate_workdir(model, variables, config, FLAGS.workdir, mesh, step)
         else:
             predict.predict(model, variables, config, FLAGS.workdir)
     except (InvalidDataError, ValueError, FileNotFoundError) as error:

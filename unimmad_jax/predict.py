@@ -1,14 +1,21 @@
-"""Prediction: per-image scores (CSV) and heat-map overlays (PNG) for a folder of images or a prepared split.
+"""Prediction: per-image scores and decisions (CSV, JSON) and heat-map overlays (PNG) for a folder or a prepared split.
 
 `config.predict.input` is a folder (every image in it is one single-modality sample of type
-`config.predict.modality_type`) or `<dataset>:<split>` of a prepared dataset (all its
-modalities, and its ground truth drawn as a contour).  Results go to
-`<workdir>/predictions/<input name>/`: `scores.csv` and `overlays/*.png`.
+`config.predict.modality_type`, of class `config.predict.class_name`, empty when unknown) or
+`<dataset>:<split>` of a prepared dataset (all its modalities, and its ground truth drawn as a
+contour).  Decisions and normalised scores and maps use the workdir's calibration
+(`unimmad_jax.calibrate`) of the image's class, its dataset's for an unknown class;
+`config.predict.threshold` / `.sensitivity` override the thresholds.  Results go to
+`<workdir>/predictions/<input name>/`: `scores.csv` and `scores.json` (columns `COLUMNS`) and
+`overlays/*.png` (the normalised map on the fixed scale [0, 1], the threshold's contour, and the
+ground truth's when known).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,13 +27,13 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from unimmad_jax import evaluate, sharding  # noqa: E402
+from unimmad_jax import calibrate, checkpoints, evaluate, sharding  # noqa: E402
+from unimmad_jax.config import eval_datasets  # noqa: E402
 from unimmad_jax.data import InvalidDataError, eval_loader, load_modality  # noqa: E402
 from unimmad_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from unimmad_jax.data.schema import DEPTH_TYPES  # noqa: E402
 from unimmad_jax.models.unimmad import UniMMAD  # noqa: E402
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from unimmad_jax.serving import COLUMNS, IMAGE_SUFFIXES  # noqa: E402  (serving's loader writes the same rows)
 
 
 def folder_batches(
@@ -62,17 +69,20 @@ def displayable(slot: np.ndarray, modality_type: str) -> np.ndarray:
     return np.clip(slot * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
 
 
-def save_overlay(
-    path: Path, image: np.ndarray, heat: np.ndarray, score: float, gt_mask: np.ndarray | None, vmax: float
-) -> None:
-    figure, axes = plt.subplots(1, 2, figsize=(6.4, 3.4))
+def save_overlay(path: Path, image: np.ndarray, normalized_map: np.ndarray, row: dict, gt_mask: np.ndarray | None):
+    """The input beside its normalised map on [0, 1] with the threshold (0.5) and ground-truth contours."""
+    figure, axes = plt.subplots(1, 2, figsize=(7.2, 3.4))
     axes[0].imshow(image)
-    axes[0].set_title("input")
+    axes[0].set_title(f"{row['class'] or 'unknown class'}" + ("" if row["label"] < 0 else f", label {row['label']}"))
     axes[1].imshow(image)
-    axes[1].imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=vmax)
+    heat = axes[1].imshow(normalized_map, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+    if normalized_map.max() >= 0.5:
+        axes[1].contour(normalized_map, levels=[0.5], colors="white", linewidths=1.0)
     if gt_mask is not None and gt_mask.any():
-        axes[1].contour(gt_mask, levels=[0.5], colors="white", linewidths=1.0)
-    axes[1].set_title(f"anomaly map, score {score:.4f}")
+        axes[1].contour(gt_mask, levels=[0.5], colors="lime", linewidths=1.0, linestyles="dashed")
+    verdict = "anomalous" if row["decision"] else "good"
+    axes[1].set_title(f"{verdict}: {row['normalized_score']:.2f} (score {row['image_score']:.4f})")
+    figure.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.02, ticks=[0.0, 0.5, 1.0])
     for axis in axes:
         axis.axis("off")
     figure.tight_layout()
@@ -100,6 +110,7 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
         name = f"{dataset.replace('/', '_')}_{split}"
     out_dir = Path(workdir) / "predictions" / name
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    statistics = _statistics_lookup(config, workdir, None if Path(source).is_dir() else dataset)
 
     predict_fn = evaluate.make_predict_fn(model, mesh)
     rows, overlays = [], []
@@ -107,33 +118,61 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
         inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
         out = sharding.gather(predict_fn(variables, inputs["specific_images"], inputs["modality_mask"]))
         for row in np.flatnonzero(batch["valid"]):
+            class_name = str(batch["class_name"][row]) or config.predict.class_name
+            stats = statistics(class_name)
+            score = out["image_score"][row]
             record = {
                 "path": str(batch["path"][row]),
-                "class": str(batch["class_name"][row]),
+                "class": class_name,
                 "label": int(batch["label"][row]),
-                "image_score": float(out["image_score"][row]),
+                "image_score": float(score),
+                "normalized_score": float(calibrate.normalize(score, *dataclasses.astuple(stats))),
+                "decision": int(score >= np.float32(stats.threshold)),
+                "threshold": stats.threshold,
             }
             rows.append(record)
             if len(overlays) < config.predict.max_overlays:
                 first_type = str(batch["modality_types"][row]).split(",")[0]
                 gt = None if batch["gt_mask"] is None else batch["gt_mask"][row]
-                overlays.append(
-                    (
-                        displayable(batch["specific_images"][row, 0], first_type),
-                        out["anomaly_map"][row],
-                        record["image_score"],
-                        gt,
-                    )
-                )
+                normalized_map = np.asarray(calibrate.normalize(out["anomaly_map"][row], *dataclasses.astuple(stats)))
+                overlays.append((displayable(batch["specific_images"][row, 0], first_type), normalized_map, gt))
     with open(out_dir / "scores.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "class", "label", "image_score"])
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    vmax = max((float(o[1].max()) for o in overlays), default=1.0)
-    for index, (image, heat, score, gt) in enumerate(overlays):
+    (out_dir / "scores.json").write_text(json.dumps(rows, indent=1))
+    for index, (image, normalized_map, gt) in enumerate(overlays):
         name = Path(rows[index]["path"]).with_suffix("").as_posix().strip("/").replace("/", "_")
-        save_overlay(out_dir / "overlays" / f"{index:04d}_{name}.png", image, heat, score, gt, vmax)
+        save_overlay(out_dir / "overlays" / f"{index:04d}_{name}.png", image, normalized_map, rows[index], gt)
     print(
         f"wrote {len(rows)} scores to {out_dir / 'scores.csv'} and {len(overlays)} overlays to {out_dir / 'overlays'}"
     )
     return out_dir
+
+
+def _statistics_lookup(config: ml_collections.ConfigDict, workdir: str | Path, dataset: str | None):
+    """`class name -> calibrate.Statistics` (overrides applied) for the images of `dataset` (None: a folder's).
+
+    A folder's images belong to the dataset calibrated with `config.predict.class_name`; an unknown
+    class takes the dataset-level statistics of the first evaluation dataset, and says so.
+    """
+    latest = checkpoints.latest_record(workdir)
+    record = calibrate.load(workdir, latest[0] if latest else None)
+    if dataset is None:
+        wanted = config.predict.class_name
+        holding = [name for name, entry in record["datasets"].items() if wanted in entry["classes"]]
+        if wanted and not holding:
+            known = sorted({c for entry in record["datasets"].values() for c in entry["classes"]})
+            raise InvalidDataError(f"config.predict.class_name={wanted!r} is not a calibrated class; known: {known}")
+        dataset = holding[0] if holding else eval_datasets(config)[0]
+    cache = {}
+
+    def lookup(class_name: str) -> calibrate.Statistics:
+        if class_name not in cache:
+            stats, source = calibrate.statistics_for(record, dataset, class_name)
+            cache[class_name] = calibrate.override(stats, config.predict.threshold, config.predict.sensitivity)
+            threshold = cache[class_name].threshold
+            print(f"images of {class_name or 'unknown class'}: threshold {threshold:.6g} from {source}")
+        return cache[class_name]
+
+    return lookup
