@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from unimmad_jax import anomaly_map, convert, model_io  # noqa: E402
 from unimmad_jax.losses import LossConfig, total_loss  # noqa: E402
+from unimmad_jax.models.layers import CONV_IMPLS  # noqa: E402
 from unimmad_jax.models.unimmad import UniMMAD  # noqa: E402
 
 TOLERANCES = {  # docs/parity.md#tolerances
@@ -192,6 +193,9 @@ def main(argv=None) -> int:
     parser.add_argument("--case", required=True, help="a parity case .npz laid out like official_128.npz")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--skip-gradients", action="store_true", help="leave out the float64 gradient rows")
+    parser.add_argument(
+        "--conv-impl", choices=CONV_IMPLS, help="the layer forms (model.conv_impl); default: the checkpoint's"
+    )
     args = parser.parse_args(argv)
 
     kind, cfg, variables = model_io.load(args.checkpoint)
@@ -202,7 +206,7 @@ def main(argv=None) -> int:
     if images.shape[2] != cfg.image_size:
         raise SystemExit(f"the case is {images.shape[2]} px, the checkpoint {cfg.image_size} px")
     valid = reference_pairs(case, mask)
-    model = UniMMAD(dataclasses.replace(cfg, dtype="float32"))
+    model = UniMMAD(dataclasses.replace(cfg, dtype="float32", conv_impl=args.conv_impl or cfg.conv_impl))
     variables = jax.tree_util.tree_map(jnp.asarray, variables)
 
     report = Report()

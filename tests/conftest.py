@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+# CPU only: with libtpu installed (the TPU compiler, tests/test_tpu_compile.py) JAX would otherwise look for a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import tempfile  # noqa: E402

@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,8 +104,9 @@ def test_padded_pairs_change_no_output_loss_or_statistic():
     assert not np.allclose(stats_all_valid["cond_bn"]["var"], stats["cond_bn"]["var"])
 
 
+@pytest.mark.parametrize("conv_impl", ["cpu", "native"])
 @pytest.mark.parametrize("kernel", [1, 3, 5])
-def test_per_sample_conv_sharded_over_eight_devices(kernel):
+def test_per_sample_conv_sharded_over_eight_devices(kernel, conv_impl):
     """Each sample's own kernel, also when the batch is split over devices (XLA once got 1x1 wrong there)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -111,5 +114,7 @@ def test_per_sample_conv_sharded_over_eight_devices(kernel):
     kernels = jax.random.normal(jax.random.key(1), (8, kernel, kernel, 4, 5))
     expected = jnp.concatenate([conv_same(x[i : i + 1], kernels[i]) for i in range(8)])
     split = NamedSharding(Mesh(np.asarray(jax.devices()[:8]), ("data",)), PartitionSpec("data"))
-    sharded = jax.jit(cmoe.per_sample_conv, in_shardings=(split, split))(x, kernels)
+    sharded = jax.jit(functools.partial(cmoe.per_sample_conv, conv_impl=conv_impl), in_shardings=(split, split))(
+        x, kernels
+    )
     np.testing.assert_allclose(sharded, expected, atol=1e-4)

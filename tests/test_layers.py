@@ -1,10 +1,14 @@
+import dataclasses
+
 import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from unimmad_jax.losses import LossConfig, total_loss
 from unimmad_jax.models import layers
+from unimmad_jax.models.unimmad import UniMMAD, abstract_variables, init_variables
 
 
 def torch_conv_transpose(x, weight, stride, padding, bias=None):
@@ -24,13 +28,14 @@ def torch_conv_transpose(x, weight, stride, padding, bias=None):
     return out if bias is None else out + bias[:, None, None]
 
 
+@pytest.mark.parametrize("conv_impl", ["cpu", "native"])
 @pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (4, 2, 1)])
-def test_conv_transpose_is_pytorch_scatter(kernel, stride, padding):
+def test_conv_transpose_is_pytorch_scatter(kernel, stride, padding, conv_impl):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 5, 6))
     weight = rng.standard_normal((3, 4, kernel, kernel))
     bias = rng.standard_normal(4)
-    module = layers.conv_transpose(4, kernel, stride=stride, padding=padding, bias=True)
+    module = layers.conv_transpose(4, kernel, stride=stride, padding=padding, bias=True, conv_impl=conv_impl)
     params = {"params": {"kernel": jnp.asarray(weight.transpose(2, 3, 1, 0)), "bias": jnp.asarray(bias)}}
     ours = module.apply(params, jnp.asarray(x.transpose(1, 2, 0))[None])[0]
     expected = torch_conv_transpose(x, weight, stride, padding, bias)
@@ -77,11 +82,12 @@ def test_gelu_is_exact_erf_form():
     assert abs(float(layers.gelu(x)) - 0.8413447460685429) < 1e-6  # x * Phi(x); tanh form gives 0.84119
 
 
+@pytest.mark.parametrize("conv_impl", ["cpu", "native"])
 @pytest.mark.parametrize("kernel", [1, 3, 5])
-def test_depthwise_conv_is_grouped_convolution(kernel):
+def test_depthwise_conv_is_grouped_convolution(kernel, conv_impl):
     x = jax.random.normal(jax.random.key(0), (2, 7, 6, 4))
     weight = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 4))
-    ours = layers.DepthwiseConv(kernel).apply({"params": {"kernel": weight}}, x)
+    ours = layers.DepthwiseConv(kernel, conv_impl=conv_impl).apply({"params": {"kernel": weight}}, x)
     pad = kernel // 2
     expected = jax.lax.conv_general_dilated(
         x, weight, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4
@@ -89,13 +95,14 @@ def test_depthwise_conv_is_grouped_convolution(kernel):
     np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("conv_impl", ["cpu", "native"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_pointwise_conv_is_a_1x1_convolution(stride):
+def test_pointwise_conv_is_a_1x1_convolution(stride, conv_impl):
     x = jax.random.normal(jax.random.key(0), (2, 7, 6, 4))
     kernel = jax.random.normal(jax.random.key(1), (1, 1, 4, 3))
     bias = jax.random.normal(jax.random.key(2), (3,))
-    module = layers.conv(3, 1, stride=stride, bias=True)
-    assert isinstance(module, layers.PointwiseConv)
+    module = layers.conv(3, 1, stride=stride, bias=True, conv_impl=conv_impl)
+    assert isinstance(module, layers.PointwiseConv) == (conv_impl == "cpu")
     ours = module.apply({"params": {"kernel": kernel, "bias": bias}}, x)
     expected = (
         jax.lax.conv_general_dilated(
@@ -106,15 +113,66 @@ def test_pointwise_conv_is_a_1x1_convolution(stride):
     np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("conv_impl", ["cpu", "native"])
 @pytest.mark.parametrize("channels", [512, 170, 8])
-def test_group_norm_is_flax_group_norm_with_first_divisor_groups(channels):
+def test_group_norm_is_flax_group_norm_with_first_divisor_groups(channels, conv_impl):
     x = 3.0 + jax.random.normal(jax.random.key(0), (2, 5, 4, channels))
     params = {
         "scale": jax.random.normal(jax.random.key(1), (channels,)),
         "bias": jax.random.normal(jax.random.key(2), (channels,)),
     }
-    ours = layers.GroupNorm().apply({"params": params}, x)
+    ours = layers.GroupNorm(conv_impl=conv_impl).apply({"params": params}, x)
     expected = flax.linen.GroupNorm(
         num_groups=layers.group_count(channels), epsilon=1e-5, use_fast_variance=False
     ).apply({"params": params}, x)
     np.testing.assert_allclose(ours, expected, atol=2e-5)
+
+
+def test_auto_conv_impl_follows_the_backend_and_unknown_impls_are_named():
+    assert layers.native_forms("auto") == (jax.default_backend() != "cpu")
+    assert layers.native_forms("native") and not layers.native_forms("cpu")
+    with pytest.raises(ValueError, match="conv_impl='gpu'"):
+        layers.native_forms("gpu")
+
+
+def test_conv_impls_agree_in_float64_on_the_tiny_model(tiny_config):
+    """The CPU and native forms take the same parameters and give the same outputs and gradients."""
+    models = {
+        impl: UniMMAD(dataclasses.replace(tiny_config, conv_impl=impl, dtype="float64")) for impl in ("cpu", "native")
+    }
+    cpu_variables = init_variables(models["cpu"], seed=0, slots=2)
+    native_shapes = abstract_variables(models["native"].config, slots=2)
+    assert jax.tree_util.tree_structure(cpu_variables) == jax.tree_util.tree_structure(native_shapes)
+    assert jax.tree_util.tree_map(jnp.shape, cpu_variables) == jax.tree_util.tree_map(jnp.shape, native_shapes)
+
+    size = tiny_config.image_size
+    with jax.enable_x64(True):
+        variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), cpu_variables)
+        images = jax.random.normal(jax.random.key(1), (2, 2, size, size, 3), jnp.float64)
+        mask = jnp.array([[True, True], [True, False]])
+
+        def run(model):
+            def loss_fn(params):
+                out, _ = model.apply(
+                    {"params": params, "batch_stats": variables["batch_stats"]},
+                    images,
+                    mask,
+                    train=True,
+                    mutable=["batch_stats"],
+                )
+                loss, _ = total_loss(out, jnp.ones(2, jnp.float64), jnp.int32(0), LossConfig())
+                return loss, out.decompressed
+
+            return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+
+        (cpu_loss, cpu_out), cpu_grads = run(models["cpu"])
+        (native_loss, native_out), native_grads = run(models["native"])
+    np.testing.assert_allclose(native_loss, cpu_loss, rtol=1e-12)
+    for ours, expected in zip(native_out, cpu_out):
+        np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-11)
+    assert jax.tree_util.tree_structure(native_grads) == jax.tree_util.tree_structure(cpu_grads)
+    for (path, ours), expected in zip(
+        jax.tree_util.tree_leaves_with_path(native_grads), jax.tree_util.tree_leaves(cpu_grads)
+    ):
+        # atol: gradients that are zero but for rounding (a bias before a normalisation)
+        np.testing.assert_allclose(ours, expected, rtol=1e-8, atol=1e-12, err_msg=jax.tree_util.keystr(path))

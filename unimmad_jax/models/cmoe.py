@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unimmad_jax.models.layers import ConvNormAct, Dtype, NormAct, batch_norm, gelu
+from unimmad_jax.models.layers import ConvNormAct, Dtype, NormAct, batch_norm, conv_nhwc, gelu, native_forms
 
 
 class Routing(NamedTuple):
@@ -64,12 +64,25 @@ def identity_kernel(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> 
     return jnp.zeros(shape, dtype).at[k // 2, k // 2].set(jnp.eye(channels, dtype=dtype))
 
 
-@jax.checkpoint
-def per_sample_conv(x: jax.Array, kernels: jax.Array) -> jax.Array:
+def per_sample_conv(x: jax.Array, kernels: jax.Array, conv_impl: str) -> jax.Array:
     """Convolve sample b of `x [B, h, w, C]` with its own kernel `kernels[b] [k, k, C, O]` ('same' padding).
 
-    k*k shifted per-sample matrix products rather than a batch-grouped convolution, and
-    rematerialised for the backward pass: see docs/performance.md#per-pair-convolutions.
+    Native form: one convolution with the samples folded into feature groups (what `vmap` of a
+    convolution over samples gives); 1x1 kernels as one batched matrix product.
+    """
+    if not native_forms(conv_impl):
+        return shifted_per_sample_conv(x, kernels)
+    k = kernels.shape[1]
+    if k == 1:
+        return jnp.einsum("bhwi,bio->bhwo", x, kernels[:, 0, 0])
+    pad = k // 2
+    return jax.vmap(lambda image, kernel: conv_nhwc(image[None], kernel, padding=((pad, pad),) * 2)[0])(x, kernels)
+
+
+@jax.checkpoint
+def shifted_per_sample_conv(x: jax.Array, kernels: jax.Array) -> jax.Array:
+    """The CPU form of `per_sample_conv`: k*k shifted per-sample matrix products, rematerialised for
+    the backward pass (docs/performance.md#per-pair-convolutions).
     """
     num_samples, k, _, channels, out_channels = kernels.shape
     pad = k // 2
@@ -95,7 +108,7 @@ def fold_post(pixels: int, k: int, channels: int, pairs: int) -> bool:
     return folded <= after
 
 
-def pair_conv(x: jax.Array, kernels: jax.Array) -> jax.Array:
+def pair_conv(x: jax.Array, kernels: jax.Array, conv_impl: str) -> jax.Array:
     """`x [B, h, w, C]` per sample, `kernels [P, k, k, C, O]` per pair (P = B * S) -> `[P, h, w, O]`.
 
     Sample b's S pair kernels side by side: one convolution per sample yields all its pairs.
@@ -104,7 +117,7 @@ def pair_conv(x: jax.Array, kernels: jax.Array) -> jax.Array:
     pairs, k, _, channels, out = kernels.shape
     slots = pairs // num_samples
     per_sample = kernels.reshape(num_samples, slots, k, k, channels, out).transpose(0, 2, 3, 4, 1, 5)
-    y = per_sample_conv(x, per_sample.reshape(num_samples, k, k, channels, slots * out))
+    y = per_sample_conv(x, per_sample.reshape(num_samples, k, k, channels, slots * out), conv_impl)
     return y.reshape(num_samples, height, width, slots, out).transpose(0, 3, 1, 2, 4).reshape(pairs, height, width, out)
 
 
@@ -116,12 +129,13 @@ class MiMoE(nn.Module):
     router_num: int
     top_k: int
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, general_map: jax.Array, stats: jax.Array, base: jax.Array) -> tuple[jax.Array, Routing]:
         """`general_map [B, h, w, C]` per sample, `stats [P, C]` per pair (P = B * S), `base [N, k, k, C, C]`."""
         c, k = self.embed_dim, self.kernel
-        x = ConvNormAct(c, dtype=self.dtype, name="pre")(general_map)
+        x = ConvNormAct(c, dtype=self.dtype, conv_impl=self.conv_impl, name="pre")(general_map)
         routing = Router(self.router_num, self.top_k, self.dtype, name="router")(stats)
         leader_logits = self.param("leader_logits", nn.initializers.normal(1.0), (self.router_num, base.shape[0], c))
         fixed = self.param("fixed_expert", identity_kernel, (k, k, c, c))
@@ -135,11 +149,11 @@ class MiMoE(nn.Module):
         routed = jnp.einsum("pnc,nhwic->phwic", mixing, base.astype(dtype))
         if fold_post(x.shape[1] * x.shape[2], k, c, routed.shape[0]):
             kernels = jnp.einsum("hwic,co->hwio", fixed, post[:c]) + jnp.einsum("phwic,co->phwio", routed, post[c:])
-            y = pair_conv(x, kernels)
+            y = pair_conv(x, kernels, self.conv_impl)
         else:
             kernels = jnp.concatenate([jnp.broadcast_to(fixed, routed.shape), routed], axis=-1)
-            y = jnp.einsum("phwc,co->phwo", pair_conv(x, kernels), post)
-        return NormAct(self.dtype, name="post_norm")(y), routing
+            y = jnp.einsum("phwc,co->phwo", pair_conv(x, kernels, self.conv_impl), post)
+        return NormAct(self.dtype, self.conv_impl, name="post_norm")(y), routing
 
 
 class PairConcatConv(nn.Module):
@@ -188,6 +202,7 @@ class CrossMoE(nn.Module):
     top_k: int = 2
     kernels: Sequence[int] = (1, 3, 5)
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(
@@ -195,12 +210,12 @@ class CrossMoE(nn.Module):
     ) -> tuple[jax.Array, jax.Array, list[Routing]]:
         c = self.embed_dim
         # The reference's `key` and `query` projections (their parameter names stay).
-        general_map = ConvNormAct(c, dtype=self.dtype, name="key")(general)
-        prior_map = ConvNormAct(c, dtype=self.dtype, name="query")(prior)
+        general_map = ConvNormAct(c, dtype=self.dtype, conv_impl=self.conv_impl, name="key")(general)
+        prior_map = ConvNormAct(c, dtype=self.dtype, conv_impl=self.conv_impl, name="query")(prior)
         cond = PairConcatConv(c, dtype=self.dtype, name="cond_conv")(general_map, prior_map)
         cond = batch_norm(train, dtype=self.dtype, name="cond_bn")(cond, mask=pair_mask[:, None, None, None])
-        cond = NormAct(self.dtype, name="cond_act")(gelu(cond))
-        cond = ConvNormAct(c, dtype=self.dtype, name="cond_proj")(cond)
+        cond = NormAct(self.dtype, self.conv_impl, name="cond_act")(gelu(cond))
+        cond = ConvNormAct(c, dtype=self.dtype, conv_impl=self.conv_impl, name="cond_proj")(cond)
         stats = jnp.mean(cond, axis=(1, 2))
 
         outputs, routings = [], []
@@ -210,11 +225,13 @@ class CrossMoE(nn.Module):
                 nn.initializers.lecun_normal(in_axis=(1, 2, 3), out_axis=4, batch_axis=0),
                 (self.base_num, k, k, c, c),
             )
-            out, routing = MiMoE(k, c, self.router_num, self.top_k, self.dtype, name=f"mimoe_k{k}")(
+            out, routing = MiMoE(k, c, self.router_num, self.top_k, self.dtype, self.conv_impl, name=f"mimoe_k{k}")(
                 general_map, stats, base
             )
             outputs.append(out)
             routings.append(routing)
-        y = ConvNormAct(self.features, dtype=self.dtype, name="out")(jnp.concatenate(outputs, axis=-1))
+        y = ConvNormAct(self.features, dtype=self.dtype, conv_impl=self.conv_impl, name="out")(
+            jnp.concatenate(outputs, axis=-1)
+        )
         loss = sum(balance_loss(r, pair_mask) for r in routings)
         return y, loss, routings

@@ -22,6 +22,7 @@ class InputEmbedding(nn.Module):
     stem_widths: Sequence[int] = (24, 48)
     out_channels: int = 3
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, share_image: jax.Array, train: bool) -> jax.Array:
@@ -31,7 +32,14 @@ class InputEmbedding(nn.Module):
         x = share_image + jnp.asarray(position, self.dtype or jnp.result_type(share_image, position))
         y = x
         for i, width in enumerate(self.stem_widths):
-            y = conv(width, 3, bias=True, dtype=self.dtype, name=f"stem_conv{i}")(y)
+            y = conv(width, 3, bias=True, dtype=self.dtype, conv_impl=self.conv_impl, name=f"stem_conv{i}")(y)
             y = nn.relu(batch_norm(train, dtype=self.dtype, name=f"stem_bn{i}")(y))
-        y = conv(self.out_channels, 3, bias=True, dtype=self.dtype, name=f"stem_conv{len(self.stem_widths)}")(y)
-        return y + conv(self.out_channels, 1, bias=True, dtype=self.dtype, name="shortcut")(x)
+        y = conv(
+            self.out_channels,
+            3,
+            bias=True,
+            dtype=self.dtype,
+            conv_impl=self.conv_impl,
+            name=f"stem_conv{len(self.stem_widths)}",
+        )(y)
+        return y + conv(self.out_channels, 1, bias=True, dtype=self.dtype, conv_impl=self.conv_impl, name="shortcut")(x)

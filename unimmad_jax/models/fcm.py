@@ -24,14 +24,18 @@ class DownBlock(nn.Module):
     features: int
     stride: int
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = conv(self.features, 3, stride=self.stride, dtype=self.dtype, name="conv1")(x)
+        y = conv(self.features, 3, stride=self.stride, dtype=self.dtype, conv_impl=self.conv_impl, name="conv1")(x)
         y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(y))
-        y = conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
+        y = conv(self.features, 3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv2")(y)
         y = batch_norm(train, dtype=self.dtype, name="bn2")(y)
-        return nn.relu(y + conv(self.features, 1, stride=self.stride, dtype=self.dtype, name="shortcut")(x))
+        return nn.relu(
+            y
+            + conv(self.features, 1, stride=self.stride, dtype=self.dtype, conv_impl=self.conv_impl, name="shortcut")(x)
+        )
 
 
 class UpBlock(nn.Module):
@@ -39,16 +43,24 @@ class UpBlock(nn.Module):
 
     features: int
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = conv_transpose(self.features, 2, stride=2, dtype=self.dtype, name="conv1")(x)
+        y = conv_transpose(self.features, 2, stride=2, dtype=self.dtype, conv_impl=self.conv_impl, name="conv1")(x)
         y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(y))
-        y = conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
+        y = conv(self.features, 3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv2")(y)
         y = batch_norm(train, dtype=self.dtype, name="bn2")(y)
-        shortcut = conv_transpose(self.features, 4, stride=2, padding=1, bias=True, dtype=self.dtype, name="shortcut")(
-            x
-        )
+        shortcut = conv_transpose(
+            self.features,
+            4,
+            stride=2,
+            padding=1,
+            bias=True,
+            dtype=self.dtype,
+            conv_impl=self.conv_impl,
+            name="shortcut",
+        )(x)
         return nn.relu(y + shortcut)
 
 
@@ -58,11 +70,12 @@ class SeparableBranch(nn.Module):
     kernel: int
     features: int
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = DepthwiseConv(self.kernel, self.dtype, name="depthwise")(x)
-        return ConvNormAct(self.features, dtype=self.dtype, name="pointwise")(x)
+        x = DepthwiseConv(self.kernel, self.dtype, self.conv_impl, name="depthwise")(x)
+        return ConvNormAct(self.features, dtype=self.dtype, conv_impl=self.conv_impl, name="pointwise")(x)
 
 
 class InnerBottleneck(nn.Module):
@@ -71,19 +84,29 @@ class InnerBottleneck(nn.Module):
     kernel: int
     features: int
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, levels: Sequence[jax.Array]) -> jax.Array:
         branch_features = self.features // len(levels)
         y = jnp.concatenate(
             [
-                SeparableBranch(self.kernel, branch_features, self.dtype, name=f"level{i}")(x)
+                SeparableBranch(self.kernel, branch_features, self.dtype, self.conv_impl, name=f"level{i}")(x)
                 for i, x in enumerate(levels)
             ],
             axis=-1,
         )
-        y = conv(self.features, 2, stride=2, padding=0, bias=True, dtype=self.dtype, name="post_conv")(y)
-        return NormAct(self.dtype, name="post")(y)
+        y = conv(
+            self.features,
+            2,
+            stride=2,
+            padding=0,
+            bias=True,
+            dtype=self.dtype,
+            conv_impl=self.conv_impl,
+            name="post_conv",
+        )(y)
+        return NormAct(self.dtype, self.conv_impl, name="post")(y)
 
 
 class DecoderBottleneck(nn.Module):
@@ -93,21 +116,24 @@ class DecoderBottleneck(nn.Module):
     width: int
     upsample: bool = False
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         out_features = self.planes * EXPANSION
-        y = conv(self.width, 1, dtype=self.dtype, name="conv1")(x)
+        y = conv(self.width, 1, dtype=self.dtype, conv_impl=self.conv_impl, name="conv1")(x)
         y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(y))
         if self.upsample:
-            y = conv_transpose(self.width, 2, stride=2, dtype=self.dtype, name="conv2")(y)
+            y = conv_transpose(self.width, 2, stride=2, dtype=self.dtype, conv_impl=self.conv_impl, name="conv2")(y)
         else:
-            y = conv(self.width, 3, dtype=self.dtype, name="conv2")(y)
+            y = conv(self.width, 3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv2")(y)
         y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(y))
-        y = conv(out_features, 1, dtype=self.dtype, name="conv3")(y)
+        y = conv(out_features, 1, dtype=self.dtype, conv_impl=self.conv_impl, name="conv3")(y)
         y = batch_norm(train, dtype=self.dtype, name="bn3")(y)
         if self.upsample:
-            x = conv_transpose(out_features, 2, stride=2, dtype=self.dtype, name="upsample_conv")(x)
+            x = conv_transpose(
+                out_features, 2, stride=2, dtype=self.dtype, conv_impl=self.conv_impl, name="upsample_conv"
+            )(x)
             x = batch_norm(train, dtype=self.dtype, name="upsample_bn")(x)
         return nn.relu(y + x)
 
@@ -125,28 +151,39 @@ class FeatureCompressorDecoder(nn.Module):
     embed_dim: int = 512
     bottleneck_kernels: Sequence[int] = (1, 3, 5)
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, levels: Sequence[jax.Array], train: bool) -> list[jax.Array]:
         x1, x2, x3 = levels
-        d = self.dtype
+        d, impl = self.dtype, self.conv_impl
         aligned = [
-            DownBlock(self.embed_dim, 2, d, name="down_level0")(x1, train),
-            DownBlock(self.embed_dim, 1, d, name="down_level1")(x2, train),
-            UpBlock(self.embed_dim, d, name="up_level2")(x3, train),
+            DownBlock(self.embed_dim, 2, d, impl, name="down_level0")(x1, train),
+            DownBlock(self.embed_dim, 1, d, impl, name="down_level1")(x2, train),
+            UpBlock(self.embed_dim, d, impl, name="up_level2")(x3, train),
         ]
         compressed = jnp.concatenate(
-            [InnerBottleneck(k, self.embed_dim, d, name=f"bottleneck_k{k}")(aligned) for k in self.bottleneck_kernels],
+            [
+                InnerBottleneck(k, self.embed_dim, d, impl, name=f"bottleneck_k{k}")(aligned)
+                for k in self.bottleneck_kernels
+            ],
             axis=-1,
         )
-        y = ConvNormAct(self.embed_dim, dtype=d, name="fuse")(compressed)
-        y = ConvNormAct(2 * EXPANSION * self.planes[-1], kernel=2, stride=2, padding=0, dtype=d, name="head")(y)
+        y = ConvNormAct(self.embed_dim, dtype=d, conv_impl=impl, name="fuse")(compressed)
+        y = ConvNormAct(
+            2 * EXPANSION * self.planes[-1], kernel=2, stride=2, padding=0, dtype=d, conv_impl=impl, name="head"
+        )(y)
         decoded = []
         for stage, (planes, blocks) in enumerate(zip(reversed(self.planes), self.blocks)):
             for block in range(blocks):
                 y = DecoderBottleneck(
-                    planes, self.width_factor * planes, upsample=block == 0, dtype=d, name=f"decoder{stage + 1}_{block}"
+                    planes,
+                    self.width_factor * planes,
+                    upsample=block == 0,
+                    dtype=d,
+                    conv_impl=impl,
+                    name=f"decoder{stage + 1}_{block}",
                 )(y, train)
             decoded.append(y)
         decoded.reverse()
-        return [conv(f.shape[-1], 1, dtype=d, name=f"final{i}")(f) for i, f in enumerate(decoded)]
+        return [conv(f.shape[-1], 1, dtype=d, conv_impl=impl, name=f"final{i}")(f) for i, f in enumerate(decoded)]

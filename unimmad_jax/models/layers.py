@@ -2,6 +2,12 @@
 
 Every module takes a compute `dtype` (the model passes `ModelConfig.dtype`: float32, bfloat16,
 or float64 for parity checks); parameters stay float32.  `None` follows the inputs and parameters.
+
+Convolutions and norms also take a `conv_impl` (`CONV_IMPLS`): "native" computes them in the
+standard XLA forms that the TPU and GPU compilers are built for; "cpu" in forms that XLA runs
+faster on a CPU (matrix products per tap, shifted products, a channel-first reduction); "auto"
+picks by `jax.default_backend()`.  Both forms take the same parameters and agree to rounding
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -18,13 +24,30 @@ BATCH_NORM_MOMENTUM = 0.9
 """Flax's weight of the old running statistics: PyTorch's momentum 0.1."""
 
 
+CONV_IMPLS = ("auto", "cpu", "native")
+
+
+def native_forms(conv_impl: str) -> bool:
+    """Whether `conv_impl` selects the standard XLA forms: "native", or "auto" on any backend but the CPU."""
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl={conv_impl!r} is not one of {CONV_IMPLS}")
+    return conv_impl == "native" or (conv_impl == "auto" and jax.default_backend() != "cpu")
+
+
+def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int = 1, padding=((0, 0), (0, 0)), **options) -> jax.Array:
+    """`lax.conv_general_dilated` on channels-last inputs and `[kh, kw, in, out]` kernels."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), **options
+    )
+
+
 def group_count(channels: int) -> int:
     """GN(C): the first of 32, 16, 8, 4, 2, 1 groups that divides C."""
     return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
 
 
 class PointwiseConv(nn.Module):
-    """A 1x1 `Conv2d` (kernel `[1, 1, in, out]`) as a matrix product over channels.
+    """The CPU form of a 1x1 `Conv2d` (kernel `[1, 1, in, out]`): a matrix product over channels.
 
     A stride keeps every stride-th pixel, as a 1x1 convolution does (docs/performance.md#pointwise-convolutions).
     """
@@ -51,11 +74,12 @@ def conv(
     padding: int | None = None,
     bias: bool = False,
     dtype: Dtype = None,
+    conv_impl: str = "auto",
     name: str | None = None,
 ) -> nn.Module:
     """A PyTorch `Conv2d`: symmetric explicit padding (default k // 2), no bias unless asked."""
     pad = kernel // 2 if padding is None else padding
-    if kernel == 1 and pad == 0:
+    if kernel == 1 and pad == 0 and not native_forms(conv_impl):
         return PointwiseConv(features, stride, bias, dtype, name=name)
     return nn.Conv(
         features,
@@ -72,8 +96,11 @@ class ConvTranspose(nn.Module):
     """PyTorch's `ConvTranspose2d` (scatter semantics) when `kernel - 2 * padding == stride`: out = stride * in.
 
     The kernel is stored `[kh, kw, out, in]`: PyTorch's `[in, out, kh, kw]` transposed by (2, 3, 1, 0),
-    the same permutation as a plain convolution's weight.  Each tap is one matrix product of a
-    shifted input, added into its output phase (docs/performance.md#transposed-convolutions).
+    the same permutation as a plain convolution's weight.
+
+    Native form: the convolution of the input dilated by the stride (`lhs_dilation`) with the
+    spatially flipped kernel.  CPU form: each tap is one matrix product of a shifted input, added
+    into its output phase (docs/performance.md#transposed-convolutions).
     """
 
     features: int
@@ -82,6 +109,7 @@ class ConvTranspose(nn.Module):
     padding: int = 0
     use_bias: bool = False
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -91,6 +119,10 @@ class ConvTranspose(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, self.features, x.shape[-1]))
         bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if native_forms(self.conv_impl):
+            flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+            y = conv_nhwc(x, flipped, padding=((k - 1 - p, k - 1 - p),) * 2, lhs_dilation=(s, s))
+            return y if bias is None else y + bias
         batch, height, width, _ = x.shape
         offsets = [(r + p - tap) // s for tap in range(k) for r in [(tap - p) % s]]
         margin = max(abs(o) for o in offsets)
@@ -113,22 +145,27 @@ class ConvTranspose(nn.Module):
 class DepthwiseConv(nn.Module):
     """A PyTorch depthwise `Conv2d` (groups = channels, 'same' padding, no bias), kernel `[k, k, 1, C]`.
 
-    A sum of k*k shifted, per-channel scaled copies of the input (docs/performance.md#depthwise-convolutions).
+    Native form: a grouped convolution, one group a channel.  CPU form: a sum of k*k shifted,
+    per-channel scaled copies of the input (docs/performance.md#depthwise-convolutions).
     """
 
     kernel: int
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, x.shape[-1]))
-        return depthwise_conv(*nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype))
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        if native_forms(self.conv_impl):
+            return conv_nhwc(x, kernel, padding=((k // 2, k // 2),) * 2, feature_group_count=x.shape[-1])
+        return depthwise_conv(x, kernel)
 
 
 @jax.checkpoint
 def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`DepthwiseConv`'s computation; the backward pass recomputes the shifted copies from the inputs."""
+    """`DepthwiseConv`'s CPU form; the backward pass recomputes the shifted copies from the inputs."""
     k = kernel.shape[0]
     pad = k // 2
     height, width = x.shape[1:3]
@@ -144,10 +181,11 @@ def conv_transpose(
     padding: int = 0,
     bias: bool = False,
     dtype: Dtype = None,
+    conv_impl: str = "auto",
     name: str | None = None,
 ) -> ConvTranspose:
     """A PyTorch `ConvTranspose2d` (see `ConvTranspose`)."""
-    return ConvTranspose(features, kernel, stride, padding, use_bias=bias, dtype=dtype, name=name)
+    return ConvTranspose(features, kernel, stride, padding, use_bias=bias, dtype=dtype, conv_impl=conv_impl, name=name)
 
 
 def batch_norm(train: bool, *, dtype: Dtype = None, name: str | None = None) -> nn.BatchNorm:
@@ -165,11 +203,13 @@ def batch_norm(train: bool, *, dtype: Dtype = None, name: str | None = None) -> 
 class GroupNorm(nn.Module):
     """GN(C): groups from `group_count`, eps 1e-5, affine; statistics in at least float32.
 
-    Reduced per channel first, then per group (docs/performance.md#groupnorm); the variance is
-    taken of the deviations (two passes).
+    The variance is taken of the deviations (two passes).  Native form: one reduction over a
+    reshaped `[..., groups, channels per group]` array.  CPU form: reduced per channel first, then
+    per group (docs/performance.md#groupnorm).
     """
 
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -180,6 +220,13 @@ class GroupNorm(nn.Module):
         dtype = self.dtype or jnp.result_type(x, scale)
         stats_dtype = jnp.promote_types(dtype, jnp.float32)
         x32 = x.astype(stats_dtype)
+        if native_forms(self.conv_impl):
+            grouped = x32.reshape(batch, height, width, groups, channels // groups)
+            centred = grouped - jnp.mean(grouped, axis=(1, 2, 4), keepdims=True)
+            inverse_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=(1, 2, 4), keepdims=True) + 1e-5)
+            normalised = (centred * inverse_std).reshape(x.shape)
+            return (normalised * scale.astype(stats_dtype) + bias.astype(stats_dtype)).astype(dtype)
+
         count = height * width * (channels // groups)
 
         def per_group_mean(values):
@@ -196,10 +243,11 @@ class NormAct(nn.Module):
     """`norm_act(C)`: GroupNorm then ReLU."""
 
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.relu(GroupNorm(self.dtype, name="norm")(x))
+        return nn.relu(GroupNorm(self.dtype, self.conv_impl, name="norm")(x))
 
 
 class ConvNormAct(nn.Module):
@@ -210,11 +258,21 @@ class ConvNormAct(nn.Module):
     stride: int = 1
     padding: int | None = None
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = conv(self.features, self.kernel, stride=self.stride, padding=self.padding, dtype=self.dtype, name="conv")(x)
-        return nn.relu(GroupNorm(self.dtype, name="norm")(x))
+        impl = self.conv_impl
+        x = conv(
+            self.features,
+            self.kernel,
+            stride=self.stride,
+            padding=self.padding,
+            dtype=self.dtype,
+            conv_impl=impl,
+            name="conv",
+        )(x)
+        return nn.relu(GroupNorm(self.dtype, impl, name="norm")(x))
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

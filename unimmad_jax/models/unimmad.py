@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from unimmad_jax.models.cmoe import CrossMoE, Routing
 from unimmad_jax.models.embedding import InputEmbedding
 from unimmad_jax.models.fcm import FeatureCompressorDecoder
-from unimmad_jax.models.layers import l2_normalize
+from unimmad_jax.models.layers import CONV_IMPLS, l2_normalize
 from unimmad_jax.models.wide_resnet import EXPANSION, WideResNetFeatures
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
@@ -45,6 +45,9 @@ class ModelConfig:
     moe_kernels: tuple[int, ...] = (1, 3, 5)
     dtype: str = "float32"
     """The compute dtype, one of `COMPUTE_DTYPES`."""
+    conv_impl: str = "auto"
+    """Layer forms (`layers.CONV_IMPLS`): "cpu", "native" (standard XLA convolutions, for TPU and GPU) or
+    "auto" (by `jax.default_backend()`).  Both take the same parameters."""
 
     def __post_init__(self):
         if self.image_size % IMAGE_SIZE_MULTIPLE:
@@ -54,6 +57,8 @@ class ModelConfig:
             )
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r} is not one of {COMPUTE_DTYPES}")
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"model.conv_impl={self.conv_impl!r} is not one of {CONV_IMPLS}")
         if not 1 <= self.top_k <= self.router_num:
             raise ValueError(f"model.top_k={self.top_k} must be between 1 and model.router_num={self.router_num}")
 
@@ -104,13 +109,22 @@ class UniMMAD(nn.Module):
 
     def setup(self):
         cfg = self.config
-        dtype = cfg.compute_dtype
+        dtype, impl = cfg.compute_dtype, cfg.conv_impl
         wrn = dict(
-            planes=cfg.planes, blocks=cfg.blocks, width_factor=cfg.width_factor, stem_width=cfg.stem_width, dtype=dtype
+            planes=cfg.planes,
+            blocks=cfg.blocks,
+            width_factor=cfg.width_factor,
+            stem_width=cfg.stem_width,
+            dtype=dtype,
+            conv_impl=impl,
         )
-        self.embedding = InputEmbedding(cfg.image_size, 3 * cfg.max_modalities, cfg.embedding_widths, dtype=dtype)
+        self.embedding = InputEmbedding(
+            cfg.image_size, 3 * cfg.max_modalities, cfg.embedding_widths, dtype=dtype, conv_impl=impl
+        )
         self.encoder = WideResNetFeatures(**wrn)
-        self.fcm = FeatureCompressorDecoder(cfg.planes, cfg.blocks, cfg.width_factor, cfg.fcm_dim, dtype=dtype)
+        self.fcm = FeatureCompressorDecoder(
+            cfg.planes, cfg.blocks, cfg.width_factor, cfg.fcm_dim, dtype=dtype, conv_impl=impl
+        )
         self.prior = WideResNetFeatures(**wrn)
         self.cmoes = [
             CrossMoE(
@@ -121,6 +135,7 @@ class UniMMAD(nn.Module):
                 cfg.top_k,
                 cfg.moe_kernels,
                 dtype=dtype,
+                conv_impl=impl,
                 name=f"cmoe{level}",
             )
             for level, dim in enumerate(cfg.feature_dims)

@@ -24,18 +24,21 @@ class Bottleneck(nn.Module):
     stride: int = 1
     project: bool = False
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         out_features = self.planes * EXPANSION
-        y = conv(self.width, 1, dtype=self.dtype, name="conv1")(x)
+        y = conv(self.width, 1, dtype=self.dtype, conv_impl=self.conv_impl, name="conv1")(x)
         y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(y))
-        y = conv(self.width, 3, stride=self.stride, dtype=self.dtype, name="conv2")(y)
+        y = conv(self.width, 3, stride=self.stride, dtype=self.dtype, conv_impl=self.conv_impl, name="conv2")(y)
         y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(y))
-        y = conv(out_features, 1, dtype=self.dtype, name="conv3")(y)
+        y = conv(out_features, 1, dtype=self.dtype, conv_impl=self.conv_impl, name="conv3")(y)
         y = batch_norm(train, dtype=self.dtype, name="bn3")(y)
         if self.project:
-            x = conv(out_features, 1, stride=self.stride, dtype=self.dtype, name="downsample_conv")(x)
+            x = conv(
+                out_features, 1, stride=self.stride, dtype=self.dtype, conv_impl=self.conv_impl, name="downsample_conv"
+            )(x)
             x = batch_norm(train, dtype=self.dtype, name="downsample_bn")(x)
         return nn.relu(y + x)
 
@@ -52,10 +55,11 @@ class WideResNetFeatures(nn.Module):
     width_factor: int = 2
     stem_width: int = 64
     dtype: Dtype = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
-        x = conv(self.stem_width, 7, stride=2, padding=3, dtype=self.dtype, name="conv1")(x)
+        x = conv(self.stem_width, 7, stride=2, padding=3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv1")(x)
         x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         features = []
@@ -68,6 +72,7 @@ class WideResNetFeatures(nn.Module):
                     stride=2 if first and stage > 0 else 1,
                     project=first,
                     dtype=self.dtype,
+                    conv_impl=self.conv_impl,
                     name=f"layer{stage + 1}_{block}",
                 )(x, train)
             features.append(x)

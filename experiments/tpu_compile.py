@@ -1,0 +1,380 @@
+"""Compile the training (or evaluation) step for a TPU slice on this machine, without a TPU.
+
+    pip install "jax[tpu]==0.10.2"   # libtpu: the TPU compiler
+    python experiments/tpu_compile.py --config=configs/mvtec3d.py --config.model.dtype=bfloat16 \\
+        --topology=v5e:16x16 --global-batch=2048 --json=v5e_16x16.json
+    python experiments/tpu_compile.py --config=configs/unified.py --topology=v4:2x2x2 --chip-config=megacore \\
+        --find-max-batch
+
+The step is the one `unimmad_jax.main` runs: `train.make_train_step` (or `evaluate.make_predict_fn`
+with `--mode=eval`) over a data mesh of the topology's devices, traced from shapes alone and
+compiled ahead of time by libtpu's compiler ("deviceless"): nothing is computed.  Reported per
+device: the peak HBM (arguments, outputs, code), XLA's FLOPs and bytes accessed, the collectives
+of the compiled HLO with their bytes, a roofline step time from the chip's peak bf16 FLOP/s and
+HBM bandwidth (`CHIPS`), and the instructions and model layers that access the most bytes.
+`--find-max-batch` bisects the per-chip batch on whether the step compiles within the chip's HBM.
+
+`model.conv_impl` "auto" means the accelerator's layer forms here (the step is compiled for a TPU
+whatever this host is); `--config.model.conv_impl=cpu` compiles the CPU forms for comparison.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import sys
+import time
+from typing import NamedTuple
+
+# Compile for the TPU from this host: JAX itself runs on the CPU and must not look for a TPU; the
+# TPU_* variables only silence libtpu's start-up warnings about the (absent) TPU host.
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=False)
+flags.DEFINE_string("topology", "v5e:2x4", "A TPU topology, e.g. v5e:2x4, v5e:16x16, v4:2x2x2, v5p:2x2x1.")
+flags.DEFINE_string("chip-config", None, "libtpu's chip config, e.g. 'megacore' for v4 and v5p (one device a chip).")
+flags.DEFINE_integer("global-batch", None, "Images per step over all devices; default: 8 per device.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "The training step or the evaluation (predict) step.")
+flags.DEFINE_string("json", None, "Write the report here.")
+flags.DEFINE_bool("find-max-batch", False, "Also bisect the largest per-device batch that fits.")
+flags.DEFINE_integer("top", 12, "How many instructions and layers to list by bytes accessed.")
+flags.DEFINE_string("hlo", None, "Write the compiled HLO text here.")
+FLAGS = flags.FLAGS
+
+DEFAULT_PER_DEVICE_BATCH = 8
+
+
+class Chip(NamedTuple):
+    """Public per-chip figures (Google Cloud TPU documentation): dense bf16 FLOP/s, HBM bandwidth and capacity."""
+
+    name: str
+    bf16_flops: float
+    hbm_bytes_per_s: float
+    hbm_bytes: int
+
+
+CHIPS = {  # by the device kind libtpu reports
+    "TPU v4": Chip("v4", 275e12, 1228e9, 32 * 2**30),
+    "TPU v5 lite": Chip("v5e", 197e12, 819e9, 16 * 2**30),
+    "TPU v5": Chip("v5p", 459e12, 2765e9, 95 * 2**30),
+    "TPU v6 lite": Chip("v6e", 918e12, 1640e9, 32 * 2**30),
+}
+
+DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
+SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(.*)$")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+NO_TRAFFIC = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "after-all", "partition-id"}
+NO_TRAFFIC |= {f"{c}-done" for c in COLLECTIVES} | {"copy-done", "opt-barrier"}
+NOT_LAYERS = {"UniMMAD", "checkpoint", "remat", "rematted_computation", "train_step", "predict_step", "loss_fn"}
+
+
+def shape_bytes(text: str) -> int:
+    """Bytes of an HLO shape (a tuple's: all its elements), layouts and tiling ignored."""
+    total = 0
+    for dtype, dims in SHAPE.findall(text):
+        count = 1
+        for d in filter(None, dims.split(",")):
+            count *= int(d)
+        total += count * DTYPE_BYTES[dtype]
+    return total
+
+
+def layer_of(metadata: str) -> str:
+    """The model layer an instruction comes from: the module path of its `op_name`, " (backward)" for a
+    gradient, without JAX's transformations, its primitive and the repetitions that rematerialising adds."""
+    match = re.search(r'op_name="([^"]*)"', metadata)
+    if not match:
+        return "(no source)"
+    tokens = match.group(1).split("/")[1:-1]
+    backward = any(t.startswith("transpose(") for t in tokens)
+    path = []
+    for token in tokens:
+        while re.fullmatch(r"\w+\((.*)\)", token):
+            token = re.fullmatch(r"\w+\((.*)\)", token).group(1)
+        if re.fullmatch(r"\w+", token) and token not in NOT_LAYERS:
+            path.append(token)
+    for size in range(len(path) // 2, 0, -1):  # A/B/A/B/C -> A/B/C
+        for start in range(len(path) - 2 * size + 1):
+            if path[start : start + size] == path[start + size : start + 2 * size]:
+                del path[start : start + size]
+                break
+    return ("/".join(path) or "(step)") + (" (backward)" if backward else "")
+
+
+def hlo_traffic(hlo: str) -> tuple[list[dict], list[dict]]:
+    """The instructions of the compiled module's non-fused computations, with the bytes they read and
+    write (operands + result: what XLA's cost model counts for a fusion), and its collectives."""
+    fused = set(re.findall(r"calls=%([\w.\-]+)", hlo))
+    shapes, instructions, collectives = {}, [], []
+    computation = None
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(", line)
+        if header:
+            computation = header.group(1)
+            continue
+        match = INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, shape, opcode, operands, rest = match.groups()
+        shapes[name] = shape
+        if computation in fused or opcode in NO_TRAFFIC:
+            continue
+        operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in re.findall(r"%([\w.\-]+)", operands))
+        # An asynchronous copy's result is (destination, source, context): it reads and writes its operand once.
+        written = operand_bytes if opcode == "copy-start" else shape_bytes(shape)
+        entry = {"name": name, "opcode": opcode, "layer": layer_of(rest), "bytes": written + operand_bytes}
+        instructions.append(entry)
+        base = opcode.removesuffix("-start")
+        if base in COLLECTIVES:
+            collectives.append({"opcode": base, "bytes": shape_bytes(shape) if base == opcode else operand_bytes})
+    return instructions, collectives
+
+
+def abstract_inputs(config, mode: str, mesh, model, global_batch: int):
+    """ShapeDtypeStructs (with shardings) of the step's arguments, as the loop and evaluation pass them."""
+    import jax
+    import jax.numpy as jnp
+
+    from unimmad_jax import sharding, train
+    from unimmad_jax.models.unimmad import abstract_variables
+
+    replicated, split = sharding.replicated(mesh), sharding.batch_split(mesh)
+    size, slots = config.image_size, config.data.num_slots
+
+    def shard(tree, where):
+        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), tree)
+
+    images = jax.ShapeDtypeStruct((global_batch, slots, size, size, 3), jnp.float32, sharding=split)
+    mask = jax.ShapeDtypeStruct((global_batch, slots), jnp.bool_, sharding=split)
+    if mode == "eval":
+        return shard(abstract_variables(model.config, slots), replicated), images, mask
+    state = shard(train.abstract_train_state(model, config, steps_per_epoch=1), replicated)
+    batch = {
+        "specific_images": images,
+        "modality_mask": mask,
+        "loss_weight": jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=split),
+    }
+    return state, batch, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+
+
+def compile_step(config, mode: str, mesh, global_batch: int):
+    """The compiled step, or the compiler's message when it does not fit (or does not compile)."""
+    import jax
+
+    from unimmad_jax import evaluate, train
+    from unimmad_jax.config import loss_config, model_config
+    from unimmad_jax.models.unimmad import UniMMAD
+
+    model = UniMMAD(model_config(config))
+    step = train.make_train_step(model, loss_config(config), mesh) if mode == "train" else None
+    step = step or evaluate.make_predict_fn(model, mesh)
+    try:
+        return step.trace(*abstract_inputs(config, mode, mesh, model, global_batch)).lower().compile(), None
+    except jax.errors.JaxRuntimeError as error:
+        return None, str(error)
+
+
+def report(
+    config, mode: str, topology: str, chip_config: str | None, global_batch: int, top: int, hlo_path: str | None = None
+) -> dict:
+    import jax
+    from jax.experimental import topologies
+
+    options = {"chip_config_name": chip_config} if chip_config else {}
+    topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", **options)
+    devices = len(topo.devices)
+    if global_batch % devices:
+        raise app.UsageError(f"--global-batch={global_batch} must be a multiple of the {devices} devices of {topology}")
+    kind = topo.devices[0].device_kind
+    chip = CHIPS.get(kind)
+    mesh = topologies.make_mesh(topo, (devices,), ("data",))
+    start = time.perf_counter()
+    compiled, error = compile_step(config, mode, mesh, global_batch)
+    result = {
+        "topology": topology,
+        "chip_config": chip_config,
+        "device_kind": kind,
+        "devices": devices,
+        "mode": mode,
+        "global_batch": global_batch,
+        "batch_per_device": global_batch // devices,
+        "conv_impl": config.model.conv_impl,
+        "dtype": config.model.dtype,
+        "image_size": config.image_size,
+        "num_slots": config.data.num_slots,
+        "jax": jax.__version__,
+        "compile_s": round(time.perf_counter() - start, 1),
+        "fits": compiled is not None,
+    }
+    if compiled is None:
+        return {**result, "error": error}
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    flops, traffic = float(cost["flops"]), float(cost["bytes accessed"])
+    hlo = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(hlo)
+    instructions, collectives = hlo_traffic(hlo)
+    per_collective = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+    for c in collectives:
+        per_collective[c["opcode"]]["count"] += 1
+        per_collective[c["opcode"]]["bytes"] += c["bytes"]
+    per_layer = collections.Counter()
+    for i in instructions:
+        per_layer[i["layer"]] += i["bytes"]
+    result.update(
+        {
+            "peak_memory_bytes_per_device": memory.peak_memory_in_bytes,
+            "argument_bytes_per_device": memory.argument_size_in_bytes,
+            "output_bytes_per_device": memory.output_size_in_bytes,
+            "alias_bytes_per_device": memory.alias_size_in_bytes,
+            "code_bytes_per_device": memory.generated_code_size_in_bytes,
+            "flops_per_device": flops,
+            "bytes_accessed_per_device": traffic,
+            "flops_per_image": flops * devices / global_batch,
+            "bytes_accessed_per_image": traffic * devices / global_batch,
+            "arithmetic_intensity": flops / traffic,
+            "collectives": dict(per_collective),
+            "top_instructions": sorted(instructions, key=lambda i: -i["bytes"])[:top],
+            "top_layers": [{"layer": k, "bytes": v} for k, v in per_layer.most_common(top)],
+        }
+    )
+    if chip is not None:
+        compute_s, memory_s = flops / chip.bf16_flops, traffic / chip.hbm_bytes_per_s
+        step_s = max(compute_s, memory_s)
+        result["chip"] = {
+            "name": chip.name,
+            "bf16_flops_per_s": chip.bf16_flops,
+            "hbm_bytes_per_s": chip.hbm_bytes_per_s,
+            "hbm_bytes": chip.hbm_bytes,
+        }
+        result["roofline"] = {
+            "compute_s": compute_s,
+            "memory_s": memory_s,
+            "step_s": step_s,
+            "bound": "memory" if memory_s > compute_s else "compute",
+            "images_per_s_per_device": global_batch / devices / step_s,
+        }
+        result["fits"] = memory.peak_memory_in_bytes <= chip.hbm_bytes
+    return result
+
+
+def find_max_batch(config, mode, topology, chip_config, start: int) -> tuple[int, list[dict]]:
+    """The largest per-device batch whose step fits: doubling from `start`, then bisection."""
+    tried = []
+
+    def fits(per_device: int) -> bool:
+        devices_report = report(config, mode, topology, chip_config, per_device * devices, top=0)
+        tried.append({k: devices_report.get(k) for k in ("batch_per_device", "fits", "peak_memory_bytes_per_device")})
+        print(f"  {per_device} per device: {'fits' if devices_report['fits'] else 'does not fit'}", flush=True)
+        return devices_report["fits"]
+
+    from jax.experimental import topologies
+
+    options = {"chip_config_name": chip_config} if chip_config else {}
+    devices = len(topologies.get_topology_desc(topology_name=topology, platform="tpu", **options).devices)
+    low, high = 0, max(start, 1)
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low, tried
+
+
+def print_report(result: dict) -> None:
+    gib = 2**30
+    print(
+        f"{result['mode']} step, {result['topology']} ({result['devices']} x {result['device_kind']}), "
+        f"global batch {result['global_batch']} ({result['batch_per_device']} per device), "
+        f"conv_impl={result['conv_impl']}, dtype={result['dtype']}, compiled in {result['compile_s']} s"
+    )
+    if "error" in result:
+        print(f"does NOT compile/fit: {result['error'][:2000]}")
+        return
+    print(
+        f"peak HBM per device {result['peak_memory_bytes_per_device'] / gib:.2f} GiB (arguments "
+        f"{result['argument_bytes_per_device'] / gib:.2f}, outputs {result['output_bytes_per_device'] / gib:.2f}, "
+        f"aliased {result['alias_bytes_per_device'] / gib:.2f}, code {result['code_bytes_per_device'] / 2**20:.1f} MiB)"
+        f"{'' if result['fits'] else '  -- over the chip HBM'}"
+    )
+    print(
+        f"per device: {result['flops_per_device'] / 1e12:.3f} TFLOP, "
+        f"{result['bytes_accessed_per_device'] / 1e9:.2f} GB accessed; "
+        f"per image {result['flops_per_image'] / 1e9:.1f} GFLOP, {result['bytes_accessed_per_image'] / 1e9:.2f} GB; "
+        f"{result['arithmetic_intensity']:.0f} FLOP/byte"
+    )
+    if "roofline" in result:
+        chip, roof = result["chip"], result["roofline"]
+        print(
+            f"roofline on {chip['name']} ({chip['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s bf16, "
+            f"{chip['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM): compute {roof['compute_s'] * 1e3:.1f} ms, memory "
+            f"{roof['memory_s'] * 1e3:.1f} ms -> >= {roof['step_s'] * 1e3:.1f} ms a step ({roof['bound']}-bound), "
+            f"<= {roof['images_per_s_per_device']:.0f} images/s per device"
+        )
+    for opcode, c in sorted(result["collectives"].items()):
+        print(f"collective {opcode}: {c['count']} ops, {c['bytes'] / 2**20:.1f} MiB")
+    print("bytes accessed by layer (operands + results of the compiled instructions):")
+    for entry in result["top_layers"]:
+        print(f"  {entry['bytes'] / 1e9:8.3f} GB  {entry['layer']}")
+    print("largest instructions:")
+    for entry in result["top_instructions"]:
+        print(f"  {entry['bytes'] / 1e9:8.3f} GB  {entry['opcode']:<12} {entry['name']:<28} {entry['layer']}")
+
+
+def main(argv) -> int:
+    del argv
+    config = FLAGS.config
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/unified.py")
+    if config.model.conv_impl == "auto":
+        config.model.conv_impl = "native"  # "auto" picks by the backend, and the backend compiled for is a TPU
+    topology, chip_config, mode = FLAGS.topology, FLAGS["chip-config"].value, FLAGS.mode
+    global_batch = FLAGS["global-batch"].value
+    if global_batch is None:
+        from jax.experimental import topologies
+
+        options = {"chip_config_name": chip_config} if chip_config else {}
+        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", **options)
+        global_batch = DEFAULT_PER_DEVICE_BATCH * len(topo.devices)
+    result = report(config, mode, topology, chip_config, global_batch, FLAGS.top, FLAGS.hlo)
+    print_report(result)
+    if FLAGS["find-max-batch"].value:
+        print("largest batch per device that fits:", flush=True)
+        result["max_batch_per_device"], result["max_batch_tries"] = find_max_batch(
+            config, mode, topology, chip_config, result["batch_per_device"]
+        )
+        print(f"largest batch per device: {result['max_batch_per_device']}")
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if result["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))

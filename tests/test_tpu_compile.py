@@ -1,0 +1,45 @@
+"""The TPU compiler compiles the tiny model's training step for a v5e:2x4 slice on this machine, without a TPU.
+
+`experiments/tpu_compile.py` runs libtpu's compiler ahead of time on shapes alone: the report's
+memory, FLOPs and collectives come from the compiled TPU program.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason='libtpu, the TPU compiler, is not installed (pip install "jax[tpu]==0.10.2")',
+)
+
+
+def test_tiny_train_step_compiles_for_v5e_2x4(tmp_path):
+    report_path = tmp_path / "report.json"
+    command = [
+        sys.executable,
+        "experiments/tpu_compile.py",
+        "--config=configs/tiny.py",
+        "--topology=v5e:2x4",
+        "--global-batch=16",
+        f"--json={report_path}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no simulated CPU devices
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    report = json.loads(report_path.read_text())
+    assert (report["topology"], report["devices"], report["device_kind"]) == ("v5e:2x4", 8, "TPU v5 lite")
+    assert (report["global_batch"], report["batch_per_device"]) == (16, 2)
+    assert report["fits"] and report["conv_impl"] == "native"  # "auto" means the TPU's forms
+    assert 0 < report["peak_memory_bytes_per_device"] < 2**30
+    assert report["argument_bytes_per_device"] > 0
+    assert report["flops_per_device"] > 0 and report["bytes_accessed_per_device"] > 0
+    assert report["collectives"]["all-reduce"]["count"] > 0  # the gradients are summed over the data axis
+    assert report["roofline"]["step_s"] > 0
+    assert report["top_layers"] and report["top_instructions"]
