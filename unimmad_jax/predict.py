@@ -3,7 +3,9 @@
 `config.predict.input` is a folder (every image in it is one single-modality sample of type
 `config.predict.modality_type`) or `<dataset>:<split>` of a prepared dataset (all its
 modalities, and its ground truth drawn as a contour).  Results go to
-`<workdir>/predictions/<input name>/`: `scores.csv` and `overlays/*.png`.
+`<workdir>/predictions/<input name>/` (local or `gs://`): `scores.csv` and `overlays/*.png`.
+Each process reads and runs its share of every batch; process 0 gathers the results and writes
+them, every image once.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import csv
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from unimmad_jax import evaluate, sharding  # noqa: E402
@@ -32,12 +36,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 def folder_batches(
     folder: Path, modality_type: str, image_size: int, num_slots: int, batch_size: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of the images in `folder`, each a one-modality sample, the last batch padded (`valid`)."""
+    """This process's batches of the images in `folder`, each a one-modality sample.
+
+    Global batch k holds files [k * G, (k + 1) * G), G = batch_size * process count, and process p
+    reads its p-th block of batch_size rows; rows past the last file are padding (`valid` False).
+    """
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InvalidDataError(f"config.predict.input={folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
+    global_batch_size = batch_size * jax.process_count()
+    for start in range(0, len(files), global_batch_size):
+        first = start + jax.process_index() * batch_size
+        chunk = files[first : first + batch_size]
         images = np.zeros((batch_size, num_slots, image_size, image_size, 3), np.float32)
         for row, path in enumerate(chunk):
             images[row, 0] = load_modality(path, modality_type, image_size)
@@ -63,7 +73,7 @@ def displayable(slot: np.ndarray, modality_type: str) -> np.ndarray:
 
 
 def save_overlay(
-    path: Path, image: np.ndarray, heat: np.ndarray, score: float, gt_mask: np.ndarray | None, vmax: float
+    path: epath.Path, image: np.ndarray, heat: np.ndarray, score: float, gt_mask: np.ndarray | None, vmax: float
 ) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(6.4, 3.4))
     axes[0].imshow(image)
@@ -76,11 +86,25 @@ def save_overlay(
     for axis in axes:
         axis.axis("off")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with path.open("wb") as file:
+        figure.savefig(file, format="png", dpi=100)
     plt.close(figure)
 
 
-def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+def _gathered_rows(batch: dict, out: dict, with_overlays: bool) -> dict[str, np.ndarray]:
+    """All processes' rows of a batch, on every process; the overlay inputs only `with_overlays`."""
+    columns = sharding.gather({"image_score": out["image_score"], "label": batch["label"], "valid": batch["valid"]})
+    for key in ("path", "class_name"):
+        columns[key] = sharding.gather_text(batch[key])
+    if with_overlays:
+        columns.update(sharding.gather({"anomaly_map": out["anomaly_map"], "image": batch["specific_images"][:, 0]}))
+        columns["modality_type"] = sharding.gather_text([types.split(",")[0] for types in batch["modality_types"]])
+        if batch["gt_mask"] is not None:
+            columns["gt_mask"] = sharding.gather(batch["gt_mask"])
+    return columns
+
+
+def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, workdir: epath.PathLike) -> epath.Path:
     """Score every image of `config.predict.input`; returns the output folder."""
     source = config.predict.input
     if not source:
@@ -96,37 +120,35 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
         dataset, _, split = source.partition(":")
         if not split:
             raise InvalidDataError(f"config.predict.input={source!r} is neither a folder nor <dataset>:<split>")
-        batches = eval_loader(config.data, dataset, split, batch_size=batch_size)
+        batches = eval_loader(config.data, dataset, split, batch_size=batch_size, shard_by_host=True)
         name = f"{dataset.replace('/', '_')}_{split}"
-    out_dir = Path(workdir) / "predictions" / name
-    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    out_dir = epath.Path(workdir) / "predictions" / name
+    main_process = sharding.is_main_process()
 
     predict_fn = evaluate.make_predict_fn(model, mesh)
     rows, overlays = [], []
-    for batch in tqdm(batches, desc=f"predict {name}", disable=not config.predict.max_overlays):
+    for batch in tqdm(batches, desc=f"predict {name}", disable=not (main_process and config.predict.max_overlays)):
         inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
-        out = sharding.gather(predict_fn(variables, inputs["specific_images"], inputs["modality_mask"]))
-        for row in np.flatnonzero(batch["valid"]):
+        out = predict_fn(variables, inputs["specific_images"], inputs["modality_mask"])
+        # Every process holds the same rows, so all agree on whether to gather the overlay inputs.
+        columns = _gathered_rows(batch, out, with_overlays=len(overlays) < config.predict.max_overlays)
+        for row in np.flatnonzero(columns["valid"]):
             record = {
-                "path": str(batch["path"][row]),
-                "class": str(batch["class_name"][row]),
-                "label": int(batch["label"][row]),
-                "image_score": float(out["image_score"][row]),
+                "path": str(columns["path"][row]),
+                "class": str(columns["class_name"][row]),
+                "label": int(columns["label"][row]),
+                "image_score": float(columns["image_score"][row]),
             }
             rows.append(record)
             if len(overlays) < config.predict.max_overlays:
-                first_type = str(batch["modality_types"][row]).split(",")[0]
-                gt = None if batch["gt_mask"] is None else batch["gt_mask"][row]
-                overlays.append(
-                    (
-                        displayable(batch["specific_images"][row, 0], first_type),
-                        out["anomaly_map"][row],
-                        record["image_score"],
-                        gt,
-                    )
-                )
-    with open(out_dir / "scores.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "class", "label", "image_score"])
+                gt = columns["gt_mask"][row] if "gt_mask" in columns else None
+                image = displayable(columns["image"][row], str(columns["modality_type"][row]))
+                overlays.append((image, columns["anomaly_map"][row], record["image_score"], gt))
+    if not main_process:
+        return out_dir
+    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    with (out_dir / "scores.csv").open("w") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "class", "label", "image_score"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     vmax = max((float(o[1].max()) for o in overlays), default=1.0)
