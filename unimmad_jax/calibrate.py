@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from unimmad_jax import evaluate, sharding
@@ -245,21 +245,21 @@ def format_table(record: dict) -> str:
 
 
 def calibrate_workdir(
-    model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, workdir: str | Path, mesh: Mesh, step
+    model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh: Mesh, step
 ) -> dict:
     """Calibrate, print the table and write `<workdir>/calibration.json` (process 0)."""
     record = calibrate(model, variables, config, mesh, step)
     if jax.process_index() == 0:
-        path = Path(workdir) / CALIBRATION_FILE
+        path = epath.Path(workdir) / CALIBRATION_FILE
         path.write_text(json.dumps(record, indent=1))
         print(f"\nCalibration (checkpoint step {step}; test split {config.eval.split}):\n{format_table(record)}")
         print(f"wrote {path}")
     return record
 
 
-def load(workdir: str | Path, step: int | None) -> dict:
+def load(workdir: epath.PathLike, step: int | None) -> dict:
     """`<workdir>/calibration.json`, checked to be of this format and of checkpoint step `step`."""
-    path = Path(workdir) / CALIBRATION_FILE
+    path = epath.Path(workdir) / CALIBRATION_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run `python -m unimmad_jax.main --mode=calibrate` on this workdir first")
     record = json.loads(path.read_text())

@@ -3,16 +3,16 @@
 A checkpoint `<workdir>/checkpoints/<step>/` holds the train state (step, parameters, BatchNorm
 statistics, optimizer state) and a JSON record (epoch, step, steps per epoch, seed, config,
 metrics).  The data position is the step itself (`TrainLoader.seek`), so a checkpoint resumes
-on any number of hosts and devices: arrays are restored into the mesh the run configures.
+on any number of processes and devices: arrays are restored into the mesh the run configures.
+The workdir may be local or on a cloud file system (`gs://...`, through `etils.epath`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
@@ -24,7 +24,13 @@ from unimmad_jax.train import TrainState, abstract_train_state
 ITEMS = ("state", "meta")
 
 
-def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def workdir_path(workdir: epath.PathLike) -> epath.Path:
+    """`workdir` as an absolute `epath.Path`: a local folder, or a cloud one such as `gs://bucket/run`."""
+    path = epath.Path(workdir)
+    return path if path.is_absolute() else path.absolute()
+
+
+def checkpoint_manager(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     """Keeps the last `train.keep_checkpoints` and the best by `train.best_metric`; writes are atomic."""
     best_metric = config.train.best_metric
     policy = preservation_policy.AnyPreservationPolicy(
@@ -36,7 +42,7 @@ def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.
         ]
     )
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
-    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", item_names=ITEMS, options=options)
+    return ocp.CheckpointManager(workdir_path(workdir) / "checkpoints", item_names=ITEMS, options=options)
 
 
 def _on_mesh(abstract: TrainState, mesh: Mesh) -> TrainState:
@@ -79,10 +85,10 @@ def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict, metrics:
     )
 
 
-def trained_variables(config: ml_collections.ConfigDict, workdir: str | Path, mesh: Mesh) -> dict:
-    """The variables to evaluate or predict with, on `mesh`: the latest checkpoint in `workdir`, else
-    `train.init_from` (a complete model)."""
-    checkpoints = Path(workdir).absolute() / "checkpoints"
+def trained_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh: Mesh) -> dict:
+    """The variables to evaluate or predict with, on `mesh` (whatever mesh wrote them): the latest
+    checkpoint in `workdir`, else `train.init_from` (a complete model)."""
+    checkpoints = workdir_path(workdir) / "checkpoints"
     model = UniMMAD(model_config(config))
     if checkpoints.is_dir():
         with ocp.CheckpointManager(checkpoints, item_names=ITEMS) as manager:
@@ -103,9 +109,9 @@ def trained_variables(config: ml_collections.ConfigDict, workdir: str | Path, me
     )
 
 
-def latest_record(workdir: str | Path) -> tuple[int, dict] | None:
+def latest_record(workdir: epath.PathLike) -> tuple[int, dict] | None:
     """The step and JSON record (epoch, step, config, ...) of the latest checkpoint in `workdir`, or None."""
-    directory = Path(workdir).absolute() / "checkpoints"
+    directory = workdir_path(workdir) / "checkpoints"
     if not directory.is_dir():
         return None
     with ocp.CheckpointManager(directory, item_names=ITEMS) as manager:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -18,9 +18,6 @@ from unimmad_jax.config import eval_datasets
 from unimmad_jax.data import eval_loader
 from unimmad_jax.data.prepared import max_modality_count
 from unimmad_jax.models.unimmad import UniMMAD
-
-NAME_BYTES = 128
-"""Class names travel between hosts as fixed-width bytes."""
 
 
 def predict_step(model: UniMMAD, variables: dict, images: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
@@ -41,14 +38,6 @@ def make_predict_fn(model: UniMMAD, mesh: Mesh):
     )
 
 
-def _names_to_bytes(names: np.ndarray) -> np.ndarray:
-    return np.asarray(names, dtype=f"S{NAME_BYTES}").view(np.uint8).reshape(len(names), NAME_BYTES)
-
-
-def _bytes_to_names(array: np.ndarray) -> np.ndarray:
-    return np.char.decode(np.ascontiguousarray(array).view(f"S{NAME_BYTES}").reshape(-1), "utf-8")
-
-
 def evaluate_dataset(
     predict_fn, variables: dict, config: ml_collections.ConfigDict, dataset: str, mesh: Mesh, progress: bool = True
 ) -> dict[str, dict[str, float]]:
@@ -65,7 +54,8 @@ def predict_split(
     mesh: Mesh,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Every sample's `anomaly_map`, `image_score`, `gt_mask`, `label` and `class_name` of one split, on every host.
+    """Every sample's `anomaly_map`, `image_score`, `gt_mask`, `label` and `class_name` of one split, on every
+    process: each process reads and runs its share of every batch.
 
     Batches carry only as many modality slots as the dataset's samples have: the model never runs
     on slots that are padding for every sample (a single-modality dataset runs one slot).
@@ -75,25 +65,24 @@ def predict_split(
     data_config.num_slots = max_modality_count(config.data.data_dir, dataset, split)
     loader = eval_loader(data_config, dataset, split, batch_size=batch_size, shard_by_host=True)
     collected = defaultdict(list)
+    progress = progress and sharding.is_main_process()
     for batch in tqdm(loader, total=loader.num_batches, desc=f"eval {dataset}", disable=not progress, leave=False):
         inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
         out = predict_fn(variables, inputs["specific_images"], inputs["modality_mask"])
-        rows = sharding.gather({"anomaly_map": out["anomaly_map"], "image_score": out["image_score"]})
-        rows.update(
-            sharding.gather(
-                {
-                    "gt_mask": batch["gt_mask"].astype(np.uint8),
-                    "label": batch["label"],
-                    "valid": batch["valid"],
-                    "class_name": _names_to_bytes(batch["class_name"]),
-                }
-            )
+        rows = sharding.gather(
+            {
+                "anomaly_map": out["anomaly_map"],
+                "image_score": out["image_score"],
+                "gt_mask": batch["gt_mask"].astype(np.uint8),
+                "label": batch["label"],
+                "valid": batch["valid"],
+            }
         )
+        rows["class_name"] = sharding.gather_text(batch["class_name"])
         valid = rows.pop("valid").astype(bool)
         for key, value in rows.items():
             collected[key].append(value[valid])
     columns = {key: np.concatenate(values) for key, values in collected.items()}
-    columns["class_name"] = _bytes_to_names(columns["class_name"])
     return columns
 
 
@@ -132,9 +121,9 @@ def flat_scalars(summary: dict) -> dict[str, float]:
     return flat
 
 
-def write_summary(summary: dict, directory: str | Path, name: str) -> Path:
-    """`<name>.json` and `<name>.md` in `directory`; returns the JSON path."""
-    directory = Path(directory)
+def write_summary(summary: dict, directory: epath.PathLike, name: str) -> epath.Path:
+    """`<name>.json` and `<name>.md` in `directory` (local or `gs://`); returns the JSON path."""
+    directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
     path.write_text(json.dumps(summary, indent=1))

@@ -2,7 +2,8 @@
 
 A steady-state step never waits for the device: the step count lives on the host, the next
 batches are put on the devices while the current step runs, and metrics are fetched only on
-the steps that log them.
+the steps that log them.  Every process runs the loop; process 0 alone prints, shows progress and
+writes the logs and evaluation tables (orbax coordinates the checkpoint writes of all processes).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -38,13 +40,13 @@ from unimmad_jax.train import (
 class Logger:
     """Scalars to TensorBoard and, one JSON object a line, to `metrics.jsonl` (process 0 only)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: epath.Path):
         self.writer = self.lines = None
-        if jax.process_index() == 0:
+        if sharding.is_main_process():
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
-            self.lines = open(workdir / "metrics.jsonl", "a")
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))  # tensorboardX takes `gs://` strings
+            self.lines = (workdir / "metrics.jsonl").open("a")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:
@@ -72,7 +74,7 @@ class TrainRun:
     step_fn: Callable
     schedule: optax.Schedule
     logger: Logger
-    workdir: Path
+    workdir: epath.Path
 
     @property
     def steps_per_epoch(self) -> int:
@@ -95,7 +97,7 @@ def train_epoch(run: TrainRun, state: TrainState, step: int, batches: Iterator) 
     bar = tqdm(
         range(run.steps_per_epoch),
         desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
-        disable=jax.process_index() != 0,
+        disable=not sharding.is_main_process(),
         dynamic_ncols=True,
     )
     epoch_array = jax.device_put(np.int32(epoch), sharding.replicated(run.mesh))
@@ -113,6 +115,8 @@ def train_epoch(run: TrainRun, state: TrainState, step: int, batches: Iterator) 
             values["images_per_s"] = images / (time.perf_counter() - start)
             if not np.isfinite(values["loss"]):
                 raise FloatingPointError(f"the loss is {values['loss']} at step {step} (epoch {epoch + 1})")
+            # Each process's own log (absl, shown with --verbosity=0): every process holds the same values.
+            logging.info("process %d step %d: %s", jax.process_index(), step, json.dumps(values))
             bar.set_postfix(
                 loss=f"{values['loss']:.4f}",
                 lr=f"{values['learning_rate']:.2e}",
@@ -126,7 +130,7 @@ def run_evaluation(run: TrainRun, state: TrainState, step: int) -> dict:
     epoch = step // run.steps_per_epoch
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     summary = evaluate.evaluate(run.model, variables, run.config, run.mesh)
-    if jax.process_index() == 0:
+    if sharding.is_main_process():
         print(f"\nEvaluation after epoch {epoch}:\n{metrics.to_text(summary)}")
         evaluate.write_summary(summary, run.workdir / "eval", f"epoch_{epoch:04d}")
         run.logger.scalars(step, {f"eval/{k}": v for k, v in evaluate.flat_scalars(summary).items()})
@@ -151,6 +155,15 @@ def _save(run: TrainRun, manager: ocp.CheckpointManager, state: TrainState, step
     checkpoints.save(manager, state, meta, flat)
 
 
+def initial_state(model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int, mesh: Mesh) -> TrainState:
+    """The state a new run starts from, replicated on `mesh`: a function of the config alone, the same
+    whatever the number of processes and devices (the prior's statistics come from the first global
+    batch, read whole by every process)."""
+    prior_images = first_training_images(config.data, seed=config.seed, batch_size=config.train.batch_size)
+    state = create_train_state(model, config, steps_per_epoch, prior_images)
+    return jax.device_put(state, sharding.replicated(mesh))
+
+
 def _start(run: TrainRun, manager: ocp.CheckpointManager) -> tuple[TrainState, int]:
     """The state and global step to start from: the latest checkpoint, else the initial weights."""
     config, mesh = run.config, run.mesh
@@ -162,24 +175,23 @@ def _start(run: TrainRun, manager: ocp.CheckpointManager) -> tuple[TrainState, i
                 f"the checkpoints in {run.workdir} were written with {meta['steps_per_epoch']} steps per "
                 f"epoch, the configured data gives {run.steps_per_epoch}: resume with the same data config"
             )
-        print(f"Resumed from step {meta['step']} (epoch {meta['epoch']}) in {manager.directory}")
+        if sharding.is_main_process():
+            print(f"Resumed from step {meta['step']} (epoch {meta['epoch']}) in {manager.directory}")
         return state, meta["step"]
-    # The prior's statistics come from the first global batch, read whole on every host.
-    prior_images = first_training_images(config.data, seed=config.seed, batch_size=config.train.batch_size)
-    state = create_train_state(run.model, config, run.steps_per_epoch, prior_images)
-    if not config.train.init_from:
+    if not config.train.init_from and sharding.is_main_process():
         print(
             "Training from randomly initialised weights, the prior too (its BatchNorm statistics measured "
             "on a training batch): without pretrained prior weights (train.init_from) the features are not "
             "ImageNet features."
         )
-    return jax.device_put(state, sharding.replicated(mesh)), 0
+    return initial_state(run.model, config, run.steps_per_epoch, mesh), 0
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-    """Train for `train.num_epochs` epochs, resuming from the latest checkpoint in `workdir`."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> TrainState:
+    """Train for `train.num_epochs` epochs, resuming from the latest checkpoint in `workdir` (local or `gs://`)."""
+    workdir = checkpoints.workdir_path(workdir)
+    if sharding.is_main_process():
+        workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.data_mesh()
     model = UniMMAD(model_config(config))
     ensure_prepared(config.data.datasets, config.data.data_dir)

@@ -6,7 +6,10 @@
     python -m unimmad_jax.main --config=configs/demo.py --workdir=runs/demo --mode=predict \\
         --config.predict.input=path/to/images
 
-Any config field can be overridden, e.g. `--config.train.batch_size=32`.
+Any config field can be overridden, e.g. `--config.train.batch_size=32`.  Several processes (a TPU
+pod, one process per GPU, or CPU processes) run the same command; on clusters that JAX detects
+(TPU pods, SLURM, Open MPI) with `--multihost`, elsewhere with
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.  The workdir may be `gs://...`.
 """
 
 from __future__ import annotations
@@ -21,8 +24,14 @@ flags.DEFINE_string(
 )
 flags.DEFINE_enum("mode", "train", ["train", "eval", "calibrate", "predict"], "What to run.")
 flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() (automatic when JAX_COORDINATOR_ADDRESS is set)."
+    "multihost",
+    False,
+    "Join the other processes with jax.distributed.initialize(), detecting the cluster (TPU pod, SLURM, "
+    "Open MPI); automatic when JAX_COORDINATOR_ADDRESS is set or a coordinator flag is given.",
 )
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for clusters JAX cannot detect.")
+flags.DEFINE_integer("num_processes", None, "Processes of the run (with --coordinator_address).", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).", lower_bound=0)
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
 FLAGS = flags.FLAGS
 
@@ -37,27 +46,29 @@ def run(argv) -> int:
     if not FLAGS["verbosity"].present:  # orbax and grain log every checkpoint step at INFO
         logging.set_verbosity(logging.WARNING)
     config = FLAGS.config
-    sharding.initialize_distributed(FLAGS.multihost)
+    sharding.initialize_distributed(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    workdir = checkpoints.workdir_path(FLAGS.workdir)
     try:
         if FLAGS.mode == "train":
-            loop.train_and_evaluate(config, FLAGS.workdir)
+            loop.train_and_evaluate(config, workdir)
             return 0
         mesh = sharding.data_mesh()
-        variables = checkpoints.trained_variables(config, FLAGS.workdir, mesh)
+        variables = checkpoints.trained_variables(config, workdir, mesh)
         model = UniMMAD(model_config(config))
         if FLAGS.mode == "eval":
             ensure_prepared(config.data.datasets, config.data.data_dir)
             summary = evaluate.evaluate(model, variables, config, mesh)
-            print(evaluate.metrics.to_text(summary))
-            path = evaluate.write_summary(summary, f"{FLAGS.workdir}/eval", "final")
-            print(f"wrote {path} and its .md")
+            if sharding.is_main_process():
+                print(evaluate.metrics.to_text(summary))
+                path = evaluate.write_summary(summary, workdir / "eval", "final")
+                print(f"wrote {path} and its .md")
         elif FLAGS.mode == "calibrate":
             ensure_prepared(config.data.datasets, config.data.data_dir)
-            latest = checkpoints.latest_record(FLAGS.workdir)  # None: the variables of train.init_from
+            latest = checkpoints.latest_record(workdir)  # None: the variables of train.init_from
             step = latest[0] if latest else None
-            calibrate.calibrate_workdir(model, variables, config, FLAGS.workdir, mesh, step)
+            calibrate.calibrate_workdir(model, variables, config, workdir, mesh, step)
         else:
-            predict.predict(model, variables, config, FLAGS.workdir)
+            predict.predict(model, variables, config, workdir)
     except (InvalidDataError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

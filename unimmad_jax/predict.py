@@ -6,9 +6,10 @@
 contour).  Decisions and normalised scores and maps use the workdir's calibration
 (`unimmad_jax.calibrate`) of the image's class, its dataset's for an unknown class;
 `config.predict.threshold` / `.sensitivity` override the thresholds.  Results go to
-`<workdir>/predictions/<input name>/`: `scores.csv` and `scores.json` (columns `COLUMNS`) and
-`overlays/*.png` (the normalised map on the fixed scale [0, 1], the threshold's contour, and the
-ground truth's when known).
+`<workdir>/predictions/<input name>/` (local or `gs://`): `scores.csv` and `scores.json` (columns
+`COLUMNS`) and `overlays/*.png` (the normalised map on the fixed scale [0, 1], the threshold's
+contour, and the ground truth's when known).  Each process reads and runs its share of every
+batch; process 0 gathers the results and writes them, every image once.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from unimmad_jax import calibrate, checkpoints, evaluate, sharding  # noqa: E402
@@ -39,12 +42,18 @@ from unimmad_jax.serving import COLUMNS, IMAGE_SUFFIXES  # noqa: E402  (serving'
 def folder_batches(
     folder: Path, modality_type: str, image_size: int, num_slots: int, batch_size: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of the images in `folder`, each a one-modality sample, the last batch padded (`valid`)."""
+    """This process's batches of the images in `folder`, each a one-modality sample.
+
+    Global batch k holds files [k * G, (k + 1) * G), G = batch_size * process count, and process p
+    reads its p-th block of batch_size rows; rows past the last file are padding (`valid` False).
+    """
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InvalidDataError(f"config.predict.input={folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
+    global_batch_size = batch_size * jax.process_count()
+    for start in range(0, len(files), global_batch_size):
+        first = start + jax.process_index() * batch_size
+        chunk = files[first : first + batch_size]
         images = np.zeros((batch_size, num_slots, image_size, image_size, 3), np.float32)
         for row, path in enumerate(chunk):
             images[row, 0] = load_modality(path, modality_type, image_size)
@@ -69,7 +78,9 @@ def displayable(slot: np.ndarray, modality_type: str) -> np.ndarray:
     return np.clip(slot * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
 
 
-def save_overlay(path: Path, image: np.ndarray, normalized_map: np.ndarray, row: dict, gt_mask: np.ndarray | None):
+def save_overlay(
+    path: epath.Path, image: np.ndarray, normalized_map: np.ndarray, row: dict, gt_mask: np.ndarray | None
+) -> None:
     """The input beside its normalised map on [0, 1] with the threshold (0.5) and ground-truth contours."""
     figure, axes = plt.subplots(1, 2, figsize=(7.2, 3.4))
     axes[0].imshow(image)
@@ -86,11 +97,25 @@ def save_overlay(path: Path, image: np.ndarray, normalized_map: np.ndarray, row:
     for axis in axes:
         axis.axis("off")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with path.open("wb") as file:
+        figure.savefig(file, format="png", dpi=100)
     plt.close(figure)
 
 
-def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+def _gathered_rows(batch: dict, out: dict, with_overlays: bool) -> dict[str, np.ndarray]:
+    """All processes' rows of a batch, on every process; the overlay inputs only `with_overlays`."""
+    columns = sharding.gather({"image_score": out["image_score"], "label": batch["label"], "valid": batch["valid"]})
+    for key in ("path", "class_name"):
+        columns[key] = sharding.gather_text(batch[key])
+    if with_overlays:
+        columns.update(sharding.gather({"anomaly_map": out["anomaly_map"], "image": batch["specific_images"][:, 0]}))
+        columns["modality_type"] = sharding.gather_text([types.split(",")[0] for types in batch["modality_types"]])
+        if batch["gt_mask"] is not None:
+            columns["gt_mask"] = sharding.gather(batch["gt_mask"])
+    return columns
+
+
+def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, workdir: epath.PathLike) -> epath.Path:
     """Score every image of `config.predict.input`; returns the output folder."""
     source = config.predict.input
     if not source:
@@ -106,25 +131,27 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
         dataset, _, split = source.partition(":")
         if not split:
             raise InvalidDataError(f"config.predict.input={source!r} is neither a folder nor <dataset>:<split>")
-        batches = eval_loader(config.data, dataset, split, batch_size=batch_size)
+        batches = eval_loader(config.data, dataset, split, batch_size=batch_size, shard_by_host=True)
         name = f"{dataset.replace('/', '_')}_{split}"
-    out_dir = Path(workdir) / "predictions" / name
-    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    out_dir = epath.Path(workdir) / "predictions" / name
+    main_process = sharding.is_main_process()
     statistics = _statistics_lookup(config, workdir, None if Path(source).is_dir() else dataset)
 
     predict_fn = evaluate.make_predict_fn(model, mesh)
     rows, overlays = [], []
-    for batch in tqdm(batches, desc=f"predict {name}", disable=not config.predict.max_overlays):
+    for batch in tqdm(batches, desc=f"predict {name}", disable=not (main_process and config.predict.max_overlays)):
         inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
-        out = sharding.gather(predict_fn(variables, inputs["specific_images"], inputs["modality_mask"]))
-        for row in np.flatnonzero(batch["valid"]):
-            class_name = str(batch["class_name"][row]) or config.predict.class_name
+        out = predict_fn(variables, inputs["specific_images"], inputs["modality_mask"])
+        # Every process holds the same rows, so all agree on whether to gather the overlay inputs.
+        columns = _gathered_rows(batch, out, with_overlays=len(overlays) < config.predict.max_overlays)
+        for row in np.flatnonzero(columns["valid"]):
+            class_name = str(columns["class_name"][row]) or config.predict.class_name
             stats = statistics(class_name)
-            score = out["image_score"][row]
+            score = columns["image_score"][row]
             record = {
-                "path": str(batch["path"][row]),
+                "path": str(columns["path"][row]),
                 "class": class_name,
-                "label": int(batch["label"][row]),
+                "label": int(columns["label"][row]),
                 "image_score": float(score),
                 "normalized_score": float(calibrate.normalize(score, *dataclasses.astuple(stats))),
                 "decision": int(score >= np.float32(stats.threshold)),
@@ -132,12 +159,17 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
             }
             rows.append(record)
             if len(overlays) < config.predict.max_overlays:
-                first_type = str(batch["modality_types"][row]).split(",")[0]
-                gt = None if batch["gt_mask"] is None else batch["gt_mask"][row]
-                normalized_map = np.asarray(calibrate.normalize(out["anomaly_map"][row], *dataclasses.astuple(stats)))
-                overlays.append((displayable(batch["specific_images"][row, 0], first_type), normalized_map, gt))
-    with open(out_dir / "scores.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                gt = columns["gt_mask"][row] if "gt_mask" in columns else None
+                image = displayable(columns["image"][row], str(columns["modality_type"][row]))
+                normalized_map = np.asarray(
+                    calibrate.normalize(columns["anomaly_map"][row], *dataclasses.astuple(stats))
+                )
+                overlays.append((image, normalized_map, gt))
+    if not main_process:
+        return out_dir
+    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    with (out_dir / "scores.csv").open("w") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     (out_dir / "scores.json").write_text(json.dumps(rows, indent=1))
@@ -150,7 +182,7 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
     return out_dir
 
 
-def _statistics_lookup(config: ml_collections.ConfigDict, workdir: str | Path, dataset: str | None):
+def _statistics_lookup(config: ml_collections.ConfigDict, workdir: epath.PathLike, dataset: str | None):
     """`class name -> calibrate.Statistics` (overrides applied) for the images of `dataset` (None: a folder's).
 
     A folder's images belong to the dataset calibrated with `config.predict.class_name`; an unknown
@@ -172,7 +204,8 @@ def _statistics_lookup(config: ml_collections.ConfigDict, workdir: str | Path, d
             stats, source = calibrate.statistics_for(record, dataset, class_name)
             cache[class_name] = calibrate.override(stats, config.predict.threshold, config.predict.sensitivity)
             threshold = cache[class_name].threshold
-            print(f"images of {class_name or 'unknown class'}: threshold {threshold:.6g} from {source}")
+            if sharding.is_main_process():
+                print(f"images of {class_name or 'unknown class'}: threshold {threshold:.6g} from {source}")
         return cache[class_name]
 
     return lookup

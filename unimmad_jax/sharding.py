@@ -1,8 +1,9 @@
-"""Data parallelism: one device mesh over all devices of all hosts, batches split along it.
+"""Data parallelism: one device mesh over all devices of all processes, batches split along it.
 
 Parameters and optimizer state are replicated; every batch array is split along its first
 axis.  `jax.jit` then computes BatchNorm statistics and losses over the global batch, so a
-step gives the same result on 1 device or 256.
+step gives the same result on 1 device or 256.  Each process reads its own rows of every
+batch; what is written (logs, checkpoints' JSON, tables, predictions) comes from process 0.
 """
 
 from __future__ import annotations
@@ -20,10 +21,28 @@ DEVICE_KEYS = ("specific_images", "modality_mask", "loss_weight")
 """The batch fields a train step reads; the others stay on the host."""
 
 
-def initialize_distributed(multihost: bool) -> None:
-    """Join the other hosts (`jax.distributed`) when asked or when a coordinator is configured."""
-    if multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+def initialize_distributed(
+    multihost: bool = False,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Join the other processes (`jax.distributed.initialize`) when asked, given a coordinator, or when
+    JAX_COORDINATOR_ADDRESS is set.
+
+    Arguments left None are detected from the cluster (TPU pods, SLURM, Open MPI); CPU processes
+    exchange arrays through JAX's default CPU collectives (gloo).
+    """
+    explicit = (coordinator_address, num_processes, process_id)
+    if multihost or any(a is not None for a in explicit) or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+        )
+
+
+def is_main_process() -> bool:
+    """Whether this process prints, shows progress and writes files: process 0 of any run."""
+    return jax.process_index() == 0
 
 
 def data_mesh() -> Mesh:
@@ -53,7 +72,19 @@ def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, keys=DEVICE_KEYS) -> 
 
 
 def gather(tree):
-    """Global arrays (or this host's numpy rows) -> numpy arrays of all hosts' rows, on every host."""
+    """Global arrays (or this process's numpy rows) -> numpy arrays of all processes' rows, on every process."""
     if jax.process_count() == 1:
         return jax.tree_util.tree_map(np.asarray, tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def gather_text(strings: np.ndarray) -> np.ndarray:
+    """This process's strings `[n]` (the same n on every process) -> all processes' strings, in process order."""
+    if jax.process_count() == 1:
+        return np.asarray(strings)
+    encoded = [s.encode() for s in np.asarray(strings).tolist()]
+    # Fixed-width bytes travel between processes; the width is the longest string of any process.
+    width = max(1, int(multihost_utils.process_allgather(np.int32(max(map(len, encoded), default=0))).max()))
+    rows = np.asarray(encoded, dtype=f"S{width}").view(np.uint8).reshape(len(encoded), width)
+    gathered = multihost_utils.process_allgather(rows, tiled=True)
+    return np.char.decode(np.ascontiguousarray(gathered).view(f"S{width}").reshape(-1), "utf-8")
