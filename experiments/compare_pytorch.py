@@ -175,7 +175,7 @@ def compare_train(model, variables, images, mask, case, report: Report, gradient
     for name, value in (("total_loss", total), ("cos_loss", parts["cos_loss"]), ("moe_loss", parts["moe_loss"])):
         report.relative(f"train64_{name}", value, case[f"train64_{name}"], TOLERANCES["loss64"])
     ours = convert.to_reference_layout(convert.reference_key_map(model.config), {"params": grads})
-    by_name = {f"grad/{convert.GRADIENT_PARTS[part]}/{k}": v for part, d in ours.items() for k, v in d.items()}
+    by_name = {f"grad/{name}/{k}": v for part, name in convert.GRADIENT_PARTS.items() for k, v in ours[part].items()}
     for key in sorted(k for k in case.files if k.startswith("grad/")):
         if key not in by_name:
             raise SystemExit(f"{key}: the case has a gradient for a key the model does not train")
