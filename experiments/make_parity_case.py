@@ -1,11 +1,15 @@
-"""Make a parity case (npz in the layout of tests/data/parity/cases/official_128.npz) with the
-independent PyTorch reference of `torch_reference.py`.
+"""Make a parity case (npz in the layout of tests/data/parity/cases/official_128.npz, or with
+`--trajectory` of trajectory_128.npz) with the independent PyTorch reference of `torch_reference.py`.
 
-Needs the torch venv (torch is not a dependency of the package), e.g.
+Needs a venv with torch (torch is not a dependency of the package), e.g.
 
-    /work/torchenv/bin/python experiments/make_parity_case.py \
+    VENV/bin/python experiments/make_parity_case.py \
         --salt unseen --image-size 64 --modalities 1,3,2 --loss-weights 0.5,1,10 \
         --epoch 37 --seed 3 --out tests/data/parity/cases/unseen_64.npz
+    VENV/bin/python experiments/make_parity_case.py --trajectory \
+        --salt trajmix --image-size 64 --modalities "4,1,2;1,1,3;2,4,1;3,2,2" \
+        --loss-weights "1,0.5,10;1,1,1;10,0.5,1;0.5,0.5,10" --epochs 2 --steps-per-epoch 2 \
+        --eval-modalities 3,1,4 --seed 11 --out tests/data/parity/cases/trajectory_mix_64.npz
 
 Weights are the deterministic ones of `reference_checkpoint.py` (salt, size) and can be
 written as a reference checkpoint folder with `--write-checkpoint DIR` (the writer
@@ -19,6 +23,11 @@ Layout (names, dtypes and shapes as in official_128.npz): inputs `img`,
 (float32) and `train64_*` (float64); float64 gradients `grad/<part>/<key>`;
 `min_gate_margin` (smallest gap, over levels, branches and pairs of the float32 eval
 run, between the K-th and (K+1)-th largest router LOGIT).
+
+A trajectory case is a float64 training run (`compute_trajectory_case`): Adam (lr 1e-3, betas
+0.9/0.999, eps 1e-8) over the trained parts, `CosineAnnealingLR(T_max=epochs)` stepped after
+each epoch, the 0-based epoch passed to the MoE annealing; then every BatchNorm buffer, the L2
+norm of every parameter's change, and eval-mode maps and scores one sample at a time.
 """
 
 from __future__ import annotations
@@ -163,6 +172,81 @@ def compute_case(
     return case, margins
 
 
+FILES = {"general_multimodal_encoder": "model", "input_embedding": "model_1", "c_moes": "model_2"}
+"""The checkpoint file of each part, as the trajectory case names them."""
+
+
+def train_run(model, batches, epochs: int, steps_per_epoch: int, verbose=True):
+    """Train `model` (float64, train mode) on `batches` [(img, si, modality_num, loss_weight)], one per step.
+
+    Returns losses `[steps, 3]` (total, DeC, MoE before each update), learning rates `[steps]` and the
+    smallest router logit margin of each step."""
+    params = [p for part in model.parts().values() for p in part.parameters()]
+    optimizer = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    losses, rates, margins = [], [], []
+    for epoch in range(epochs):
+        for _ in range(steps_per_epoch):
+            img, si, mn, lw = batches[len(losses)]
+            out = model(torch.from_numpy(img).double(), torch.from_numpy(si).double(), mn)
+            total, cos, moe = model.losses(out, torch.from_numpy(np.asarray(lw, np.float64)), epoch)
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+            losses.append([total.item(), cos.item(), moe.item()])
+            margins.append(logit_margin(out))
+            if verbose:
+                print(f"step {len(losses) - 1}: loss {losses[-1][0]:.10g} (lr {rates[-1]:.3g})", flush=True)
+        schedule.step()
+    return np.asarray(losses), np.asarray(rates), np.asarray(margins)
+
+
+def compute_trajectory_case(weights, size, batches, epochs, steps_per_epoch, eval_batch, salt="", verbose=True):
+    """All entries of a trajectory case; `batches` and `eval_batch` as (img, si, modality_num, loss_weight)."""
+    if len(batches) != epochs * steps_per_epoch:
+        raise ValueError(f"{len(batches)} batches for {epochs} epochs of {steps_per_epoch} steps")
+    model = build_model(weights, size, torch.float64).train()
+    initial = {
+        part: {k: p.detach().clone() for k, p in module.named_parameters()} for part, module in model.parts().items()
+    }
+    losses, rates, margins = train_run(model, batches, epochs, steps_per_epoch, verbose)
+    case = {
+        "epochs": np.asarray(epochs),
+        "steps_per_epoch": np.asarray(steps_per_epoch),
+        "size": np.asarray(size),
+        "salt": np.asarray(salt),
+        "train_losses": losses,
+        "train_lr": rates,
+        "train_min_routing_margin": margins,
+    }
+    for name, (_img, si, mn, lw) in [(f"batch{i}", b) for i, b in enumerate(batches)] + [("eval_batch", eval_batch)]:
+        case[f"{name}/specific_images"] = si.astype(np.float32)
+        case[f"{name}/modality_num"] = np.asarray(mn, np.int32)
+        case[f"{name}/loss_weight"] = np.asarray(lw, np.float64)
+    for part, module in model.parts().items():
+        for key, buffer in module.named_buffers():
+            if key.endswith(("running_mean", "running_var")):
+                case[f"buffer/{FILES[part]}/{key}"] = buffer.detach().numpy().astype(np.float64)
+        for key, p in module.named_parameters():
+            case[f"delta_norm/{FILES[part]}/{key}"] = np.asarray(
+                torch.linalg.norm(p.detach() - initial[part][key]).item()
+            )
+
+    model.eval()
+    img, si, mn, _ = eval_batch
+    maps = []
+    with torch.no_grad():
+        for b in range(len(mn)):
+            out = model(
+                torch.from_numpy(img[b : b + 1]).double(), torch.from_numpy(si[b : b + 1]).double(), mn[b : b + 1]
+            )
+            maps.append([t.numpy() for t in model.anomaly_maps(out, 1)])
+    for i, name in enumerate(("eval_anomaly_map_raw", "eval_anomaly_map", "eval_image_score")):
+        case[name] = np.concatenate([m[i] for m in maps]).astype(np.float64)
+    return case
+
+
 def screen_margins(weights, size, img, si, mn) -> dict:
     """Gate logit margins of the float32 eval and train-mode forwards (no backward)."""
     mn = [int(n) for n in mn]
@@ -173,14 +257,51 @@ def screen_margins(weights, size, img, si, mn) -> dict:
     return {"eval": logit_margin(out), "train32": logit_margin(out32)}
 
 
+def parse_counts(text: str, kind=int) -> list[list]:
+    """ "2,1;1,3" -> [[2, 1], [1, 3]]: one list per batch."""
+    return [[kind(v) for v in batch.split(",")] for batch in text.split(";")]
+
+
+def main_trajectory(a, weights) -> dict:
+    batch_modalities = parse_counts(a.modalities)
+    weights_per_batch = (
+        [[1.0] * len(b) for b in batch_modalities] if a.loss_weights is None else parse_counts(a.loss_weights, float)
+    )
+    if [len(b) for b in weights_per_batch] != [len(b) for b in batch_modalities]:
+        raise SystemExit("--loss-weights needs one value per sample of every batch (batches separated by ';')")
+    batches = [
+        (*make_inputs(mods, a.image_size, a.seed + i), mods, lw)
+        for i, (mods, lw) in enumerate(zip(batch_modalities, weights_per_batch))
+    ]
+    eval_modalities = [int(v) for v in a.eval_modalities.split(",")]
+    eval_batch = (
+        *make_inputs(eval_modalities, a.image_size, a.seed + len(batches)),
+        eval_modalities,
+        [1.0] * len(eval_modalities),
+    )
+    case = compute_trajectory_case(weights, a.image_size, batches, a.epochs, a.steps_per_epoch, eval_batch, a.salt)
+    print(f"routing margins per step {case['train_min_routing_margin'].tolist()}")
+    return case
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="make a parity case with the torch reference")
     ap.add_argument("--salt", default="")
     ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument("--modalities", default="2,1", help="modality count per sample, e.g. 1,3,2")
-    ap.add_argument("--loss-weights", default=None, help="per sample, e.g. 0.5,1,10 (default all 1)")
+    ap.add_argument(
+        "--modalities",
+        default="2,1",
+        help="modality count per sample, e.g. 1,3,2; with --trajectory per batch too, e.g. '2,1;1,3'",
+    )
+    ap.add_argument(
+        "--loss-weights", default=None, help="per sample, e.g. 0.5,1,10 (default all 1); ';' between batches"
+    )
     ap.add_argument("--epoch", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trajectory", action="store_true", help="a float64 training run instead of one step")
+    ap.add_argument("--epochs", type=int, default=3, help="--trajectory: epochs of the run")
+    ap.add_argument("--steps-per-epoch", type=int, default=1, help="--trajectory: steps of each epoch")
+    ap.add_argument("--eval-modalities", default="2,1", help="--trajectory: the evaluated samples' modality counts")
     ap.add_argument(
         "--min-margin",
         type=float,
@@ -206,18 +327,23 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
 
     size = a.image_size
-    mods = [int(s) for s in a.modalities.split(",")]
-    lw = [1.0] * len(mods) if a.loss_weights is None else [float(s) for s in a.loss_weights.split(",")]
-    if len(lw) != len(mods):
-        raise SystemExit("--loss-weights needs one value per sample")
-
     if a.write_checkpoint:
         for part, p in rc.write_reference_checkpoint(a.write_checkpoint, a.salt, size).items():
             print("wrote", part, p)
     if a.out is None:
         return
     weights = rc.reference_weights(a.salt, size)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if a.trajectory:
+        np.savez_compressed(out, **main_trajectory(a, weights))
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB)")
+        return
 
+    mods = [int(s) for s in a.modalities.split(",")]
+    lw = [1.0] * len(mods) if a.loss_weights is None else [float(s) for s in a.loss_weights.split(",")]
+    if len(lw) != len(mods):
+        raise SystemExit("--loss-weights needs one value per sample")
     seed = a.seed
     if a.min_margin > 0:  # cheap search first: eval and float32 train gates only
         for _ in range(a.max_tries):
@@ -235,8 +361,6 @@ def main(argv=None):
     if margins.get("train_gates_differ", False):
         raise SystemExit("float32 and float64 train-mode gates differ; pick another seed")
 
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **case)
     print(
         f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB), seed {seed}, "

@@ -1,11 +1,13 @@
 import json
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import PARITY
+from helpers import PARITY, REPO, load_config
 
-from unimmad_jax import convert
+from unimmad_jax import checkpoints, convert, model_io, train
 from unimmad_jax.models.unimmad import ModelConfig, abstract_variables
 
 
@@ -58,15 +60,19 @@ def test_round_trip_to_flax_and_back(tiny_config):
     state, expected = reference_state_dicts(tiny_config, np.random.default_rng(0))
     variables = convert.to_variables(convert.reference_key_map(tiny_config), state, expected, SOURCES)
     assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(expected)
-    back = convert.to_reference_layout(convert.reference_key_map(tiny_config), variables["params"])
-    for key, value in back.items():
-        part = {v: k for k, v in convert.GRADIENT_PARTS.items()}[key.split("/")[0]]
-        np.testing.assert_array_equal(value, state[part][key.split("/", 1)[1]])
+    back = convert.to_reference_layout(convert.reference_key_map(tiny_config), variables)
+    assert back.keys() == state.keys()
+    for part, tensors in back.items():
+        assert tensors.keys() == state[part].keys()
+        for key, value in tensors.items():
+            np.testing.assert_array_equal(value, state[part][key])
     # A conv weight [O, I, kh, kw] lands as [kh, kw, I, O].
     torch_weight = state["model"]["0.model.layer1.0.conv2.weight"]
     np.testing.assert_array_equal(
         variables["params"]["encoder"]["layer1_0"]["conv2"]["kernel"], torch_weight.transpose(2, 3, 1, 0)
     )
+    gradients = convert.to_reference_layout(convert.reference_key_map(tiny_config), {"params": variables["params"]})
+    assert not any(k.endswith("running_var") for tensors in gradients.values() for k in tensors)
 
 
 def test_errors_name_file_key_and_shapes(tiny_config):
@@ -122,3 +128,68 @@ def test_pth_needs_torch(tmp_path):
     (tmp_path / "w.pth").write_bytes(b"not read")
     with pytest.raises(convert.ConversionError, match="w.pth: reading a PyTorch pickle needs torch"):
         convert.read_state_dict(tmp_path / "w.pth")
+
+
+MANIFESTS = {
+    "model": "official_128_model",
+    "model_1": "official_128_model_1",
+    "model_2": "official_128_model_2",
+    "prior": "prior_wide_resnet50_2",
+}
+
+
+@pytest.mark.slow
+def test_official_to_ours_to_export_is_bit_identical(tmp_path):
+    """A reference folder of the parity weights -> `convert official` -> `convert export` at full size, without
+    running the model (~1 min, 4 GB): exactly the reference's keys, shapes and dtypes, and every tensor the
+    model holds bit for bit (the unused ones are placeholders)."""
+    from safetensors.numpy import load_file
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import reference_checkpoint
+
+    original = reference_checkpoint.write_reference_checkpoint(tmp_path / "reference", salt="export", size=128)
+    official = ["--checkpoint-dir", str(tmp_path / "reference"), "--prior", str(original["prior"])]
+    assert convert.main(["official", *official, "--image-size", "128", "--out", str(tmp_path / "ours")]) == 0
+    assert convert.main(["export", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "exported")]) == 0
+    parts = {"general_multimodal_encoder": "model", "input_embedding": "model_1", "c_moes": "model_2", "prior": "prior"}
+    for part, path in original.items():
+        name = convert.REFERENCE_FILES.get(parts[part], "wide_resnet50_2.safetensors")
+        exported, reference = load_file(tmp_path / "exported" / name), load_file(path)
+        manifest = json.loads((PARITY / "manifests" / f"{MANIFESTS[parts[part]]}.json").read_text())
+        assert {k: list(v.shape) for k, v in exported.items()} == manifest, name
+        for key, value in exported.items():
+            assert value.dtype == reference[key].dtype, key
+            if not convert.UNUSED_KEYS.search(key):
+                assert value.tobytes() == reference[key].tobytes(), key
+
+
+def test_export_refuses_widths_the_reference_cannot_load(tmp_path, tiny_config, capsys):
+    with pytest.raises(
+        convert.ConversionError, match=r"reference code cannot load this model.*model\.planes=\(4, 8, 16\)"
+    ):
+        convert.reference_state_dicts(tiny_config, {})
+    model_io.save(tmp_path / "tiny", tiny_config, {"params": {}, "batch_stats": {}})
+    assert convert.main(["export", "--checkpoint", str(tmp_path / "tiny"), "--out", str(tmp_path / "out")]) == 2
+    assert "reference code cannot load this model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_reads_the_latest_checkpoint_of_a_workdir(tmp_path, tiny_config, capsys):
+    config = load_config("tiny")
+    rng = np.random.default_rng(3)
+    variables = jax.tree_util.tree_map(
+        lambda a: rng.standard_normal(a.shape).astype(a.dtype), abstract_variables(tiny_config)
+    )
+    tx = train.make_optimizer(config, 1, variables["params"])
+    state = train.TrainState(
+        jnp.zeros((), jnp.int32), variables["params"], variables["batch_stats"], tx.init(variables["params"]), tx
+    )
+    with checkpoints.checkpoint_manager(tmp_path, config) as manager:
+        checkpoints.save(manager, state, {"step": 1, "config": config.to_dict()}, None)
+    cfg, loaded = convert.load_trained(tmp_path)
+    assert cfg == tiny_config
+    for (path, ours), theirs in zip(jax.tree_util.tree_leaves_with_path(loaded), jax.tree_util.tree_leaves(variables)):
+        np.testing.assert_array_equal(ours, theirs, err_msg=jax.tree_util.keystr(path))
+    assert convert.main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "model.planes=(4, 8, 16)" in capsys.readouterr().err

@@ -71,6 +71,20 @@ def test_batch_norm_mask_ignores_padded_rows():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_batch_norm_running_variance_is_unbiased_like_pytorch():
+    """Running variance: momentum 0.1 towards the unbiased variance of the valid rows; output: the biased one."""
+    x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2)) * 2 + 1
+    mask = jnp.array([True, True, True, False])
+    bn = layers.batch_norm(train=True)
+    variables = bn.init(jax.random.key(1), x)
+    out, stats = bn.apply(variables, x, mask=mask[:, None, None, None], mutable=["batch_stats"])
+    valid = np.asarray(x[:3], np.float64).reshape(-1, 2)  # n = 3 pairs x 3 x 3 pixels
+    np.testing.assert_allclose(stats["batch_stats"]["var"], 0.9 * 1 + 0.1 * valid.var(0, ddof=1), rtol=1e-6)
+    np.testing.assert_allclose(stats["batch_stats"]["mean"], 0.1 * valid.mean(0), rtol=1e-5)
+    expected = (np.asarray(x[:3]) - valid.mean(0)) / np.sqrt(valid.var(0) + 1e-5)
+    np.testing.assert_allclose(out[:3], expected, atol=2e-5)
+
+
 def test_l2_normalize_unit_norm_and_zero_safe():
     x = jnp.array([[3.0, 4.0], [0.0, 0.0]])
     out = layers.l2_normalize(x)

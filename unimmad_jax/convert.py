@@ -2,12 +2,14 @@
 
     python -m unimmad_jax.convert prior --weights wide_resnet50_2.safetensors --out DIR
     python -m unimmad_jax.convert official --checkpoint-dir CKPT --prior FILE --image-size 256 --out DIR
+    python -m unimmad_jax.convert export --checkpoint WORKDIR|MODEL --out DIR
 
 Every tensor is placed by one declarative key map (`reference_key_map`), used both ways:
-checkpoints into Flax variables, and Flax gradients back into the reference layout
-(for the parity comparison).  Unknown, missing or mis-shaped keys are errors that name
-the file, the key and both shapes; the keys the reference never uses are skipped silently
-(docs/model.md#reference-checkpoints).
+checkpoints into Flax variables, and Flax variables (or gradients) back into the reference
+layout: the parity comparison and `export`, which writes the reference's checkpoint files.
+Unknown, missing or mis-shaped keys are errors that name the file, the key and both shapes;
+the keys the reference never uses are skipped silently on the way in and written as
+placeholders on the way out (docs/model.md#reference-checkpoints).
 """
 
 from __future__ import annotations
@@ -20,13 +22,20 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
-from unimmad_jax import model_io
+from unimmad_jax import checkpoints, model_io, sharding
+from unimmad_jax.config import model_config
 from unimmad_jax.models.unimmad import ModelConfig, abstract_variables
+from unimmad_jax.models.wide_resnet import EXPANSION
 
 REFERENCE_FILES = {"model": "model.safetensors", "model_1": "model_1.safetensors", "model_2": "model_2.safetensors"}
 """The parts of a reference checkpoint folder: general encoder + FCM/decoder, input embedding, C-MoEs."""
+
+PRIOR_FILE = "wide_resnet50_2.safetensors"
+"""The prior's file in an exported folder (torchvision naming)."""
 
 GRADIENT_PARTS = {"model": "general_multimodal_encoder", "model_1": "input_embedding", "model_2": "c_moes"}
 """The names the parity fixtures give the reference's files."""
@@ -309,15 +318,136 @@ def convert_official(
     return cfg, to_variables(reference_key_map(cfg), state_dicts, abstract_variables(cfg), sources)
 
 
-def to_reference_layout(entries: list[KeyEntry], tree: Mapping) -> dict[str, np.ndarray]:
-    """Flax-shaped arrays (e.g. gradients of `params`) -> `{"<fixture part>/<reference key>": array}`."""
-    out = {}
+def to_reference_layout(entries: list[KeyEntry], variables: Mapping) -> dict[str, dict[str, np.ndarray]]:
+    """Flax variables -> `{part: {reference key: array}}` for every entry whose collection `variables` holds
+    (pass `{"params": grads}` for gradients)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
     for entry in entries:
-        if entry.collection != "params" or entry.part not in GRADIENT_PARTS:
-            continue
-        value = np.asarray(_get(tree, entry.path))
-        out[f"{GRADIENT_PARTS[entry.part]}/{entry.key}"] = entry.to_reference(value)
+        if entry.collection in variables:
+            value = np.asarray(_get(variables, (entry.collection,) + entry.path))
+            out.setdefault(entry.part, {})[entry.key] = entry.to_reference(value)
     return out
+
+
+def check_reference_widths(cfg: ModelConfig) -> None:
+    """The reference builds the paper's widths only (any image size): fail naming every field that differs."""
+    reference = ModelConfig(image_size=cfg.image_size)
+    differing = [
+        f"model.{f.name}={getattr(cfg, f.name)!r} (the reference: {getattr(reference, f.name)!r})"
+        for f in dataclasses.fields(ModelConfig)
+        if f.name != "dtype" and getattr(cfg, f.name) != getattr(reference, f.name)
+    ]
+    if differing:
+        raise ConversionError(
+            "the reference code cannot load this model: it builds only the paper's widths and depths, and "
+            + ", ".join(differing)
+        )
+
+
+def _placeholder(key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor the reference stores but never uses: zero weights, identity BatchNorms, no batches tracked."""
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "num_batches_tracked":
+        return np.zeros((), np.int64)
+    is_bn_scale = leaf == "weight" and len(shape) == 1
+    return np.full(shape, 1.0 if leaf == "running_var" or is_bn_scale else 0.0, np.float32)
+
+
+def _unused_layer4(prefix: str, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """torchvision's layer4 of the WideResNet (3 bottlenecks at twice the last stage's planes)."""
+    planes = 2 * cfg.planes[-1]
+    width, out, inplanes = cfg.width_factor * planes, EXPANSION * planes, EXPANSION * cfg.planes[-1]
+    shapes = {}
+    for block in range(3):
+        t = f"{prefix}layer4.{block}."
+        convs = {"conv1": (width, inplanes if block == 0 else out, 1, 1), "conv2": (width, width, 3, 3)}
+        convs["conv3"] = (out, width, 1, 1)
+        norms = {"bn1": width, "bn2": width, "bn3": out}
+        if block == 0:
+            convs["downsample.0"] = (out, inplanes, 1, 1)
+            norms["downsample.1"] = out
+        shapes.update({f"{t}{name}.weight": shape for name, shape in convs.items()})
+        for name, channels in norms.items():
+            shapes.update(
+                {f"{t}{name}.{leaf}": (channels,) for leaf in ("weight", "bias", "running_mean", "running_var")}
+            )
+    return shapes
+
+
+def unused_reference_tensors(cfg: ModelConfig) -> dict[str, dict[str, np.ndarray]]:
+    """`{part: {key: placeholder}}`: what a reference checkpoint holds besides the key map: layer4 of both
+    WideResNets, the prior's classifier, the C-MoEs' unused heads and every BatchNorm's counter
+    (docs/model.md#reference-checkpoints)."""
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {
+        "prior": {**_unused_layer4("", cfg), "fc.weight": (1000, EXPANSION * 2 * cfg.planes[-1]), "fc.bias": (1000,)},
+        "model": _unused_layer4("0.model.", cfg),
+        "model_1": {},
+        "model_2": {
+            f"{level}.{head}.{leaf}": (1, cfg.moe_dim, 1, 1) if leaf == "weight" else (1,)
+            for level in range(3)
+            for head in ("conv_out_second", "prior_head")
+            for leaf in ("weight", "bias")
+        },
+    }
+    running = [(e.part, e.key) for e in reference_key_map(cfg) if e.key.endswith(".running_mean")]
+    running += [(part, k) for part, keys in shapes.items() for k in keys if k.endswith(".running_mean")]
+    for part, key in running:
+        shapes[part][key.removesuffix("running_mean") + "num_batches_tracked"] = ()
+    return {part: {k: _placeholder(k, shape) for k, shape in keys.items()} for part, keys in shapes.items()}
+
+
+def reference_state_dicts(cfg: ModelConfig, variables: Mapping) -> dict[str, dict[str, np.ndarray]]:
+    """All variables of a model -> the reference's four state dicts `{part: {key: float32 array}}`, every key
+    of the reference's files included: what `load_state_dict(strict=True)` needs."""
+    check_reference_widths(cfg)
+    state = to_reference_layout(reference_key_map(cfg), variables)
+    for part, tensors in unused_reference_tensors(cfg).items():
+        state.setdefault(part, {}).update(tensors)
+    # np.require, not np.ascontiguousarray: the latter turns a 0-d `num_batches_tracked` into shape [1]
+    return {
+        part: {
+            k: np.require(v if v.dtype == np.int64 else v.astype(np.float32, copy=False), requirements="C")
+            for k, v in d.items()
+        }
+        for part, d in state.items()
+    }
+
+
+def export_reference(cfg: ModelConfig, variables: Mapping, out: str | Path) -> dict[str, Path]:
+    """Write `model.safetensors`, `model_1.safetensors`, `model_2.safetensors` and the prior as
+    `wide_resnet50_2.safetensors` into `out`; returns the paths by part."""
+    from safetensors.numpy import save_file
+
+    state = reference_state_dicts(cfg, variables)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {part: out / name for part, name in {**REFERENCE_FILES, "prior": PRIOR_FILE}.items()}
+    for part, path in paths.items():
+        save_file(state[part], str(path))
+    return paths
+
+
+def _run_config(workdir: Path) -> ml_collections.ConfigDict:
+    """The config a training run recorded with its latest checkpoint."""
+    with ocp.CheckpointManager(workdir / "checkpoints", item_names=checkpoints.ITEMS) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise ConversionError(f"{workdir / 'checkpoints'}: no complete checkpoint to export")
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return ml_collections.ConfigDict(meta["config"])
+
+
+def load_trained(path: str | Path) -> tuple[ModelConfig, dict]:
+    """(model config, variables as numpy arrays) of a training workdir (its latest checkpoint) or a model folder."""
+    path = Path(path).absolute()
+    if (path / "checkpoints").is_dir():
+        config = _run_config(path)
+        variables = checkpoints.trained_variables(config, path, sharding.data_mesh())
+        return model_config(config), jax.tree_util.tree_map(np.asarray, variables)
+    kind, cfg, variables = model_io.load(path)
+    if kind != "model":
+        raise ConversionError(f"{path} holds a {kind}, not a complete model: there is nothing to export")
+    return cfg, variables
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,16 +461,28 @@ def main(argv: list[str] | None = None) -> int:
     official.add_argument("--prior", required=True, help="the prior WideResNet file")
     official.add_argument("--image-size", required=True, type=int, help="the image size the checkpoint was trained at")
     official.add_argument("--out", required=True, help="output folder (orbax)")
+    export = commands.add_parser("export", help="a trained or converted model -> the reference's checkpoint files")
+    export.add_argument(
+        "--checkpoint", required=True, help="a training workdir (its latest checkpoint) or a model folder"
+    )
+    export.add_argument(
+        "--out", required=True, help=f"output folder: {', '.join(REFERENCE_FILES.values())}, {PRIOR_FILE}"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "prior":
             cfg = ModelConfig()
             variables = convert_prior(args.weights, cfg)
             model_io.save(args.out, cfg, variables, kind="prior")
-        else:
+        elif args.command == "official":
             cfg, variables = convert_official(args.checkpoint_dir, args.prior, args.image_size)
             model_io.save(args.out, cfg, variables, kind="model")
-    except (ConversionError, ValueError) as error:
+        else:
+            cfg, variables = load_trained(args.checkpoint)
+            paths = export_reference(cfg, variables, args.out)
+            print(f"wrote {', '.join(str(p) for p in paths.values())} (image size {cfg.image_size})")
+            return 0
+    except (ConversionError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     count = sum(np.size(v) for v in jax.tree_util.tree_leaves(variables["params"]))

@@ -188,9 +188,25 @@ def conv_transpose(
     return ConvTranspose(features, kernel, stride, padding, use_bias=bias, dtype=dtype, conv_impl=conv_impl, name=name)
 
 
-def batch_norm(train: bool, *, dtype: Dtype = None, name: str | None = None) -> nn.BatchNorm:
+class BatchNorm(nn.BatchNorm):
+    """`nn.BatchNorm` whose running variance takes the unbiased batch variance, as PyTorch's does:
+    x n / (n - 1), n = the elements reduced over (masked ones left out); normalising uses the biased one."""
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        if self.use_running_average or self.is_initializing():
+            return super().__call__(x, mask=mask)
+        before = self.get_variable("batch_stats", "var")
+        y = super().__call__(x, mask=mask)
+        after = self.get_variable("batch_stats", "var")
+        count = x.size // x.shape[-1] if mask is None else jnp.sum(jnp.broadcast_to(mask, x.shape), axis=(0, 1, 2))
+        # after - momentum * before is (1 - momentum) times the biased variance: rescale that term by n / (n - 1).
+        self.put_variable("batch_stats", "var", after + (after - self.momentum * before) / (count - 1))
+        return y
+
+
+def batch_norm(train: bool, *, dtype: Dtype = None, name: str | None = None) -> BatchNorm:
     """PyTorch `BatchNorm2d`: eps 1e-5, momentum 0.1 (Flax's 0.9), two-pass variance for float32 accuracy."""
-    return nn.BatchNorm(
+    return BatchNorm(
         use_running_average=not train,
         momentum=BATCH_NORM_MOMENTUM,
         epsilon=1e-5,
