@@ -28,6 +28,7 @@ from helpers import REPO, load_config, subprocess_env
 from unimmad_jax import loop, sharding
 from unimmad_jax.config import model_config
 from unimmad_jax.models.unimmad import UniMMAD
+from unimmad_jax.serving import COLUMNS
 
 PROCESSES = 2
 DEVICES_PER_PROCESS = 2
@@ -202,7 +203,7 @@ def test_two_processes_predict_every_image_once(two_process_run, tmp_path, synth
     )
     assert "wrote 48 scores" in first and "wrote" not in second
     rows = (workdir / "predictions" / "synthetic_test" / "scores.csv").read_text().splitlines()
-    assert rows[0] == "path,class,label,image_score"
+    assert rows[0] == ",".join(COLUMNS)
     paths = [row.split(",")[0] for row in rows[1:]]
     assert len(paths) == len(set(paths)) == 48
     assert len(list((workdir / "predictions" / "synthetic_test" / "overlays").glob("*.png"))) == 3

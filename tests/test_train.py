@@ -174,7 +174,8 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize("written_on,resumed_on", [(8, 1), (1, 8)])
+# 8 -> 1 is not repeated here: tests/test_multihost.py resumes a 2-process (4-device) checkpoint in 1 process.
+@pytest.mark.parametrize("written_on,resumed_on", [(1, 8)])
 def test_checkpoint_moves_between_device_counts(
     written_on, resumed_on, trained_workdir, synthetic_data_dir, tmp_path, monkeypatch
 ):
