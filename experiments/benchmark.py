@@ -78,7 +78,8 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
         config.data.num_slots = modalities
         images = np.asarray(batch["specific_images"]).reshape(-1, image_size, image_size, 3)
         state = jax.device_put(
-            train.create_train_state(model, config, steps_per_epoch=1, prior_images=images), sharding.replicated(mesh)
+            train.create_train_state(model, config, 1, train.initial_variables(model, config, images)),
+            sharding.replicated(mesh),
         )
         step = train.make_train_step(model, loss_config(config), mesh)
         args = (state, batch, jnp.int32(0))

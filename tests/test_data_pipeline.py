@@ -254,3 +254,19 @@ def test_split_lookups_name_a_missing_split(data_dir):
     for lookup in (open_split, max_modality_count):
         with pytest.raises(InvalidDataError, match="Dataset 'mvtec_ad' has no split 'validation'"):
             lookup(data_dir[0], "mvtec_ad", "validation")
+
+
+def test_replay_draws_the_first_records_of_earlier_classes(data_dir):
+    config = _config(data_dir, classes={"mvtec_ad": ("small",)}, replay_classes={"mvtec_ad": ("big",)})
+    assert train_loader(config, seed=0, batch_size=2).epoch_size == TRAIN_SIZES["small"]  # replay_per_class = 0
+    config.replay_per_class = 3
+    replayed = []
+    for seed in (0, 1):
+        loader = train_loader(config, seed=seed, batch_size=2)
+        assert loader.epoch_size == TRAIN_SIZES["small"] + 3
+        batches = _take(loader.iterator, 40)
+        paths = np.concatenate([b["path"] for b in batches])
+        names = np.concatenate([b["class_name"] for b in batches])
+        assert 0.3 < np.mean(names == "big") < 0.7  # classes stay balanced
+        replayed.append(set(paths[names == "big"]))
+    assert len(replayed[0]) == 3 and replayed[0] == replayed[1]  # the same 3 records, whatever the seed

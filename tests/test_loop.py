@@ -75,7 +75,8 @@ def test_steady_state_steps_never_wait(synthetic_data_dir, tmp_path):
     )
     images = first_training_images(config.data, seed=config.seed, batch_size=config.train.batch_size)
     state = jax.device_put(
-        train.create_train_state(model, config, loader.steps_per_epoch, images), sharding.replicated(mesh)
+        train.create_train_state(model, config, loader.steps_per_epoch, train.initial_variables(model, config, images)),
+        sharding.replicated(mesh),
     )
     batches = loop.device_batches(run, config.train.prefetch_batches)
     state, step = loop.train_epoch(run, state, 0, batches)  # compiles the step

@@ -157,9 +157,9 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
     with jax.enable_x64(True):
         for devices in (1, 8):
             mesh = mesh_of(devices)
-            state = train.create_train_state(
-                model, config, loader.steps_per_epoch, first_training_images(config.data, seed=0, batch_size=8)
-            )
+            images = first_training_images(config.data, seed=0, batch_size=8)
+            variables = train.initial_variables(model, config, images)
+            state = train.create_train_state(model, config, loader.steps_per_epoch, variables)
             params = to64(state.params)
             state = state.replace(params=params, batch_stats=to64(state.batch_stats), opt_state=state.tx.init(params))
             state = jax.device_put(state, sharding.replicated(mesh))

@@ -85,9 +85,14 @@ def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict, metrics:
     )
 
 
+def is_training_workdir(path: epath.PathLike) -> bool:
+    """Whether `path` is a training run's workdir (it has a `checkpoints` folder)."""
+    return (workdir_path(path) / "checkpoints").is_dir()
+
+
 def trained_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh: Mesh) -> dict:
     """The variables to evaluate or predict with, on `mesh` (whatever mesh wrote them): the latest
-    checkpoint in `workdir`, else `train.init_from` (a complete model)."""
+    checkpoint in `workdir`, else `train.init_from` (a training workdir or a complete model)."""
     checkpoints = workdir_path(workdir) / "checkpoints"
     model = UniMMAD(model_config(config))
     if checkpoints.is_dir():
@@ -97,6 +102,8 @@ def trained_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike
                 state = _restore(manager, step, abstract_train_state(model, config, steps_per_epoch=1), mesh)["state"]
                 return {"params": state.params, "batch_stats": state.batch_stats}
     source = config.train.init_from
+    if source and workdir_path(source) != workdir_path(workdir) and is_training_workdir(source):
+        return trained_variables(config, source, mesh)
     if source:
         kind, _, variables = model_io.load(source)
         if kind == "model":
@@ -104,7 +111,7 @@ def trained_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike
             model_io.check_compatible(variables, expected, f"train.init_from={source}")
             return jax.device_put(variables, sharding.replicated(mesh))
     raise FileNotFoundError(
-        f"no checkpoint in {checkpoints} and no complete model in train.init_from: "
+        f"no checkpoint in {checkpoints} and no complete model or training workdir in train.init_from: "
         f"train first, or convert a released model with `python -m unimmad_jax.convert`"
     )
 

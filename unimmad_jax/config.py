@@ -50,7 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every_epochs = 1
     config.train.keep_checkpoints = 3
     config.train.best_metric = "All_Datasets_Mean/i_auroc"
-    config.train.init_from = ""  # a folder from `python -m unimmad_jax.convert` (model or prior)
+    # The weights to start from, with a fresh optimizer and schedule: a training workdir (its latest
+    # checkpoint), or a folder from `python -m unimmad_jax.convert` (a model, or the prior alone).
+    config.train.init_from = ""
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 8  # global
@@ -67,6 +69,13 @@ def default_config() -> ml_collections.ConfigDict:
     # threshold for every class, or a sensitivity in (0, 1) (0.5: the calibrated thresholds).
     config.predict.threshold = ml_collections.config_dict.placeholder(float)
     config.predict.sensitivity = ml_collections.config_dict.placeholder(float)
+
+    # Task lists of `--mode=continual` and `--mode=unified_vs_separate` (unimmad_jax/protocols.py): each
+    # task a list of "dataset" or "dataset:class,class" selections; every task trains for train.num_epochs.
+    config.continual = ml_collections.ConfigDict()
+    config.continual.tasks = ()
+    config.continual.replay_per_class = 0  # training samples of each earlier class drawn in the later tasks
+    config.continual.joint = False  # also train one model on all tasks at once, for comparison
 
     config.calibrate = ml_collections.ConfigDict()
     config.calibrate.split = "validation"  # of each dataset; its train split's good images where it has none

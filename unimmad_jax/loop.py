@@ -32,6 +32,7 @@ from unimmad_jax.train import (
     TrainState,
     abstract_train_state,
     create_train_state,
+    initial_variables,
     learning_rate_schedule,
     make_train_step,
 )
@@ -156,12 +157,20 @@ def _save(run: TrainRun, manager: ocp.CheckpointManager, state: TrainState, step
 
 
 def initial_state(model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int, mesh: Mesh) -> TrainState:
-    """The state a new run starts from, replicated on `mesh`: a function of the config alone, the same
-    whatever the number of processes and devices (the prior's statistics come from the first global
-    batch, read whole by every process)."""
-    prior_images = first_training_images(config.data, seed=config.seed, batch_size=config.train.batch_size)
-    state = create_train_state(model, config, steps_per_epoch, prior_images)
-    return jax.device_put(state, sharding.replicated(mesh))
+    """The state a new run starts from, replicated on `mesh`: step 0, a fresh optimizer and schedule.
+
+    The weights are the latest checkpoint of `train.init_from` when it names a training workdir
+    (training goes on from another run, on new data), else `train.initial_variables`: a function of
+    the config alone, the same whatever the number of processes and devices (the prior's statistics
+    come from the first global batch, read whole by every process).
+    """
+    source = config.train.init_from
+    if source and checkpoints.is_training_workdir(source):
+        variables = checkpoints.trained_variables(config, source, mesh)
+    else:
+        prior_images = first_training_images(config.data, seed=config.seed, batch_size=config.train.batch_size)
+        variables = initial_variables(model, config, prior_images)
+    return jax.device_put(create_train_state(model, config, steps_per_epoch, variables), sharding.replicated(mesh))
 
 
 def _start(run: TrainRun, manager: ocp.CheckpointManager) -> tuple[TrainState, int]:
@@ -178,18 +187,26 @@ def _start(run: TrainRun, manager: ocp.CheckpointManager) -> tuple[TrainState, i
         if sharding.is_main_process():
             print(f"Resumed from step {meta['step']} (epoch {meta['epoch']}) in {manager.directory}")
         return state, meta["step"]
-    if not config.train.init_from and sharding.is_main_process():
-        print(
-            "Training from randomly initialised weights, the prior too (its BatchNorm statistics measured "
-            "on a training batch): without pretrained prior weights (train.init_from) the features are not "
-            "ImageNet features."
-        )
+    if sharding.is_main_process():
+        if config.train.init_from:
+            print(f"Starting from the weights of {config.train.init_from} (train.init_from)")
+        else:
+            print(
+                "Training from randomly initialised weights, the prior too (its BatchNorm statistics measured "
+                "on a training batch): without pretrained prior weights (train.init_from) the features are not "
+                "ImageNet features."
+            )
     return initial_state(run.model, config, run.steps_per_epoch, mesh), 0
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> TrainState:
     """Train for `train.num_epochs` epochs, resuming from the latest checkpoint in `workdir` (local or `gs://`)."""
     workdir = checkpoints.workdir_path(workdir)
+    if config.train.init_from and checkpoints.workdir_path(config.train.init_from) == workdir:
+        raise ValueError(
+            f"train.init_from={config.train.init_from} is the workdir itself: a run that starts from another "
+            "run's weights writes to a workdir of its own (to go on with the same run, leave train.init_from empty)"
+        )
     if sharding.is_main_process():
         workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.data_mesh()

@@ -5,6 +5,7 @@
     python -m unimmad_jax.main --config=configs/demo.py --workdir=runs/demo --mode=calibrate
     python -m unimmad_jax.main --config=configs/demo.py --workdir=runs/demo --mode=predict \\
         --config.predict.input=path/to/images
+    python -m unimmad_jax.main --config=configs/continual_demo.py --workdir=runs/continual --mode=continual
 
 Any config field can be overridden, e.g. `--config.train.batch_size=32`.  Several processes (a TPU
 pod, one process per GPU, or CPU processes) run the same command; on clusters that JAX detects
@@ -22,7 +23,12 @@ from ml_collections import config_flags
 flags.DEFINE_string(
     "workdir", None, "Checkpoints, evaluation tables, predictions and TensorBoard logs go here.", required=True
 )
-flags.DEFINE_enum("mode", "train", ["train", "eval", "calibrate", "predict"], "What to run.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "calibrate", "predict", "continual", "unified_vs_separate"],
+    "What to run; continual and unified_vs_separate train the task lists of config.continual (protocols.py).",
+)
 flags.DEFINE_bool(
     "multihost",
     False,
@@ -38,7 +44,7 @@ FLAGS = flags.FLAGS
 
 def run(argv) -> int:
     del argv
-    from unimmad_jax import calibrate, checkpoints, evaluate, loop, predict, sharding
+    from unimmad_jax import calibrate, checkpoints, evaluate, loop, predict, protocols, sharding
     from unimmad_jax.config import model_config
     from unimmad_jax.data import InvalidDataError, ensure_prepared
     from unimmad_jax.models.unimmad import UniMMAD
@@ -51,6 +57,12 @@ def run(argv) -> int:
     try:
         if FLAGS.mode == "train":
             loop.train_and_evaluate(config, workdir)
+            return 0
+        if FLAGS.mode == "continual":
+            protocols.run_continual(config, workdir)
+            return 0
+        if FLAGS.mode == "unified_vs_separate":
+            protocols.run_unified_vs_separate(config, workdir)
             return 0
         mesh = sharding.data_mesh()
         variables = checkpoints.trained_variables(config, workdir, mesh)

@@ -100,9 +100,9 @@ def initial_variables(model: UniMMAD, config: ml_collections.ConfigDict, prior_i
 
 
 def create_train_state(
-    model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int, prior_images: np.ndarray
+    model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int, variables: dict
 ) -> TrainState:
-    variables = initial_variables(model, config, prior_images)
+    """Step 0 at `variables`, with a fresh optimizer state and schedule."""
     params = variables["params"]
     tx = make_optimizer(config, steps_per_epoch, params)
     return TrainState(

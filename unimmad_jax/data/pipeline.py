@@ -30,6 +30,9 @@ size ``B``, ``S = config.num_slots`` and ``H = W = config.image_size``:
   of the samples read.
 - ``loss_weights``: ``{record dataset: weight}``, keyed by the records'
   ``dataset`` field (``brats`` for ``mmad_meta/brats``); the release's weights by default.
+- ``replay_classes``: optional ``{dataset name: (class, ...)}`` of earlier
+  tasks (continual learning) of which training draws only the first
+  ``replay_per_class`` records of each class, beside ``datasets``.
 - ``num_read_threads``: threads reading and preprocessing (0: in the caller).
 - ``prefetch_batches``: batches read ahead per host.
 """
@@ -74,6 +77,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.image_size = 256
     config.num_slots = schema.MAX_MODALITIES
     config.loss_weights = ml_collections.ConfigDict(DEFAULT_LOSS_WEIGHTS)
+    config.replay_classes = ml_collections.ConfigDict()
+    config.replay_per_class = 0
     config.num_read_threads = 8
     config.prefetch_batches = 4
     return config
@@ -113,21 +118,41 @@ def _open_catalog(config, names: Sequence[str], split: str, classes=None) -> _Ca
     for name in names:
         prepared = open_split(config.data_dir, name, split)
         wanted = classes if classes is not None else config.classes.get(name)
-        available = prepared.index.class_names
-        if wanted is not None:
-            unknown = sorted(set(wanted) - set(available))
-            if unknown:
-                raise InvalidDataError(
-                    f"Classes {unknown} (config.data.classes) are not in {name}/{split}; "
-                    f"it has {sorted(set(available))}."
-                )
+        _check_classes(prepared, wanted, "config.data.classes")
         indices = np.array(
-            [i for i, c in enumerate(available) if wanted is None or c in wanted],
+            [i for i, c in enumerate(prepared.index.class_names) if wanted is None or c in wanted],
             np.int64,
         )
         _check_slots(prepared, indices, config.num_slots)
         splits.append(prepared)
         kept.append(indices)
+    return _Catalog(tuple(splits), tuple(kept))
+
+
+def _check_classes(prepared: PreparedSplit, wanted, where: str) -> None:
+    available = prepared.index.class_names
+    unknown = sorted(set(wanted or ()) - set(available))
+    if unknown:
+        raise InvalidDataError(
+            f"Classes {unknown} ({where}) are not in {prepared.name}/{prepared.split}; it has {sorted(set(available))}."
+        )
+
+
+def _with_replay(config, catalog: _Catalog) -> _Catalog:
+    """`catalog` and the first `config.replay_per_class` training records of each class of `config.replay_classes`."""
+    if config.replay_per_class <= 0 or not config.replay_classes:
+        return catalog
+    splits, kept = list(catalog.splits), list(catalog.local_indices)
+    for name, replayed in config.replay_classes.items():
+        prepared = open_split(config.data_dir, name, "train")
+        _check_classes(prepared, replayed, "config.data.replay_classes")
+        class_names = np.asarray(prepared.index.class_names)
+        indices = np.concatenate(
+            [np.flatnonzero(class_names == c)[: config.replay_per_class] for c in replayed] or [np.zeros(0, np.int64)]
+        )
+        _check_slots(prepared, indices, config.num_slots)
+        splits.append(prepared)
+        kept.append(indices.astype(np.int64))
     return _Catalog(tuple(splits), tuple(kept))
 
 
@@ -313,7 +338,7 @@ def train_loader(
       process_count: hosts (default `jax.process_count()`).
     """
     process_index, process_count = _hosts(process_index, process_count)
-    catalog = _open_catalog(config, config.datasets, "train")
+    catalog = _with_replay(config, _open_catalog(config, config.datasets, "train"))
     global_batch_size = batch_size * process_count
     steps_per_epoch = len(catalog) // global_batch_size
     if steps_per_epoch == 0:

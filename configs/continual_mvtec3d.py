@@ -1,0 +1,31 @@
+"""Continual learning on MVTec 3D-AD (RGB + depth): two protocols in the style of the 2D ones.
+
+    python -m unimmad_jax.main --config=configs/continual_mvtec3d.py:5-5 --workdir=runs/cl_mvtec3d_5_5 --mode=continual
+
+Classes in alphabetical order; "5-5": five classes, then the other five; "9-1": nine, then tire.
+"""
+
+from unimmad_jax.config import default_config
+
+PROTOCOLS = {
+    "5-5": (
+        ("mvtec3d:bagel,cable_gland,carrot,cookie,dowel",),
+        ("mvtec3d:foam,peach,potato,rope,tire",),
+    ),
+    "9-1": (
+        ("mvtec3d:bagel,cable_gland,carrot,cookie,dowel,foam,peach,potato,rope",),
+        ("mvtec3d:tire",),
+    ),
+}
+
+
+def get_config(protocol: str = "5-5"):
+    if protocol not in PROTOCOLS:
+        raise ValueError(
+            f"unknown MVTec 3D-AD protocol {protocol!r} (after the config path's ':'); one of {list(PROTOCOLS)}"
+        )
+    config = default_config()
+    config.data.datasets = ("mvtec3d",)
+    config.data.num_slots = 2
+    config.continual.tasks = PROTOCOLS[protocol]
+    return config

@@ -1,0 +1,48 @@
+"""Continual learning on MVTec AD with the protocols of the continual anomaly-detection papers (IUF and others).
+
+    python -m unimmad_jax.main --config=configs/continual_mvtec_ad.py:10-5 --workdir=runs/cl_mvtec_10_5 --mode=continual
+
+Classes in alphabetical order; "a-b": a first task of a classes, then one of b; "a-1xb": then b
+tasks of one class; "3x5": three tasks of five classes.
+"""
+
+from unimmad_jax.config import default_config
+
+PROTOCOLS = {
+    "14-1": (
+        (
+            "mvtec_ad:bottle,cable,capsule,carpet,grid,hazelnut,leather,metal_nut,pill,screw,tile,toothbrush,"
+            "transistor,wood",
+        ),
+        ("mvtec_ad:zipper",),
+    ),
+    "10-5": (
+        ("mvtec_ad:bottle,cable,capsule,carpet,grid,hazelnut,leather,metal_nut,pill,screw",),
+        ("mvtec_ad:tile,toothbrush,transistor,wood,zipper",),
+    ),
+    "10-1x5": (
+        ("mvtec_ad:bottle,cable,capsule,carpet,grid,hazelnut,leather,metal_nut,pill,screw",),
+        ("mvtec_ad:tile",),
+        ("mvtec_ad:toothbrush",),
+        ("mvtec_ad:transistor",),
+        ("mvtec_ad:wood",),
+        ("mvtec_ad:zipper",),
+    ),
+    "3x5": (
+        ("mvtec_ad:bottle,cable,capsule,carpet,grid",),
+        ("mvtec_ad:hazelnut,leather,metal_nut,pill,screw",),
+        ("mvtec_ad:tile,toothbrush,transistor,wood,zipper",),
+    ),
+}
+
+
+def get_config(protocol: str = "10-5"):
+    if protocol not in PROTOCOLS:
+        raise ValueError(
+            f"unknown MVTec AD protocol {protocol!r} (after the config path's ':'); one of {list(PROTOCOLS)}"
+        )
+    config = default_config()
+    config.data.datasets = ("mvtec_ad",)
+    config.data.num_slots = 1
+    config.continual.tasks = PROTOCOLS[protocol]
+    return config

@@ -1,0 +1,311 @@
+"""Research protocols over lists of tasks: continual learning with its forgetting, and unified vs separate models.
+
+A task is a list of selections, each `dataset` (all its classes) or `dataset:class,class,...`,
+e.g. `("synthetic_hard:tiles,plate",)`.  `--mode=continual` trains `continual.tasks` one after
+the other, each task starting from the previous one's last checkpoint with a fresh optimizer and
+schedule (`train.init_from`), and evaluates every task after every task: the matrix R[i, j] of
+a metric on task j after training task i (the tasks still to come included, for reference).
+`--mode=unified_vs_separate` trains one model on all tasks and one model per task, from scratch.
+
+Each training run has its own workdir under `<workdir>/<protocol>/`, so a killed protocol
+resumes where it stopped: at the task and step of its last checkpoint.  No checkpoint is chosen
+on test data: every model evaluated is the last of its run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from jax.sharding import Mesh
+
+from unimmad_jax import checkpoints, evaluate, loop, metrics, sharding
+from unimmad_jax.config import model_config
+from unimmad_jax.data import InvalidDataError, ensure_prepared
+from unimmad_jax.data.prepared import open_split
+from unimmad_jax.models.unimmad import UniMMAD
+
+PROTOCOL_METRICS = ("i_auroc", "p_auroc", "aupro_0.3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """The classes of one task: `{dataset: (class, ...)}`, in the order they were selected."""
+
+    selections: tuple[str, ...]
+    classes: dict[str, tuple[str, ...]]
+
+    @property
+    def name(self) -> str:
+        return " + ".join(self.selections)
+
+    def data_config(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """`config` training and evaluating on this task's classes alone."""
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.data.datasets = tuple(self.classes)
+            config.data.classes = ml_collections.ConfigDict(dict(self.classes))
+            config.eval.datasets = ()
+        return config
+
+
+def parse_tasks(config: ml_collections.ConfigDict, field: str = "continual.tasks") -> list[Task]:
+    """The tasks of `config.continual.tasks`, every class spelled out and checked against the prepared data."""
+    tasks = []
+    for t, selections in enumerate(config.continual.tasks):
+        if isinstance(selections, str) or not selections:
+            raise ValueError(f"{field}[{t}] is {selections!r}; a task is a non-empty list of 'dataset[:class,...]'")
+        classes: dict[str, list[str]] = {}
+        for selection in selections:
+            dataset, _, names = selection.partition(":")
+            available = open_split(config.data.data_dir, dataset, "test").index.class_names
+            chosen = [c.strip() for c in names.split(",") if c.strip()] or list(dict.fromkeys(available))
+            unknown = sorted(set(chosen) - set(available))
+            if unknown:
+                raise InvalidDataError(
+                    f"{field}[{t}] selects {unknown} of {dataset}, which has {sorted(set(available))}"
+                )
+            classes.setdefault(dataset, [])
+            classes[dataset] += [c for c in chosen if c not in classes[dataset]]
+        tasks.append(Task(tuple(selections), {d: tuple(c) for d, c in classes.items()}))
+    if not tasks:
+        raise ValueError(f"{field} is empty: list the tasks, e.g. (('synthetic:tiles',), ('synthetic:foam',))")
+    return tasks
+
+
+def union(tasks: Sequence[Task]) -> Task:
+    """All the classes of `tasks` as one task."""
+    classes: dict[str, list[str]] = {}
+    for task in tasks:
+        for dataset, names in task.classes.items():
+            classes.setdefault(dataset, [])
+            classes[dataset] += [c for c in names if c not in classes[dataset]]
+    return Task(tuple(s for task in tasks for s in task.selections), {d: tuple(c) for d, c in classes.items()})
+
+
+def replay_classes(earlier: Sequence[Task], task: Task) -> dict[str, tuple[str, ...]]:
+    """The classes of the `earlier` tasks that `task` does not train on itself."""
+    seen = union(earlier).classes
+    replayed = {d: tuple(c for c in names if c not in task.classes.get(d, ())) for d, names in seen.items()}
+    return {d: names for d, names in replayed.items() if names}
+
+
+def evaluate_tasks(
+    model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, tasks: Sequence[Task], mesh: Mesh
+) -> dict[str, list[float]]:
+    """`{metric: [value on each task]}`: a task's value is the mean over its classes.
+
+    Every class of every task is evaluated once, with one compiled evaluation step."""
+    everything = union(tasks)
+    eval_config = everything.data_config(config)
+    predict_fn = evaluate.make_predict_fn(model, mesh)
+    variables = jax.device_put(variables, sharding.replicated(mesh))
+    per_class = {
+        dataset: evaluate.evaluate_dataset(predict_fn, variables, eval_config, dataset, mesh)
+        for dataset in everything.classes
+    }
+    return {
+        metric: [
+            float(np.mean([per_class[d][c][metric] for d, names in task.classes.items() for c in names]))
+            for task in tasks
+        ]
+        for metric in PROTOCOL_METRICS
+    }
+
+
+def train_task(config: ml_collections.ConfigDict, task: Task, workdir: epath.Path, init_from: str, replay: dict):
+    """Train (or resume) one run on `task` in `workdir`; returns its last variables."""
+    task_config = task.data_config(config)
+    with task_config.unlocked():
+        task_config.train.init_from = init_from
+        task_config.data.replay_classes = ml_collections.ConfigDict(replay)
+        task_config.data.replay_per_class = config.continual.replay_per_class
+    state = loop.train_and_evaluate(task_config, workdir)
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _evaluated_run(config, task: Task, workdir: epath.Path, init_from: str, replay: dict, tasks: list[Task]) -> dict:
+    """`{metric: [value on each of tasks]}` of the run on `task` in `workdir`, training it first unless done."""
+    record = workdir / "protocol_evaluation.json"
+    if record.exists():
+        return json.loads(record.read_text())["values"]
+    variables = train_task(config, task, workdir, init_from, replay)
+    model = UniMMAD(model_config(config))
+    values = evaluate_tasks(model, variables, config, tasks, sharding.data_mesh())
+    if sharding.is_main_process():  # written last: its presence means the run is complete
+        record.write_text(json.dumps({"tasks": [t.name for t in tasks], "values": values}, indent=1))
+    return values
+
+
+def forgetting(matrix: np.ndarray) -> np.ndarray:
+    """`F_j = max_{i < T} R[i, j] - R[T, j]` of each task j < T, T the last task (rows: after task i)."""
+    last = matrix.shape[0] - 1
+    return matrix[:last, :last].max(axis=0) - matrix[last, :last]
+
+
+def continual_results(tasks: Sequence[Task], rows: Sequence[dict], joint: dict | None) -> dict:
+    """results.json's content from each task's `{metric: [R[i, j] for j]}` (and the joint run's row)."""
+    matrices = {m: np.array([row[m] for row in rows]) for m in PROTOCOL_METRICS}
+    results = {
+        "tasks": [list(t.selections) for t in tasks],
+        "metrics": list(PROTOCOL_METRICS),
+        "matrix": {m: r.tolist() for m, r in matrices.items()},
+        "forgetting": {m: forgetting(r).tolist() for m, r in matrices.items()},
+        "average_forgetting": {m: float(np.mean(forgetting(r))) if len(r) > 1 else 0.0 for m, r in matrices.items()},
+        "final_average": {m: float(np.mean(r[-1])) for m, r in matrices.items()},
+    }
+    if joint is not None:
+        results["joint"] = joint
+        results["joint_average"] = {m: float(np.mean(joint[m])) for m in PROTOCOL_METRICS}
+    return results
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def continual_markdown(results: dict) -> str:
+    """Per metric: R (rows: after task i, columns: task j), the forgetting of each earlier task, the averages."""
+    names = [" + ".join(t) for t in results["tasks"]]
+    lines = []
+    for metric in results["metrics"]:
+        matrix = results["matrix"][metric]
+        lines += [f"### {metrics.DISPLAY_NAMES.get(metric, metric)} (%)", ""]
+        lines.append("| after task | " + " | ".join(f"{j + 1}: {n}" for j, n in enumerate(names)) + " | mean |")
+        lines.append("|---" * (len(names) + 2) + "|")
+        for i, row in enumerate(matrix):
+            lines.append(f"| {i + 1} | " + " | ".join(map(_percent, row)) + f" | {_percent(np.mean(row))} |")
+        if "joint" in results:
+            joint = results["joint"][metric]
+            lines.append("| joint | " + " | ".join(map(_percent, joint)) + f" | {_percent(np.mean(joint))} |")
+        forgotten = results["forgetting"][metric]
+        cells = list(map(_percent, forgotten)) + ["-"] * (len(names) - len(forgotten))
+        lines.append("| forgetting | " + " | ".join(cells) + f" | {_percent(results['average_forgetting'][metric])} |")
+        lines.append("")
+    lines.append(
+        "Forgetting F_j = max over i < T of R[i, j] - R[T, j], T the last task; its mean over the earlier tasks "
+        "in the last column. Final average (mean of the last row): "
+        + ", ".join(f"{metrics.DISPLAY_NAMES.get(m, m)} {_percent(v)}" for m, v in results["final_average"].items())
+        + "."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot_matrix(results: dict, path: epath.Path) -> None:
+    """The matrices as heat maps, one panel per metric, values written in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = len(results["tasks"])
+    figure, axes = plt.subplots(1, len(results["metrics"]), figsize=(4.2 * len(results["metrics"]), 3.8))
+    for axis, metric in zip(np.atleast_1d(axes), results["metrics"]):
+        matrix = 100 * np.array(results["matrix"][metric])
+        image = axis.imshow(matrix, cmap="viridis", vmin=min(50.0, matrix.min()), vmax=100.0)
+        for (i, j), value in np.ndenumerate(matrix):
+            axis.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if value < 85 else "black")
+        axis.set_xticks(range(count), [f"task {j + 1}" for j in range(count)])
+        axis.set_yticks(range(count), [f"after {i + 1}" for i in range(count)])
+        axis.set_title(f"{metrics.DISPLAY_NAMES.get(metric, metric)} (%)")
+        figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    with path.open("wb") as file:
+        figure.savefig(file, format="png", dpi=110)
+    plt.close(figure)
+
+
+def _write_tensorboard(results: dict, directory: epath.Path) -> None:
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(directory)) as writer:
+        for metric in results["metrics"]:
+            for i, row in enumerate(results["matrix"][metric]):
+                for j, value in enumerate(row):
+                    writer.add_scalar(f"continual/{metric}/task_{j + 1}", value, i + 1)
+                writer.add_scalar(f"continual/{metric}/mean_seen", float(np.mean(row[: i + 1])), i + 1)
+
+
+def run_continual(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
+    """Train `continual.tasks` in sequence under `<workdir>/continual/`, evaluate, and write the results."""
+    root = checkpoints.workdir_path(workdir) / "continual"
+    ensure_prepared([s.partition(":")[0] for task in config.continual.tasks for s in task], config.data.data_dir)
+    tasks = parse_tasks(config)
+    rows, init_from = [], config.train.init_from
+    for i, task in enumerate(tasks):
+        if sharding.is_main_process():
+            print(f"\nContinual task {i + 1}/{len(tasks)}: {task.name}")
+        task_dir = root / f"task_{i + 1}"
+        rows.append(_evaluated_run(config, task, task_dir, init_from, replay_classes(tasks[:i], task), tasks))
+        init_from = str(task_dir)
+    joint = None
+    if config.continual.joint:
+        if sharding.is_main_process():
+            print("\nJoint run: all tasks at once")
+        joint = _evaluated_run(config, union(tasks), root / "joint", config.train.init_from, {}, tasks)
+    results = continual_results(tasks, rows, joint)
+    if sharding.is_main_process():
+        (root / "results.json").write_text(json.dumps(results, indent=1))
+        markdown = continual_markdown(results)
+        (root / "results.md").write_text(markdown)
+        plot_matrix(results, root / "results.png")
+        _write_tensorboard(results, root / "tensorboard")
+        print(f"\n{markdown}\nwrote {root / 'results.json'}, results.md, results.png and tensorboard/")
+    return results
+
+
+def unified_vs_separate_results(tasks: Sequence[Task], unified: dict, separate: Sequence[dict]) -> dict:
+    """Per task: the unified model's value, the separate model's (on its own task) and unified - separate."""
+    rows = []
+    for j, task in enumerate(tasks):
+        row = {"task": list(task.selections)}
+        for m in PROTOCOL_METRICS:
+            both = {"unified": unified[m][j], "separate": separate[j][m][0]}
+            row[m] = {**both, "difference": both["unified"] - both["separate"]}
+        rows.append(row)
+    return {"metrics": list(PROTOCOL_METRICS), "tasks": rows}
+
+
+def unified_vs_separate_markdown(results: dict) -> str:
+    header = ["task"] + [
+        f"{metrics.DISPLAY_NAMES.get(m, m)} {kind}"
+        for m in results["metrics"]
+        for kind in ("unified", "separate", "diff")
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for row in results["tasks"]:
+        cells = [" + ".join(row["task"])]
+        for m in results["metrics"]:
+            cells += [_percent(row[m]["unified"]), _percent(row[m]["separate"]), f"{100 * row[m]['difference']:+.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_unified_vs_separate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
+    """One model on all tasks and one per task (each from `train.init_from`), on the same data and recipe.
+
+    The tasks: `continual.tasks`, else one per dataset of `data.datasets`."""
+    root = checkpoints.workdir_path(workdir) / "unified_vs_separate"
+    if not config.continual.tasks:
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.continual.tasks = tuple((d,) for d in config.data.datasets)
+    ensure_prepared([s.partition(":")[0] for task in config.continual.tasks for s in task], config.data.data_dir)
+    tasks = parse_tasks(config)
+    start = config.train.init_from
+    unified = _evaluated_run(config, union(tasks), root / "unified", start, {}, tasks)
+    separate = [
+        _evaluated_run(config, task, root / f"separate_{j + 1}", start, {}, [task]) for j, task in enumerate(tasks)
+    ]
+    results = unified_vs_separate_results(tasks, unified, separate)
+    if sharding.is_main_process():
+        (root / "results.json").write_text(json.dumps(results, indent=1))
+        markdown = unified_vs_separate_markdown(results)
+        (root / "results.md").write_text(markdown)
+        print(f"\n{markdown}\nwrote {root / 'results.json'} and results.md")
+    return results
