@@ -118,3 +118,44 @@ def test_per_sample_conv_sharded_over_eight_devices(kernel, conv_impl):
         x, kernels
     )
     np.testing.assert_allclose(sharded, expected, atol=1e-4)
+
+
+def router_run(router_condition, general, params=None):
+    """The C-MoE's output, loss and routings on a fixed prior; parameters initialised under `router_condition`."""
+    prior = jax.random.normal(jax.random.key(7), (4, 8, 8, 16))
+    mask = jnp.ones(4, bool)
+    module = cmoe.CrossMoE(16, embed_dim=C, base_num=N, router_num=R, top_k=K, router_condition=router_condition)
+    variables = module.init(jax.random.key(6), general, prior, mask, train=False)
+    if params is not None:
+        variables = {**variables, "params": params}
+    return module.apply(variables, general, prior, mask, train=False), variables
+
+
+def test_router_condition_default_is_cross_and_keeps_the_parameters():
+    assert cmoe.CrossMoE(16).router_condition == "cross"
+    general = jax.random.normal(jax.random.key(5), (2, 8, 8, 16))
+    _, cross = router_run("cross", general)
+    _, specific = router_run("specific", general)
+    shapes = functools.partial(jax.tree.map, jnp.shape)
+    assert shapes(cross) == shapes(specific)
+
+
+def test_specific_router_ignores_the_general_feature():
+    general = jax.random.normal(jax.random.key(5), (2, 8, 8, 16))
+    other = jax.random.normal(jax.random.key(8), (2, 8, 8, 16))
+    _, variables = router_run("cross", general)
+    for condition, ignores_general in (("specific", True), ("cross", False)):
+        (_, _, routings), _ = router_run(condition, general, variables["params"])
+        (_, _, other_routings), _ = router_run(condition, other, variables["params"])
+        for a, b in zip(routings, other_routings):
+            assert np.allclose(a.logits, b.logits, atol=1e-6) == ignores_general, condition
+
+
+def test_router_conditions_agree_without_the_general_feature():
+    """A zero general feature gives a zero general map (GroupNorm's bias starts at zero): nothing else differs."""
+    general = jnp.zeros((2, 8, 8, 16))
+    _, variables = router_run("cross", general)
+    cross, _ = router_run("cross", general, variables["params"])
+    specific, _ = router_run("specific", general, variables["params"])
+    for a, b in zip(jax.tree.leaves(cross), jax.tree.leaves(specific)):
+        np.testing.assert_array_equal(a, b)

@@ -13,9 +13,12 @@ from unimmad_jax.metrics import (
     ALL_CLASS_MEAN,
     ALL_DATASETS_MEAN,
     METRIC_NAMES,
+    PAPER_TITLE,
     UndefinedMetricWarning,
     aupro,
+    compare_with_paper,
     compute_metrics,
+    paper_results,
     summarize,
     to_markdown,
     to_text,
@@ -310,3 +313,50 @@ def test_summary_propagates_nan_and_checks_keys():
     assert summary[ALL_CLASS_MEAN]["p_ap"] == 0.5
     with pytest.raises(ValueError, match=r"metrics of D/a lack \['p_ap'\]"):
         summarize({"D": {"a": {name: 0.5 for name in METRIC_NAMES if name != "p_ap"}}})
+
+
+# ----------------------------------------------------------------------------
+# The paper's numbers beside ours
+# ----------------------------------------------------------------------------
+
+UNIMED = ["mmad_meta/retinaad", "mmad_meta/liverad", "mmad_meta/hyperad"]
+
+
+def test_paper_results_hold_the_reported_image_aurocs():
+    results = {result["benchmark"]: result for result in paper_results()}
+    assert {name: (r["datasets"], r["metric"], r["percent"]) for name, r in results.items()} == {
+        "MVTec 3D-AD": (["mvtec3d"], "i_auroc", 92.53),
+        "Eyecandies": (["eyecandies"], "i_auroc", 85.57),
+        "MulSen-AD": (["mulsen_ad"], "i_auroc", 85.46),
+        "BraTS": (["mmad_meta/brats"], "i_auroc", 95.84),
+        "UniMed": (UNIMED, "i_auroc", 96.34),
+    }
+    assert all(r["source"] == "UniMMAD, CVPR 2026, unified setting, image AUROC" for r in results.values())
+    assert results["UniMed"]["mapping"].startswith("Our reading")
+
+
+def test_eval_tables_show_the_paper_beside_ours():
+    results = {
+        "mvtec3d": {"a": _constant_metrics(0.95), "b": _constant_metrics(0.90)},
+        "synthetic": {"c": _constant_metrics(0.5)},
+        **{name: {"d": _constant_metrics(0.96)} for name in UNIMED[:2]},
+    }
+    summary = summarize(results)
+    assert PAPER_TITLE not in to_text(summary)  # training-time tables carry no comparison
+    summary["paper"] = compare_with_paper(summary)
+    assert list(summary["paper"]) == ["MVTec 3D-AD"]  # not synthetic; not UniMed while hyperad is missing
+    mvtec = summary["paper"]["MVTec 3D-AD"]
+    assert (mvtec["ours_percent"], mvtec["paper_percent"]) == (pytest.approx(92.5), 92.53)
+    assert mvtec["difference_points"] == pytest.approx(-0.03)
+    assert json.loads(json.dumps(summary)) == summary
+
+    assert f"{PAPER_TITLE}\n\n| Paper's benchmark |" in to_markdown(summary)
+    assert "| MVTec 3D-AD | mvtec3d | I-AUROC | 92.50 | 92.53 | -0.03 |" in to_markdown(summary)
+    paper_lines = to_text(summary).split(PAPER_TITLE)[1].strip().splitlines()
+    assert len(paper_lines) == 3  # header, rule, MVTec 3D-AD
+    assert paper_lines[-1].split() == ["MVTec", "3D-AD", "mvtec3d", "I-AUROC", "92.50", "92.53", "-0.03"]
+
+    results[UNIMED[2]] = {"e": _constant_metrics(0.99)}
+    unimed = compare_with_paper(summarize(results))["UniMed"]
+    assert unimed["ours_percent"] == pytest.approx(97.0)  # the mean of the three datasets' means
+    assert unimed["difference_points"] == pytest.approx(97.0 - 96.34)

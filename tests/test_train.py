@@ -84,6 +84,7 @@ def test_train_eval_predict_write_their_files(trained_workdir, synthetic_data_di
     assert "All_Datasets_Mean" in out
     final = json.loads((trained_workdir / "eval" / "final.json").read_text())
     assert final["All_Class_Mean"] == summary["All_Class_Mean"]  # the same weights give the same metrics
+    assert final["paper"] == {} and "paper" not in summary  # the paper reports no synthetic results
 
     run_main(
         trained_workdir,

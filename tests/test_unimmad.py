@@ -103,6 +103,9 @@ def test_config_rejects_bad_image_size_and_fields():
         ModelConfig(image_size=100)
     with pytest.raises(ValueError, match=r"unknown model config field\(s\) \['widht'\]"):
         ModelConfig.from_mapping({"widht": 3})
+    with pytest.raises(ValueError, match=r"model.router_condition='general' is not one of \('cross', 'specific'\)"):
+        ModelConfig(router_condition="general")
+    assert ModelConfig().router_condition == "cross"
 
 
 def test_wrong_image_size_is_named(model, variables, tiny_config):

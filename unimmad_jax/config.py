@@ -28,6 +28,8 @@ def default_config() -> ml_collections.ConfigDict:
     )
     config.model.image_size = image_size
     config.model.dtype = "float32"  # "bfloat16": bf16 compute, float32 parameters and optimizer
+    # model.router_condition: "cross" (the paper's routers, on the general and specific features) or
+    # "specific" (the prior only: the paper's routing ablation, docs/model.md#c-moe).
 
     config.data = default_data_config()
     config.data.image_size = image_size

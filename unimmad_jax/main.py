@@ -70,6 +70,7 @@ def run(argv) -> int:
         if FLAGS.mode == "eval":
             ensure_prepared(config.data.datasets, config.data.data_dir)
             summary = evaluate.evaluate(model, variables, config, mesh)
+            summary["paper"] = evaluate.metrics.compare_with_paper(summary)
             if sharding.is_main_process():
                 print(evaluate.metrics.to_text(summary))
                 path = evaluate.write_summary(summary, workdir / "eval", "final")

@@ -8,7 +8,9 @@ lets NaN propagate into every mean it enters, so no average is silently taken ov
 
 from __future__ import annotations
 
+import json
 import warnings
+from importlib import resources
 
 import numpy as np
 from scipy import ndimage
@@ -26,6 +28,9 @@ DISPLAY_NAMES = {
 }
 ALL_CLASS_MEAN = "All_Class_Mean"
 ALL_DATASETS_MEAN = "All_Datasets_Mean"
+PAPER_RESULTS = "paper_results.json"
+"""The paper's reported results, package data of `unimmad_jax`."""
+PAPER_TITLE = f"Beside the paper's results (unimmad_jax/{PAPER_RESULTS}; difference in points):"
 
 AUPRO_FPR_LIMIT = 0.3
 AUPRO_NUM_THRESHOLDS = 99
@@ -245,21 +250,63 @@ def summarize(results: dict[str, dict[str, dict[str, float]]]) -> dict:
     }
 
 
+def paper_results() -> list[dict]:
+    """The paper's results (`unimmad_jax/paper_results.json`): benchmark, our datasets, metric, percent, source."""
+    return json.loads(resources.files("unimmad_jax").joinpath(PAPER_RESULTS).read_text())["results"]
+
+
+def compare_with_paper(summary: dict) -> dict[str, dict]:
+    """``{benchmark: comparison}`` for each paper result whose datasets ``summary`` all holds.
+
+    Ours is the mean of those datasets' means; values are in percent, the difference
+    (ours - paper) in points.
+    """
+    comparison = {}
+    for result in paper_results():
+        datasets, metric = result["datasets"], result["metric"]
+        if not set(datasets) <= set(summary["datasets"]):
+            continue
+        ours = 100 * float(np.mean([summary["datasets"][name]["mean"][metric] for name in datasets]))
+        comparison[result["benchmark"]] = {
+            "datasets": datasets,
+            "metric": metric,
+            "ours_percent": ours,
+            "paper_percent": result["percent"],
+            "difference_points": ours - result["percent"],
+            "source": result["source"],
+        }
+    return comparison
+
+
 def to_markdown(summary: dict) -> str:
-    """A Markdown table of ``summarize``'s output, metrics in percent with 2 decimals."""
-    header, rows = _table_cells(summary)
+    """A Markdown table of ``summarize``'s output, metrics in percent with 2 decimals; then, where the summary
+    holds a ``"paper"`` comparison (``compare_with_paper``), a table of it."""
+    text = _markdown_table(*_table_cells(summary))
+    if summary.get("paper"):
+        text += f"\n{PAPER_TITLE}\n\n" + _markdown_table(*_paper_cells(summary["paper"]))
+    return text
+
+
+def to_text(summary: dict) -> str:
+    """``to_markdown``'s tables for a console: aligned columns."""
+    text = _text_table(*_table_cells(summary), name_columns=2)
+    if summary.get("paper"):
+        text += f"\n{PAPER_TITLE}\n" + _text_table(*_paper_cells(summary["paper"]), name_columns=3)
+    return text
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
 
 
-def to_text(summary: dict) -> str:
-    """A console table of ``summarize``'s output, aligned columns, metrics in percent."""
-    header, rows = _table_cells(summary)
+def _text_table(header: list[str], rows: list[list[str]], name_columns: int) -> str:
+    """Names left-aligned, numbers right-aligned."""
     widths = [max(len(cells[i]) for cells in [header, *rows]) for i in range(len(header))]
 
     def line(cells):
-        names = [cell.ljust(width) for cell, width in zip(cells[:2], widths)]
-        numbers = [cell.rjust(width) for cell, width in zip(cells[2:], widths[2:])]
+        names = [cell.ljust(width) for cell, width in zip(cells[:name_columns], widths)]
+        numbers = [cell.rjust(width) for cell, width in zip(cells[name_columns:], widths[name_columns:])]
         return "  ".join(names + numbers).rstrip()
 
     rule = "-" * len(line(header))
@@ -292,4 +339,21 @@ def _table_cells(summary: dict) -> tuple[list[str], list[list[str]]]:
         rows.append(cells(dataset, "mean", entry["mean"]))
     rows.append(cells(ALL_CLASS_MEAN, "", summary[ALL_CLASS_MEAN]))
     rows.append(cells(ALL_DATASETS_MEAN, "", summary[ALL_DATASETS_MEAN]))
+    return header, rows
+
+
+def _paper_cells(comparison: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of text cells: each benchmark the paper reports, ours, the paper's and the difference."""
+    header = ["Paper's benchmark", "Our datasets", "Metric", "Ours", "Paper", "Ours - paper"]
+    rows = [
+        [
+            benchmark,
+            ", ".join(entry["datasets"]),
+            DISPLAY_NAMES.get(entry["metric"], entry["metric"]),
+            f"{entry['ours_percent']:.2f}",
+            f"{entry['paper_percent']:.2f}",
+            f"{entry['difference_points']:+.2f}",
+        ]
+        for benchmark, entry in comparison.items()
+    ]
     return header, rows

@@ -17,6 +17,9 @@ import jax.numpy as jnp
 
 from unimmad_jax.models.layers import ConvNormAct, Dtype, NormAct, batch_norm, conv_nhwc, gelu, native_forms
 
+ROUTER_CONDITIONS = ("cross", "specific")
+"""What the routers' condition sees: the general feature and the specific prior, or the prior only (an ablation)."""
+
 
 class Routing(NamedTuple):
     """Router output for P pairs: logits and probabilities `[P, R]`, the top-K `[P, K]`, the dense gate `[P, R]`."""
@@ -160,12 +163,14 @@ class PairConcatConv(nn.Module):
     """`conv_kxk(cat[per-sample features repeated for each of its pairs, per-pair features])`, no bias.
 
     A convolution of a concatenation is the sum of each part's convolution, so the per-sample
-    part runs once per sample rather than once per pair.
+    part runs once per sample rather than once per pair.  With `pair_only` the per-sample part
+    is left out, as if it were zero; the kernel keeps its shape, so the parameters are the same.
     """
 
     features: int
     kernel: int = 3
     dtype: Dtype = None
+    pair_only: bool = False
 
     @nn.compact
     def __call__(self, per_sample: jax.Array, per_pair: jax.Array) -> jax.Array:
@@ -185,6 +190,8 @@ class PairConcatConv(nn.Module):
 
         slots = per_pair.shape[0] // per_sample.shape[0]
         sample_kernel, pair_kernel = jnp.split(kernel, [split], axis=2)
+        if self.pair_only:
+            return conv(per_pair, pair_kernel)
         return jnp.repeat(conv(per_sample, sample_kernel), slots, axis=0) + conv(per_pair, pair_kernel)
 
 
@@ -203,6 +210,8 @@ class CrossMoE(nn.Module):
     kernels: Sequence[int] = (1, 3, 5)
     dtype: Dtype = None
     conv_impl: str = "auto"
+    router_condition: str = "cross"
+    """One of `ROUTER_CONDITIONS`; "specific" keeps the general feature out of the condition only."""
 
     @nn.compact
     def __call__(
@@ -212,7 +221,8 @@ class CrossMoE(nn.Module):
         # The reference's `key` and `query` projections (their parameter names stay).
         general_map = ConvNormAct(c, dtype=self.dtype, conv_impl=self.conv_impl, name="key")(general)
         prior_map = ConvNormAct(c, dtype=self.dtype, conv_impl=self.conv_impl, name="query")(prior)
-        cond = PairConcatConv(c, dtype=self.dtype, name="cond_conv")(general_map, prior_map)
+        pair_only = self.router_condition == "specific"
+        cond = PairConcatConv(c, dtype=self.dtype, pair_only=pair_only, name="cond_conv")(general_map, prior_map)
         cond = batch_norm(train, dtype=self.dtype, name="cond_bn")(cond, mask=pair_mask[:, None, None, None])
         cond = NormAct(self.dtype, self.conv_impl, name="cond_act")(gelu(cond))
         cond = ConvNormAct(c, dtype=self.dtype, conv_impl=self.conv_impl, name="cond_proj")(cond)

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unimmad_jax.models.cmoe import CrossMoE, Routing
+from unimmad_jax.models.cmoe import ROUTER_CONDITIONS, CrossMoE, Routing
 from unimmad_jax.models.embedding import InputEmbedding
 from unimmad_jax.models.fcm import FeatureCompressorDecoder
 from unimmad_jax.models.layers import CONV_IMPLS, l2_normalize
@@ -48,6 +48,9 @@ class ModelConfig:
     conv_impl: str = "auto"
     """Layer forms (`layers.CONV_IMPLS`): "cpu", "native" (standard XLA convolutions, for TPU and GPU) or
     "auto" (by `jax.default_backend()`).  Both take the same parameters."""
+    router_condition: str = "cross"
+    """What the C-MoE routers see (`cmoe.ROUTER_CONDITIONS`): "cross", the general feature and the specific
+    prior (the paper's model), or "specific", the prior only (the paper's routing ablation); same parameters."""
 
     def __post_init__(self):
         if self.image_size % IMAGE_SIZE_MULTIPLE:
@@ -59,6 +62,8 @@ class ModelConfig:
             raise ValueError(f"model.dtype={self.dtype!r} is not one of {COMPUTE_DTYPES}")
         if self.conv_impl not in CONV_IMPLS:
             raise ValueError(f"model.conv_impl={self.conv_impl!r} is not one of {CONV_IMPLS}")
+        if self.router_condition not in ROUTER_CONDITIONS:
+            raise ValueError(f"model.router_condition={self.router_condition!r} is not one of {ROUTER_CONDITIONS}")
         if not 1 <= self.top_k <= self.router_num:
             raise ValueError(f"model.top_k={self.top_k} must be between 1 and model.router_num={self.router_num}")
 
@@ -136,6 +141,7 @@ class UniMMAD(nn.Module):
                 cfg.moe_kernels,
                 dtype=dtype,
                 conv_impl=impl,
+                router_condition=cfg.router_condition,
                 name=f"cmoe{level}",
             )
             for level, dim in enumerate(cfg.feature_dims)
