@@ -2,8 +2,8 @@
 
     python -m unimmad_jax.main --config=configs/continual_mvtec_ad.py:10-5 --workdir=runs/cl_mvtec_10_5 --mode=continual
 
-Classes in alphabetical order; "a-b": a first task of a classes, then one of b; "a-1xb": then b
-tasks of one class; "3x5": three tasks of five classes.
+Classes in alphabetical order; "a-b": a first task of a classes, then one of b; "axb": b tasks of
+a classes each ("10-1x5": ten classes, then five tasks of one; "3x5": five tasks of three).
 """
 
 from unimmad_jax.config import default_config
@@ -29,9 +29,11 @@ PROTOCOLS = {
         ("mvtec_ad:zipper",),
     ),
     "3x5": (
-        ("mvtec_ad:bottle,cable,capsule,carpet,grid",),
-        ("mvtec_ad:hazelnut,leather,metal_nut,pill,screw",),
-        ("mvtec_ad:tile,toothbrush,transistor,wood,zipper",),
+        ("mvtec_ad:bottle,cable,capsule",),
+        ("mvtec_ad:carpet,grid,hazelnut",),
+        ("mvtec_ad:leather,metal_nut,pill",),
+        ("mvtec_ad:screw,tile,toothbrush",),
+        ("mvtec_ad:transistor,wood,zipper",),
     ),
 }
 

@@ -2,8 +2,8 @@
 
     python -m unimmad_jax.main --config=configs/continual_visa.py:8-4 --workdir=runs/cl_visa_8_4 --mode=continual
 
-Classes in alphabetical order; "a-b": a first task of a classes, then one of b; "a-1xb": then b
-tasks of one class.
+Classes in alphabetical order; "a-b": a first task of a classes, then one of b; "axb": b tasks of
+a classes each ("8-1x4": eight classes, then four tasks of one).
 """
 
 from unimmad_jax.config import default_config

@@ -1,5 +1,7 @@
 """Every config file builds a valid model, loss and data section, and bad fields are named."""
 
+import importlib.util
+
 import pytest
 from helpers import REPO, load_config
 
@@ -44,3 +46,32 @@ def test_bad_fields_are_named():
     config.image_size = 100
     with pytest.raises(ValueError, match="model.image_size=100 is not a multiple of 32"):
         model_config(config)
+
+
+def protocol_task_sizes(protocol: str) -> list[int]:
+    """'10-5' -> [10, 5], '10-1x5' -> [10, 1, 1, 1, 1, 1], '3x5' -> [3, 3, 3, 3, 3]: 'axb' is b tasks of a."""
+    sizes = []
+    for part in protocol.split("-"):
+        size, _, count = part.partition("x")
+        sizes += [int(size)] * int(count or 1)
+    return sizes
+
+
+@pytest.mark.parametrize(
+    "name, classes",
+    [("continual_mvtec_ad", 15), ("continual_visa", 12), ("continual_mvtec3d", 10)],
+)
+def test_continual_protocols_split_the_classes_as_named(name, classes):
+    module = importlib.util.module_from_spec(
+        importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    )
+    module.__spec__.loader.exec_module(module)
+    for protocol in module.PROTOCOLS:
+        config = module.get_config(protocol)
+        tasks = [[c for s in task for c in s.partition(":")[2].split(",")] for task in config.continual.tasks]
+        assert [len(t) for t in tasks] == protocol_task_sizes(protocol), protocol
+        everything = [c for t in tasks for c in t]
+        assert len(set(everything)) == len(everything) == classes and everything == sorted(everything), protocol
+        assert {s.partition(":")[0] for task in config.continual.tasks for s in task} == set(config.data.datasets)
+    with pytest.raises(ValueError, match="unknown .* protocol '7-7'"):
+        module.get_config("7-7")
