@@ -5,7 +5,7 @@
 Classes in alphabetical order; "5-5": five classes, then the other five; "9-1": nine, then tire.
 """
 
-from unimmad_jax.config import default_config
+from unimmad_jax.config import protocol_config
 
 PROTOCOLS = {
     "5-5": (
@@ -20,12 +20,4 @@ PROTOCOLS = {
 
 
 def get_config(protocol: str = "5-5"):
-    if protocol not in PROTOCOLS:
-        raise ValueError(
-            f"unknown MVTec 3D-AD protocol {protocol!r} (after the config path's ':'); one of {list(PROTOCOLS)}"
-        )
-    config = default_config()
-    config.data.datasets = ("mvtec3d",)
-    config.data.num_slots = 2
-    config.continual.tasks = PROTOCOLS[protocol]
-    return config
+    return protocol_config("mvtec3d", 2, PROTOCOLS, protocol)

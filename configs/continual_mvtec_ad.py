@@ -6,7 +6,7 @@ Classes in alphabetical order; "a-b": a first task of a classes, then one of b; 
 a classes each ("10-1x5": ten classes, then five tasks of one; "3x5": five tasks of three).
 """
 
-from unimmad_jax.config import default_config
+from unimmad_jax.config import protocol_config
 
 PROTOCOLS = {
     "14-1": (
@@ -39,12 +39,4 @@ PROTOCOLS = {
 
 
 def get_config(protocol: str = "10-5"):
-    if protocol not in PROTOCOLS:
-        raise ValueError(
-            f"unknown MVTec AD protocol {protocol!r} (after the config path's ':'); one of {list(PROTOCOLS)}"
-        )
-    config = default_config()
-    config.data.datasets = ("mvtec_ad",)
-    config.data.num_slots = 1
-    config.continual.tasks = PROTOCOLS[protocol]
-    return config
+    return protocol_config("mvtec_ad", 1, PROTOCOLS, protocol)

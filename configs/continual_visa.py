@@ -6,7 +6,7 @@ Classes in alphabetical order; "a-b": a first task of a classes, then one of b; 
 a classes each ("8-1x4": eight classes, then four tasks of one).
 """
 
-from unimmad_jax.config import default_config
+from unimmad_jax.config import protocol_config
 
 PROTOCOLS = {
     "11-1": (
@@ -28,10 +28,4 @@ PROTOCOLS = {
 
 
 def get_config(protocol: str = "8-4"):
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown VisA protocol {protocol!r} (after the config path's ':'); one of {list(PROTOCOLS)}")
-    config = default_config()
-    config.data.datasets = ("visa",)
-    config.data.num_slots = 1
-    config.continual.tasks = PROTOCOLS[protocol]
-    return config
+    return protocol_config("visa", 1, PROTOCOLS, protocol)

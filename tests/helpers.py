@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,3 +42,17 @@ def subprocess_env(devices: int = 1) -> dict[str, str]:
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
+
+
+def kill_when(command: list[str], path: Path) -> None:
+    """Run `command` and kill it (SIGKILL: nothing runs on exit) as soon as `path` exists; it must not end first."""
+    process = subprocess.Popen(
+        command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        while not path.exists() and process.poll() is None:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, f"{command} ended before {path} appeared"

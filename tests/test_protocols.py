@@ -1,14 +1,12 @@
 """Research protocols on the tiny config: a continual sequence killed and resumed, forgetting, unified vs separate."""
 
 import json
-import signal
 import subprocess
-import time
 
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, load_config, subprocess_env
+from helpers import REPO, kill_when, load_config, subprocess_env
 from test_train import main_command
 
 from unimmad_jax import checkpoints, loop, protocols, sharding
@@ -54,16 +52,7 @@ def continual_workdir(tmp_path_factory, synthetic_data_dir):
         workdir, synthetic_data_dir, "--mode=continual", **{"continual.tasks": TASKS, "train.num_epochs": 2}
     )
     middle_of_task_2 = workdir / "continual" / "task_2" / "checkpoints" / str(STEPS_PER_TASK // 2)
-    process = subprocess.Popen(
-        command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        while not middle_of_task_2.is_dir() and process.poll() is None:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "the sequence ended before it could be killed"
+    kill_when(command, middle_of_task_2)
     assert not (workdir / "continual" / "results.json").exists()
     task_1_log = (workdir / "continual" / "task_1" / "metrics.jsonl").read_text()
 

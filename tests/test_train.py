@@ -3,16 +3,14 @@
 import functools
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO, load_config, subprocess_env
+from helpers import REPO, kill_when, load_config, subprocess_env
 from jax.sharding import Mesh
 
 from unimmad_jax import checkpoints, loop, sharding, train
@@ -101,20 +99,7 @@ def test_train_eval_predict_write_their_files(trained_workdir, synthetic_data_di
 def test_killed_run_resumes_to_the_same_parameters(trained_workdir, synthetic_data_dir, tmp_path):
     workdir = tmp_path / "killed"
     first = workdir / "checkpoints" / str(96 // 8)
-    process = subprocess.Popen(
-        main_command(workdir, synthetic_data_dir),
-        cwd=REPO,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        while not first.is_dir() and process.poll() is None:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_when(main_command(workdir, synthetic_data_dir), first)
     assert not (workdir / "checkpoints" / str(EPOCHS * 96 // 8)).exists()
 
     out = run_main(workdir, synthetic_data_dir)

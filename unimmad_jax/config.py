@@ -86,6 +86,19 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+def protocol_config(dataset: str, num_slots: int, protocols: dict, protocol: str) -> ml_collections.ConfigDict:
+    """The paper's model and recipe on `dataset`, with `protocols[protocol]` as `continual.tasks`."""
+    if protocol not in protocols:
+        raise ValueError(
+            f"unknown {dataset} protocol {protocol!r} (after the config path's ':'); one of {list(protocols)}"
+        )
+    config = default_config()
+    config.data.datasets = (dataset,)
+    config.data.num_slots = num_slots
+    config.continual.tasks = protocols[protocol]
+    return config
+
+
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig.from_mapping(config.model.to_dict())
 
