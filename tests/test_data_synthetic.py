@@ -122,11 +122,12 @@ def _defect_size_and_strength(class_name, defect, difficulty):
 def test_hard_defects_are_smaller_and_fainter(class_name, defect):
     easy_area, easy_change = _defect_size_and_strength(class_name, defect, EASY)
     hard_area, hard_change = _defect_size_and_strength(class_name, defect, HARD)
-    assert hard_area < 0.5 * easy_area
-    assert hard_change < 0.5 * easy_change
+    # the demo model (64 pixels, random prior) misses much smaller or fainter defects altogether
+    assert hard_area < 0.85 * easy_area
+    assert hard_change < 0.85 * easy_change
 
 
-@pytest.mark.parametrize("class_name", ["tiles", "brain_scan"])
+@pytest.mark.parametrize("class_name", [spec.name for spec in CLASSES])
 def test_hard_normal_samples_vary_more(class_name):
     def spread(difficulty):
         """Mean absolute difference between consecutive good training images of the class."""
@@ -136,7 +137,7 @@ def test_hard_normal_samples_vary_more(class_name):
         ]
         return np.mean([np.abs(a.astype(np.float32) - b).mean() for a, b in zip(images, images[1:])])
 
-    assert spread(HARD) > 1.5 * spread(EASY)
+    assert spread(HARD) > 1.3 * spread(EASY)
 
 
 def test_batches_mix_two_slot_objects_and_one_slot_scans(prepared_variant):

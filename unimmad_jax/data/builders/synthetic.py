@@ -16,11 +16,14 @@ their `Difficulty`:
   brightness and noise; defects are large and vivid (a red or blue stain, a
   6-12 mm bump, a black 1 cm groove, a white lesion). The demo model finds all
   of them.
-- ``synthetic_hard``: normal samples are also rotated, scaled, tilted and
-  tinted and their texture is shifted against the object; defects are small,
-  faint and mottled (a brownish stain darkening the surface by 6-30 %, a
-  0.5-3 mm bump, a thin kinked crack 1-2 mm deep, a lesion 15-40 grey levels
-  brighter than its tissue), so that some go unnoticed.
+- ``synthetic_hard``: normal samples are also shifted further, rotated (up
+  to 3 degrees), scaled (3 %), tinted (2 % per channel) and tilted (depth),
+  their texture is shifted against the object and their noise is stronger;
+  defects are smaller, fainter and mottled (a rust or ink discolouration, a
+  2-6 mm dome on a 5 mm step, a thin kinked crack 4-9 mm deep, a lesion 55-150
+  grey levels brighter than its tissue). The demo model misses some of them;
+  at its 64 pixels and with its random prior, much fainter or smaller defects
+  go unseen altogether.
 
 In both, a defective sample equals its good twin of the same (class, split,
 index) outside the defect mask, and the mask is exactly the changed pixels.
@@ -250,27 +253,32 @@ def _paint_vivid_object_defect(rng, defect, yy, xx, colour, height, extent):
 
 
 def _paint_faint_object_defect(rng, defect, yy, xx, colour, height, extent):
-    """Paints a small, faint, mottled `defect`; every masked pixel still changes
-    by several grey levels (or 0.5 mm), so that the mask is exactly the change."""
+    """Paints a smaller, fainter, mottled `defect`; returns its mask.
+
+    Every masked pixel still changes by several grey levels (or millimetres),
+    so that the mask is exactly the change.
+    """
     centre = rng.uniform(-extent, extent, size=2)
-    if defect == "stain":  # RGB only: darkens the surface by 6-30 %, blue most
-        mask = _blob(rng, yy, xx, centre, *rng.uniform(3.5, 6.5, size=2)) <= 1
-        strength = rng.uniform(0.12, 0.25) * (0.5 + 0.5 * _mottle(rng, yy, xx))
-        colour *= np.where(mask[..., None], 1 - strength[..., None] * [0.7, 0.9, 1.2], 1.0)
-    elif defect == "bump":  # depth only: a shallow dome on a 0.5 mm step
-        profile = 1 - _disc(yy, xx, centre, *rng.uniform(4, 7, size=2))
+    if defect == "stain":  # RGB only: a rust or ink discolouration, 25-90 % of the way to its colour
+        mask = _blob(rng, yy, xx, centre, *rng.uniform(5, 8.5, size=2)) <= 1
+        tint = np.array([150, 70, 30] if rng.random() < 0.5 else [40, 60, 160], np.float32)
+        opacity = rng.uniform(0.5, 0.9) * (0.5 + 0.5 * _mottle(rng, yy, xx))[..., None]
+        colour += np.where(mask[..., None], opacity * (tint - colour), 0.0)
+    elif defect == "bump":  # depth only: a 2-6 mm dome on a 5 mm step
+        profile = 1 - _disc(yy, xx, centre, *rng.uniform(6, 9.5, size=2))
         mask = profile >= 0
-        height += np.where(mask, 0.0005 + rng.uniform(0.001, 0.0025) * profile, 0.0)
-    elif defect == "crack":  # both: a thin kinked crack, 25-45 % darker, 1-2 mm deep
+        height += np.where(mask, 0.005 + rng.uniform(0.002, 0.006) * profile, 0.0)
+    elif defect == "crack":  # both: a thin kinked crack, 55-85 % darker, 4-9 mm deep
         angles = rng.uniform(0, np.pi) + rng.uniform(-0.6, 0.6, size=2)
-        lengths = rng.uniform(6, 12, size=2)
+        lengths = rng.uniform(8, 14, size=2)
+        half_width = rng.uniform(1.25, 1.75)
         ends = [
             centre + sign * length * np.array([np.sin(a), np.cos(a)])
             for sign, a, length in zip((1, -1), angles, lengths)
         ]
-        mask = _segment(yy, xx, centre, ends[0], 1.0) | _segment(yy, xx, centre, ends[1], 1.0)
-        colour *= np.where(mask[..., None], 1 - rng.uniform(0.25, 0.45), 1.0)
-        height -= np.where(mask, rng.uniform(0.001, 0.002), 0.0)
+        mask = _segment(yy, xx, centre, ends[0], half_width) | _segment(yy, xx, centre, ends[1], half_width)
+        colour *= np.where(mask[..., None], 1 - rng.uniform(0.55, 0.85), 1.0)
+        height -= np.where(mask, rng.uniform(0.004, 0.009), 0.0)
     else:
         mask = np.zeros((SIZE, SIZE), bool)
     return mask
@@ -299,9 +307,9 @@ def _paint_vivid_lesion(rng, yy, xx, image, centre):
 
 
 def _paint_faint_lesion(rng, yy, xx, image, centre):
-    """A small mottled blob 15-40 grey levels brighter than its tissue."""
-    mask = _blob(rng, yy, xx, centre, *rng.uniform(3, 6, size=2)) <= 1
-    brightening = rng.uniform(25, 40) * (0.6 + 0.4 * _mottle(rng, yy, xx))
+    """A mottled blob with a wavy outline, 55-150 grey levels brighter than its tissue."""
+    mask = _blob(rng, yy, xx, centre, *rng.uniform(4.5, 7.5, size=2)) <= 1
+    brightening = rng.uniform(80, 150) * (0.7 + 0.3 * _mottle(rng, yy, xx))
     return np.where(mask, image + brightening, image), mask
 
 
@@ -359,15 +367,15 @@ EASY = Difficulty(
     paint_lesion=_paint_vivid_lesion,
 )
 HARD = Difficulty(
-    max_shift=6.0,
-    max_rotation=np.deg2rad(12),
-    max_scale=0.08,
-    max_phase=4.0,
-    brightness=0.08,
-    max_tint=0.05,
-    noise=3.0,
-    height_noise=3e-4,
-    max_tilt=3e-5,
+    max_shift=3.0,
+    max_rotation=np.deg2rad(3),
+    max_scale=0.03,
+    max_phase=1.5,
+    brightness=0.045,
+    max_tint=0.02,
+    noise=2.5,
+    height_noise=2.5e-4,
+    max_tilt=1e-5,
     paint_object_defect=_paint_faint_object_defect,
     paint_lesion=_paint_faint_lesion,
 )
