@@ -147,8 +147,6 @@ def _grid(rng: np.random.Generator, difficulty: Difficulty) -> tuple[np.ndarray,
     yy, xx = yy - SIZE / 2 - shift[0], xx - SIZE / 2 - shift[1]
     angle = _jitter(rng, difficulty.max_rotation)
     scale = 1 + _jitter(rng, difficulty.max_scale)
-    if angle == 0 and scale == 1:
-        return yy, xx
     cos, sin = np.cos(angle), np.sin(angle)
     return (cos * yy + sin * xx) / scale, (cos * xx - sin * yy) / scale
 
@@ -415,7 +413,7 @@ class Synthetic(base.ExampleBuilder):
 
 
 class SyntheticHard(Synthetic):
-    """The synthetic classes with more varied normal samples and small, faint, mottled defects."""
+    """The synthetic classes with more varied normal samples and smaller, fainter, mottled defects."""
 
     name = "synthetic_hard"
     difficulty = HARD
