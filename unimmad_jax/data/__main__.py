@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     prepare_parser.add_argument(
         "--dataset", required=True, help=f"one of {', '.join(sorted(BUILDERS))}; mmad_meta as mmad_meta/<dataset>"
     )
-    prepare_parser.add_argument("--manual-dir", help="the downloaded dataset folder (not for synthetic)")
+    prepare_parser.add_argument("--manual-dir", help="the downloaded dataset folder (not for the built-in ones)")
     prepare_parser.add_argument("--data-dir", required=True, help="where prepared datasets live")
     summary_parser = commands.add_parser("summary", help="samples per dataset, split and class")
     summary_parser.add_argument("--data-dir", required=True)

@@ -20,15 +20,15 @@ from unimmad_jax.data.builders.mmad_meta import MmadMeta
 from unimmad_jax.data.builders.mulsen_ad import MulsenAd
 from unimmad_jax.data.builders.mvtec3d import Mvtec3d
 from unimmad_jax.data.builders.mvtec_ad import MvtecAd
-from unimmad_jax.data.builders.synthetic import Synthetic
+from unimmad_jax.data.builders.synthetic import Synthetic, SyntheticHard
 from unimmad_jax.data.builders.visa import Visa
 from unimmad_jax.data.schema import InvalidDataError
 
-BUILT_IN = ("synthetic",)
+BUILT_IN = ("synthetic", "synthetic_hard")
 """Datasets that need no download: prepared on the fly when missing."""
 
 BUILDERS: dict[str, type[ExampleBuilder]] = {
-    cls.name: cls for cls in (Mvtec3d, Eyecandies, MulsenAd, MvtecAd, Visa, MmadMeta, Synthetic)
+    cls.name: cls for cls in (Mvtec3d, Eyecandies, MulsenAd, MvtecAd, Visa, MmadMeta, Synthetic, SyntheticHard)
 }
 
 
@@ -56,7 +56,7 @@ def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = Non
     Args:
       name: a key of BUILDERS, or 'mmad_meta/<dataset>'.
       data_dir: where prepared datasets live (`config.data.data_dir`).
-      manual_dir: the downloaded dataset's folder (not used by 'synthetic').
+      manual_dir: the downloaded dataset's folder (not used by the built-in datasets).
 
     Returns:
       The prepared dataset's folder. A dataset already prepared there is reused.

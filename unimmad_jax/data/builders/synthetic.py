@@ -1,19 +1,33 @@
-"""A built-in synthetic dataset: no download, deterministic, built in seconds.
+"""The built-in synthetic datasets: no download, deterministic, built in seconds.
 
 Two domains at 128 x 128:
 
 - objects seen in RGB + depth (``tiles``, ``plate``, ``foam``): a textured
   object on a dark background; depth is the distance to the object, with the
-  object's silhouette as foreground (0 outside). Defects: ``stain`` (a vivid blob, RGB
-  only), ``bump`` (a raised disc, depth only), ``crack`` (a dark groove, in
-  both).
-- single-channel ``gray`` scans (``brain_scan``, ``lung_scan``) with bright
+  object's silhouette as foreground (0 outside). Defects: ``stain`` (RGB
+  only), ``bump`` (depth only), ``crack`` (in both).
+- single-channel ``gray`` scans (``brain_scan``, ``lung_scan``) with
   ``lesion`` blobs.
 
-Normal samples of a class differ only by a small shift, brightness and noise,
-so a class's normal appearance is easy to learn; defects are large and high
-contrast. Masks are exactly the defect pixels. Every sample is drawn from
-``SEED`` and its (class, split, index).
+Two variants share the classes, the splits and the renderers and differ by
+their `Difficulty`:
+
+- ``synthetic``: normal samples of a class differ only by a small shift,
+  brightness and noise; defects are large and vivid (a red or blue stain, a
+  6-12 mm bump, a black 1 cm groove, a white lesion). The demo model finds all
+  of them.
+- ``synthetic_hard``: normal samples are also shifted further, rotated (up
+  to 3 degrees), scaled (3 %), tinted (2 % per channel) and tilted (depth),
+  their texture is shifted against the object and their noise is stronger;
+  defects are smaller, fainter and mottled (a rust or ink discolouration, a
+  2-6 mm dome on a 5 mm step, a thin kinked crack 4-9 mm deep, a lesion 55-150
+  grey levels brighter than its tissue). The demo model misses some of them;
+  at its 64 pixels and with its random prior, much fainter or smaller defects
+  go unseen altogether.
+
+In both, a defective sample equals its good twin of the same (class, split,
+index) outside the defect mask, and the mask is exactly the changed pixels.
+Every sample is drawn from ``SEED`` and its (class, split, index).
 """
 
 from __future__ import annotations
@@ -55,11 +69,33 @@ _MODALITIES = {"object": ("rgb", "depth"), "scan": ("gray",)}
 
 
 @dataclasses.dataclass(frozen=True)
+class Difficulty:
+    """How much the normal samples of a class vary, and how its defects are painted.
+
+    A variation of 0 draws nothing from the sample's generator, so that the
+    variations `synthetic` lacks leave its samples as they were.
+    """
+
+    max_shift: float  # pixels, of the object's centre
+    max_rotation: float  # radians
+    max_scale: float  # relative change of the object's size
+    max_phase: float  # pixels, of the texture against the object
+    brightness: float  # relative change of the whole image
+    max_tint: float  # relative change of each colour channel
+    noise: float  # std of the sensor noise, grey levels
+    height_noise: float  # std of the surface roughness, metres
+    max_tilt: float  # metres per pixel, of the object's surface
+    paint_object_defect: Callable  # (rng, defect, yy, xx, colour, height, extent) -> mask
+    paint_lesion: Callable  # (rng, yy, xx, image, centre) -> (image, mask)
+
+
+@dataclasses.dataclass(frozen=True)
 class SyntheticSample:
     class_index: int
     split: str
     index: int
     defect_type: str
+    difficulty: Difficulty
 
     @property
     def spec(self) -> SyntheticClass:
@@ -82,45 +118,13 @@ class SyntheticSample:
         return np.random.default_rng([SEED, self.class_index, split_id, self.index])
 
 
-class Synthetic(base.ExampleBuilder):
-    """Synthetic objects (RGB + depth) and scans (gray) with exact masks."""
-
-    name = "synthetic"
-
-    def _list_samples(self, dl_manager):
-        del dl_manager  # nothing to download
-        train, test = [], []
-        for class_index, spec in enumerate(CLASSES):
-            train += [SyntheticSample(class_index, "train", i, "good") for i in range(spec.num_train)]
-            defects = [spec.defects[i % len(spec.defects)] for i in range(TEST_ANOMALOUS)]
-            test += [
-                SyntheticSample(class_index, "test", i, defect)
-                for i, defect in enumerate(["good"] * TEST_GOOD + defects)
-            ]
-        return {"train": train, "test": test}
-
-    def _encode(self, sample: SyntheticSample):
-        images, depth, mask = render(sample)
-        return {
-            "modality_types": list(sample.modality_types),
-            "images": [_png(image) for image in images],
-            "depths": [] if depth is None else [depth],
-            "mask": readers.encode_mask(mask.astype(np.uint8) * 255),
-            "label": sample.label,
-            "class_name": sample.class_name,
-            "dataset": self.dataset_name,
-            "defect_type": sample.defect_type,
-            "path": f"{sample.class_name}/{sample.split}/{sample.defect_type}/{sample.index:03d}",
-        }
-
-
 def render(sample: SyntheticSample):
     """(uint8 images, float32 [h, w, 2] depth or None, bool defect mask).
 
     A sample and its twin of the same (class, split, index) but another defect
     type differ only inside the defect mask.
     """
-    return _RENDERERS[sample.class_name](sample.rng(), sample.defect_type)
+    return _RENDERERS[sample.class_name](sample.rng(), sample.defect_type, sample.difficulty)
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -129,16 +133,42 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _grid(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel coordinates relative to a centre jittered by up to 2 pixels."""
-    shift = rng.uniform(-2, 2, size=2)
+def _jitter(rng: np.random.Generator, amplitude: float, size: int | None = None):
+    """Uniform in [-amplitude, amplitude]; 0 without drawing when amplitude is 0."""
+    if amplitude == 0:
+        return np.zeros(size) if size else 0.0
+    return rng.uniform(-amplitude, amplitude, size=size)
+
+
+def _grid(rng: np.random.Generator, difficulty: Difficulty) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates in the frame of the object: shifted, rotated and scaled."""
+    shift = rng.uniform(-difficulty.max_shift, difficulty.max_shift, size=2)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    return yy - SIZE / 2 - shift[0], xx - SIZE / 2 - shift[1]
+    yy, xx = yy - SIZE / 2 - shift[0], xx - SIZE / 2 - shift[1]
+    angle = _jitter(rng, difficulty.max_rotation)
+    scale = 1 + _jitter(rng, difficulty.max_scale)
+    cos, sin = np.cos(angle), np.sin(angle)
+    return (cos * yy + sin * xx) / scale, (cos * xx - sin * yy) / scale
 
 
 def _disc(yy, xx, centre, radius_y, radius_x=None):
     radius_x = radius_y if radius_x is None else radius_x
     return ((yy - centre[0]) / radius_y) ** 2 + ((xx - centre[1]) / radius_x) ** 2
+
+
+def _blob(rng, yy, xx, centre, radius_y, radius_x):
+    """Like `_disc`, with a wavy outline: <= 1 inside an irregular ellipse."""
+    angle = np.arctan2(yy - centre[0], xx - centre[1])
+    phases = rng.uniform(0, 2 * np.pi, size=2)
+    outline = 1 + 0.2 * np.sin(2 * angle + phases[0]) + 0.15 * np.sin(3 * angle + phases[1])
+    return _disc(yy, xx, centre, radius_y, radius_x) / outline**2
+
+
+def _mottle(rng, yy, xx):
+    """A smooth texture in [0, 1] with a random scale and phase, to modulate a faint defect."""
+    frequencies = rng.uniform(0.5, 1.2, size=2)
+    phases = rng.uniform(0, 2 * np.pi, size=2)
+    return 0.5 + 0.5 * np.sin(frequencies[0] * yy + phases[0]) * np.sin(frequencies[1] * xx + phases[1])
 
 
 def _segment(yy, xx, start, end, half_width):
@@ -150,50 +180,56 @@ def _segment(yy, xx, start, end, half_width):
     return distance <= half_width
 
 
-def _finisher(rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:
-    """Brightness jitter and sensor noise, drawn before any defect so that a
+def _finisher(rng: np.random.Generator, difficulty: Difficulty) -> Callable[[np.ndarray], np.ndarray]:
+    """Brightness, tint and sensor noise, drawn before any defect so that a
     defective sample equals its good twin outside the defect."""
-    brightness = rng.uniform(0.97, 1.03)
-    noise = rng.normal(0, 2, (SIZE, SIZE, 1))
+    brightness = rng.uniform(1 - difficulty.brightness, 1 + difficulty.brightness)
+    noise = rng.normal(0, difficulty.noise, (SIZE, SIZE, 1))
+    tint = 1 + _jitter(rng, difficulty.max_tint, 3)
 
     def finish(image: np.ndarray) -> np.ndarray:
-        noisy = image * brightness + (noise if image.ndim == 3 else noise[..., 0])
+        if image.ndim == 3:
+            noisy = image * brightness * tint + noise
+        else:
+            noisy = image * brightness + noise[..., 0]
         return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
 
     return finish
 
 
 # Objects: each returns its silhouette, colour and height (metres) maps and
-# the half-size of the region where defects are centred.
-def _tiles(yy, xx):
+# the half-size of the region where defects are centred; `phase` shifts the
+# texture (pixels, [y, x]) against the silhouette.
+def _tiles(yy, xx, phase):
     silhouette = (np.abs(yy) < 44) & (np.abs(xx) < 44)
-    checker = ((np.floor(yy / 22) + np.floor(xx / 22)) % 2)[..., None]
+    ty, tx = yy + phase[0], xx + phase[1]
+    checker = ((np.floor(ty / 22) + np.floor(tx / 22)) % 2)[..., None]
     colour = checker * [200, 170, 120] + (1 - checker) * [120, 80, 50]
-    grout = (np.mod(yy, 22) < 2) | (np.mod(xx, 22) < 2)
+    grout = (np.mod(ty, 22) < 2) | (np.mod(tx, 22) < 2)
     colour = np.where(grout[..., None], [90, 90, 90], colour)
     height = 0.02 - 0.002 * grout
     return silhouette, colour, height, 36.0
 
 
-def _plate(yy, xx):
+def _plate(yy, xx, phase):
     radius = np.hypot(yy, xx)
     silhouette = radius < 46
-    shade = 150 + 40 * np.sin(radius / 3)
+    shade = 150 + 40 * np.sin((radius + phase[0]) / 3)
     colour = np.stack([shade, shade, shade * 1.05], axis=-1)
     height = 0.03 * np.clip(1 - (radius / 46) ** 2, 0, 1)
     return silhouette, colour, height, 26.0
 
 
-def _foam(yy, xx):
+def _foam(yy, xx, phase):
     silhouette = (np.abs(yy) < 36) & (np.abs(xx) < 50)
-    wave = np.sin(yy / 4)
+    wave = np.sin((yy + phase[0]) / 4)
     colour = np.stack([60 + 30 * wave, 140 + 30 * wave, 120 + 30 * wave], axis=-1)
     height = 0.02 + 0.002 * wave
     return silhouette, colour, height, 28.0
 
 
-def _add_object_defect(rng, defect, yy, xx, colour, height, extent):
-    """Paints `defect` into colour (RGB) and/or height (depth); returns its mask."""
+def _paint_vivid_object_defect(rng, defect, yy, xx, colour, height, extent):
+    """Paints a large, vivid `defect` into colour (RGB) and/or height (depth); returns its mask."""
     centre = rng.uniform(-extent, extent, size=2)
     if defect == "stain":  # RGB only
         mask = _disc(yy, xx, centre, *rng.uniform(6, 10, size=2)) <= 1
@@ -214,14 +250,47 @@ def _add_object_defect(rng, defect, yy, xx, colour, height, extent):
     return mask
 
 
+def _paint_faint_object_defect(rng, defect, yy, xx, colour, height, extent):
+    """Paints a smaller, fainter, mottled `defect`; returns its mask.
+
+    Every masked pixel still changes by several grey levels (or millimetres),
+    so that the mask is exactly the change.
+    """
+    centre = rng.uniform(-extent, extent, size=2)
+    if defect == "stain":  # RGB only: a rust or ink discolouration, 25-90 % of the way to its colour
+        mask = _blob(rng, yy, xx, centre, *rng.uniform(5, 8.5, size=2)) <= 1
+        tint = np.array([150, 70, 30] if rng.random() < 0.5 else [40, 60, 160], np.float32)
+        opacity = rng.uniform(0.5, 0.9) * (0.5 + 0.5 * _mottle(rng, yy, xx))[..., None]
+        colour += np.where(mask[..., None], opacity * (tint - colour), 0.0)
+    elif defect == "bump":  # depth only: a 2-6 mm dome on a 5 mm step
+        profile = 1 - _disc(yy, xx, centre, *rng.uniform(6, 9.5, size=2))
+        mask = profile >= 0
+        height += np.where(mask, 0.005 + rng.uniform(0.002, 0.006) * profile, 0.0)
+    elif defect == "crack":  # both: a thin kinked crack, 55-85 % darker, 4-9 mm deep
+        angles = rng.uniform(0, np.pi) + rng.uniform(-0.6, 0.6, size=2)
+        lengths = rng.uniform(8, 14, size=2)
+        half_width = rng.uniform(1.25, 1.75)
+        ends = [
+            centre + sign * length * np.array([np.sin(a), np.cos(a)])
+            for sign, a, length in zip((1, -1), angles, lengths)
+        ]
+        mask = _segment(yy, xx, centre, ends[0], half_width) | _segment(yy, xx, centre, ends[1], half_width)
+        colour *= np.where(mask[..., None], 1 - rng.uniform(0.55, 0.85), 1.0)
+        height -= np.where(mask, rng.uniform(0.004, 0.009), 0.0)
+    else:
+        mask = np.zeros((SIZE, SIZE), bool)
+    return mask
+
+
 def _object_renderer(shape: Callable) -> Callable:
-    def render_object(rng, defect):
-        yy, xx = _grid(rng)
-        silhouette, colour, height, extent = shape(yy, xx)
+    def render_object(rng, defect, difficulty):
+        yy, xx = _grid(rng, difficulty)
+        silhouette, colour, height, extent = shape(yy, xx, _jitter(rng, difficulty.max_phase, 2))
         colour = np.asarray(colour, np.float32) * np.ones((SIZE, SIZE, 1), np.float32)
-        height = height + rng.normal(0, 2e-4, height.shape)
-        finish = _finisher(rng)
-        mask = _add_object_defect(rng, defect, yy, xx, colour, height, extent)
+        height = height + rng.normal(0, difficulty.height_noise, height.shape)
+        height = height + yy * _jitter(rng, difficulty.max_tilt) + xx * _jitter(rng, difficulty.max_tilt)
+        finish = _finisher(rng, difficulty)
+        mask = difficulty.paint_object_defect(rng, defect, yy, xx, colour, height, extent)
         rgb = np.where(silhouette[..., None], colour, _BACKGROUND_RGB)
         distance = np.where(silhouette, _CAMERA_DISTANCE - height, 0.0)
         depth = readers.with_foreground(distance, silhouette)
@@ -230,27 +299,40 @@ def _object_renderer(shape: Callable) -> Callable:
     return render_object
 
 
-def _scan(yy, xx, rng, defect, anatomy: Callable):
-    image, lesion_region = anatomy(yy, xx)
-    finish = _finisher(rng)
+def _paint_vivid_lesion(rng, yy, xx, image, centre):
+    mask = _disc(yy, xx, centre, *rng.uniform(5, 9, size=2)) <= 1
+    return np.where(mask, 235.0, image), mask
+
+
+def _paint_faint_lesion(rng, yy, xx, image, centre):
+    """A mottled blob with a wavy outline, 55-150 grey levels brighter than its tissue."""
+    mask = _blob(rng, yy, xx, centre, *rng.uniform(4.5, 7.5, size=2)) <= 1
+    brightening = rng.uniform(80, 150) * (0.7 + 0.3 * _mottle(rng, yy, xx))
+    return np.where(mask, image + brightening, image), mask
+
+
+def _scan(rng, defect, difficulty, anatomy: Callable):
+    yy, xx = _grid(rng, difficulty)
+    image, lesion_region = anatomy(yy, xx, _jitter(rng, difficulty.max_phase, 2))
+    finish = _finisher(rng, difficulty)
     mask = np.zeros((SIZE, SIZE), bool)
     if defect == "lesion":
-        centre = lesion_region(rng)
-        mask = _disc(yy, xx, centre, *rng.uniform(5, 9, size=2)) <= 1
-        image = np.where(mask, 235.0, image)
+        image, mask = difficulty.paint_lesion(rng, yy, xx, image, lesion_region(rng))
     return [finish(image)], None, mask
 
 
-def _brain(yy, xx):
+def _brain(yy, xx, phase):
     head = _disc(yy, xx, (0, 0), 50, 42)
-    image = np.where(head <= 1, 110 + 15 * np.sin(xx / 5) * np.sin(yy / 5), 0.0)
+    folds = 15 * np.sin((xx + phase[1]) / 5) * np.sin((yy + phase[0]) / 5)
+    image = np.where(head <= 1, 110 + folds, 0.0)
     image = np.where((head <= 1) & (head > 0.82), 220.0, image)  # the skull
     return image, lambda rng: rng.uniform(-24, 24, size=2)
 
 
-def _lung(yy, xx):
+def _lung(yy, xx, phase):
     body = _disc(yy, xx, (0, 0), 56, 46) <= 1
-    lungs = (_disc(yy, xx, (0, -20), 32, 14) <= 1) | (_disc(yy, xx, (0, 20), 32, 14) <= 1)
+    # the lungs' gap varies with the phase
+    lungs = (_disc(yy, xx, (0, -20 - phase[1] / 2), 32, 14) <= 1) | (_disc(yy, xx, (0, 20 + phase[1] / 2), 32, 14) <= 1)
     image = np.where(body, 130.0, 0.0)
     image = np.where(lungs, 40.0, image)
 
@@ -265,6 +347,73 @@ _RENDERERS = {
     "tiles": _object_renderer(_tiles),
     "plate": _object_renderer(_plate),
     "foam": _object_renderer(_foam),
-    "brain_scan": lambda rng, defect: _scan(*_grid(rng), rng, defect, _brain),
-    "lung_scan": lambda rng, defect: _scan(*_grid(rng), rng, defect, _lung),
+    "brain_scan": lambda rng, defect, difficulty: _scan(rng, defect, difficulty, _brain),
+    "lung_scan": lambda rng, defect, difficulty: _scan(rng, defect, difficulty, _lung),
 }
+
+EASY = Difficulty(
+    max_shift=2.0,
+    max_rotation=0.0,
+    max_scale=0.0,
+    max_phase=0.0,
+    brightness=0.03,
+    max_tint=0.0,
+    noise=2.0,
+    height_noise=2e-4,
+    max_tilt=0.0,
+    paint_object_defect=_paint_vivid_object_defect,
+    paint_lesion=_paint_vivid_lesion,
+)
+HARD = Difficulty(
+    max_shift=3.0,
+    max_rotation=np.deg2rad(3),
+    max_scale=0.03,
+    max_phase=1.5,
+    brightness=0.045,
+    max_tint=0.02,
+    noise=2.5,
+    height_noise=2.5e-4,
+    max_tilt=1e-5,
+    paint_object_defect=_paint_faint_object_defect,
+    paint_lesion=_paint_faint_lesion,
+)
+
+
+class Synthetic(base.ExampleBuilder):
+    """Synthetic objects (RGB + depth) and scans (gray) with large, vivid defects and exact masks."""
+
+    name = "synthetic"
+    difficulty = EASY
+
+    def _list_samples(self, dl_manager):
+        del dl_manager  # nothing to download
+        train, test = [], []
+        for class_index, spec in enumerate(CLASSES):
+            train += [SyntheticSample(class_index, "train", i, "good", self.difficulty) for i in range(spec.num_train)]
+            defects = [spec.defects[i % len(spec.defects)] for i in range(TEST_ANOMALOUS)]
+            test += [
+                SyntheticSample(class_index, "test", i, defect, self.difficulty)
+                for i, defect in enumerate(["good"] * TEST_GOOD + defects)
+            ]
+        return {"train": train, "test": test}
+
+    def _encode(self, sample: SyntheticSample):
+        images, depth, mask = render(sample)
+        return {
+            "modality_types": list(sample.modality_types),
+            "images": [_png(image) for image in images],
+            "depths": [] if depth is None else [depth],
+            "mask": readers.encode_mask(mask.astype(np.uint8) * 255),
+            "label": sample.label,
+            "class_name": sample.class_name,
+            "dataset": self.dataset_name,
+            "defect_type": sample.defect_type,
+            "path": f"{sample.class_name}/{sample.split}/{sample.defect_type}/{sample.index:03d}",
+        }
+
+
+class SyntheticHard(Synthetic):
+    """The synthetic classes with more varied normal samples and smaller, fainter, mottled defects."""
+
+    name = "synthetic_hard"
+    difficulty = HARD
