@@ -192,6 +192,77 @@ def test_two_hosts_split_each_global_batch(data_dir):
         assert host_paths[0][step] + host_paths[1][step] == global_paths
 
 
+# Training batches of one modality count (config.data.bucket_by_modality_count).
+
+MIXED = ("mvtec_ad", "mmad_meta/brats", "mvtec3d")  # 20 one-modality and 4 + 3 two-modality training records
+
+
+def _counts(batch):
+    return batch["modality_mask"].sum(axis=1)
+
+
+def test_bucketed_epochs_regroup_the_same_draws(data_dir):
+    """G = 3 divides the 27 records, so an epoch holds all its draws: each count's draws in batches of 3 in
+    draw order, then the leftovers of both counts pooled in draw order, the batches in a shuffled order."""
+    plain = train_loader(_config(data_dir, datasets=MIXED), seed=6, batch_size=3)
+    bucketed = train_loader(_config(data_dir, datasets=MIXED, bucket_by_modality_count=True), seed=6, batch_size=3)
+    assert plain.steps_per_epoch == bucketed.steps_per_epoch == 9
+    slot_orders, mixed_batches = [], 0
+    for _ in range(2):  # epochs
+        drawn = _take(plain.iterator, 9)
+        paths = np.concatenate([b["path"] for b in drawn])
+        counts = np.concatenate([_counts(b) for b in drawn])
+        expected, leftovers = [], []
+        for count in (1, 2):
+            group = np.flatnonzero(counts == count)
+            whole = len(group) // 3 * 3
+            expected += [tuple(paths[group[i : i + 3]]) for i in range(0, whole, 3)]
+            leftovers += list(group[whole:])
+        pooled = paths[np.sort(np.array(leftovers, np.int64))]
+        mixed = [tuple(pooled[i : i + 3]) for i in range(0, len(pooled), 3)]  # 0 or 3 leftovers (27 = 3 * 9)
+
+        batches = _take(bucketed.iterator, 9)
+        assert sorted(tuple(b["path"]) for b in batches) == sorted(expected + mixed)
+        for batch in batches:
+            slots = _counts(batch).max()
+            assert batch["specific_images"].shape == (3, slots, 8, 8, 3) and batch["modality_mask"].shape == (3, slots)
+            assert batch["modality_mask"][:, 0].all()
+        assert sum(len(set(_counts(b))) > 1 for b in batches) == len(mixed)
+        mixed_batches += len(mixed)
+        slot_orders.append([b["modality_mask"].shape[1] for b in batches])
+    assert mixed_batches > 0 and all(set(order) == {1, 2} for order in slot_orders)
+    assert any(order != sorted(order) for order in slot_orders)  # shuffled, not grouped by count
+
+
+def test_bucketed_batches_seek_and_split_over_hosts(data_dir):
+    """Each host's share of a global batch has the global batch's slots; `seek` still goes to a global step."""
+    config = _config(data_dir, datasets=MIXED, bucket_by_modality_count=True)
+    single = train_loader(config, seed=2, batch_size=6, process_index=0, process_count=1)
+    hosts = [train_loader(config, seed=2, batch_size=3, process_index=p, process_count=2) for p in range(2)]
+    assert single.steps_per_epoch == hosts[0].steps_per_epoch == 4  # 27 // 6: 3 draws left out per epoch
+    steps = 2 * single.steps_per_epoch
+    global_batches = _take(single.iterator, steps)
+    shares = [_take(host.iterator, steps) for host in hosts]
+    narrower = 0  # shares whose samples all have fewer modalities than their batch's slots
+    for whole, first, second in zip(global_batches, *shares):
+        assert (
+            first["specific_images"].shape
+            == second["specific_images"].shape
+            == (3, *whole["specific_images"].shape[1:])
+        )
+        assert list(first["path"]) + list(second["path"]) == list(whole["path"])
+        np.testing.assert_array_equal(
+            np.concatenate([first["modality_mask"], second["modality_mask"]]), whole["modality_mask"]
+        )
+        narrower += sum(_counts(share).max() < share["modality_mask"].shape[1] for share in (first, second))
+    assert narrower > 0  # in a mixed global batch
+    resumed = train_loader(config, seed=2, batch_size=3, process_index=1, process_count=2)
+    resumed.seek(3)  # the last step of epoch 0, then epoch 1
+    again = _take(resumed.iterator, 3)
+    assert _paths(again) == _paths(shares[1][3:6])
+    assert [b["specific_images"].shape for b in again] == [b["specific_images"].shape for b in shares[1][3:6]]
+
+
 # Evaluation batches.
 
 

@@ -5,7 +5,9 @@ size ``B``, ``S = config.num_slots`` and ``H = W = config.image_size``:
 
 - ``specific_images`` float32 ``[B, S, H, W, 3]``: each modality preprocessed
   by type (`unimmad_jax.data.preprocess`); slots past the sample's modality
-  count are zero.
+  count are zero. Training batches bucketed by modality count
+  (``bucket_by_modality_count``) have S = the most modalities of a sample of
+  the global batch, which varies from batch to batch.
 - ``modality_mask`` bool ``[B, S]``: True for the sample's slots (the first).
 - ``loss_weight`` float32 ``[B]``: ``config.loss_weights[<record's dataset>]``
   (1 for datasets not listed).
@@ -33,6 +35,11 @@ size ``B``, ``S = config.num_slots`` and ``H = W = config.image_size``:
 - ``replay_classes``: optional ``{dataset name: (class, ...)}`` of earlier
   tasks (continual learning) of which training draws only the first
   ``replay_per_class`` records of each class, beside ``datasets``.
+- ``bucket_by_modality_count``: training batches of one modality count each
+  (`bucket_by_modality_count`), so that padded slots cost no pair compute. Off
+  by default: the reference trains on mixed batches, and batches of one
+  modality count change the BatchNorm batch statistics and the loss's
+  batch-mean weighting that a step sees, i.e. the training recipe.
 - ``num_read_threads``: threads reading and preprocessing (0: in the caller).
 - ``prefetch_batches``: batches read ahead per host.
 """
@@ -79,6 +86,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.loss_weights = ml_collections.ConfigDict(DEFAULT_LOSS_WEIGHTS)
     config.replay_classes = ml_collections.ConfigDict()
     config.replay_per_class = 0
+    config.bucket_by_modality_count = False
     config.num_read_threads = 8
     config.prefetch_batches = 4
     return config
@@ -101,6 +109,14 @@ class _Catalog:
     def locate(self, position: int) -> tuple[PreparedSplit, int]:
         part = int(np.searchsorted(self.offsets, position, side="right")) - 1
         return self.splits[part], int(self.local_indices[part][position - self.offsets[part]])
+
+    @functools.cached_property
+    def modality_counts(self) -> np.ndarray:
+        """The number of modalities of every record."""
+        return np.array(
+            [len(split.index.modality_types[i]) for split, kept in zip(self.splits, self.local_indices) for i in kept],
+            np.int64,
+        )
 
     @functools.cached_property
     def class_keys(self) -> list[tuple[str, str]]:
@@ -169,26 +185,25 @@ def _check_slots(prepared: PreparedSplit, indices: np.ndarray, num_slots: int) -
 
 @dataclasses.dataclass(frozen=True)
 class _SampleReader:
-    """Reads and preprocesses one record into the per-sample batch fields."""
+    """Reads and preprocesses one record into the per-sample batch fields, padded to `num_slots` slots."""
 
     catalog: _Catalog
     image_size: int
-    num_slots: int
     loss_weights: Mapping[str, float]
     with_masks: bool
 
-    def __call__(self, position: int) -> dict[str, np.ndarray]:
+    def __call__(self, position: int, num_slots: int) -> dict[str, np.ndarray]:
         split, index = self.catalog.locate(position)
         example = split.records[index]
         path = schema.decode_text(example["path"])
         try:
-            return self._sample(split, example, path)
+            return self._sample(split, example, path, num_slots)
         except InvalidDataError as error:
             raise InvalidDataError(f"{split.name}/{split.split} record {index} ({path}): {error}") from error
 
-    def _sample(self, split: PreparedSplit, example: Mapping[str, Any], path: str):
+    def _sample(self, split: PreparedSplit, example: Mapping[str, Any], path: str, num_slots: int):
         size = self.image_size
-        specific = np.zeros((self.num_slots, size, size, 3), np.float32)
+        specific = np.zeros((num_slots, size, size, 3), np.float32)
         slots = schema.modality_slots(example)
         for slot, (modality_type, array) in enumerate(slots):
             specific[slot] = preprocess.preprocess_modality(array, modality_type, size)
@@ -198,7 +213,7 @@ class _SampleReader:
             gt_mask = np.zeros((size, size), np.float32)
         return {
             "specific_images": specific,
-            "modality_mask": np.arange(self.num_slots) < len(slots),
+            "modality_mask": np.arange(num_slots) < len(slots),
             "loss_weight": np.float32(self.loss_weights.get(split.dataset, 1.0)),
             "gt_mask": gt_mask,
             "label": np.int32(example["label"]),
@@ -240,23 +255,48 @@ def _global_position(step: int, row: int, batch_size: int, process_index: int, p
     return (step * process_count + process_index) * batch_size + row
 
 
-class _BalancedDraws:
-    """This host's sample counter -> record position, epoch after epoch.
+def bucket_by_modality_count(
+    draws: np.ndarray, counts: np.ndarray, batch_size: int, num_batches: int, rng: np.random.Generator
+) -> np.ndarray:
+    """`num_batches` batches `[num_batches, batch_size]` of `draws`, all but a few of one modality count.
 
-    Epoch e draws `epoch_size` records with replacement, record i with
-    probability 1 / (number of classes * size of i's class), from a generator
-    seeded by (seed, e); its first steps_per_epoch * G draws form the epoch's
-    global batches.
+    The draws of each modality count (`counts`, one per draw) make batches in draw order; the
+    leftovers of every count (fewer than `batch_size` each), pooled in draw order, make the mixed
+    batches that the count's full batches leave to fill; `rng` shuffles the order of all batches.
+    At most (number of counts - 1) batches are mixed, and the draws left out are leftovers.
+    """
+    full, leftovers = [], []
+    for count in np.unique(counts):
+        group = np.flatnonzero(counts == count)  # indices into `draws`, in draw order
+        whole = len(group) // batch_size * batch_size
+        full.append(draws[group[:whole]].reshape(-1, batch_size))
+        leftovers.append(group[whole:])
+    full = np.concatenate(full)  # at most num_batches: they hold at most all the draws
+    mixed = num_batches - len(full)
+    pooled = draws[np.sort(np.concatenate(leftovers))][: mixed * batch_size]
+    batches = np.concatenate([full, pooled.reshape(mixed, batch_size)])
+    return batches[rng.permutation(num_batches)]
+
+
+class BalancedDraws:
+    """The global training batches of every epoch: which records, and how many modality slots.
+
+    Epoch e draws as many records as there are, with replacement, record i with probability
+    1 / (number of classes * size of i's class), from a generator seeded by (seed, e). Its
+    `steps_per_epoch` global batches of G = `global_batch_size` records are its first draws in
+    order, every sample padded to `num_slots`; or, with `bucket`, the draws grouped by modality
+    count (`bucket_by_modality_count`, shuffled by the same generator), every sample padded to the
+    most modalities of a sample of its global batch.
     """
 
     def __init__(
         self,
         class_keys: Sequence[tuple[str, str]],
+        modality_counts: np.ndarray,
         seed: int,
-        steps_per_epoch: int,
-        batch_size: int,
-        process_index: int,
-        process_count: int,
+        global_batch_size: int,
+        num_slots: int,
+        bucket: bool,
     ):
         _, class_ids, class_sizes = np.unique(
             np.array([f"{d}\0{c}" for d, c in class_keys]),
@@ -265,24 +305,37 @@ class _BalancedDraws:
         )
         probabilities = 1.0 / class_sizes[class_ids]
         self.probabilities = probabilities / probabilities.sum()
+        self.modality_counts = np.asarray(modality_counts)
         self.seed = seed
-        self.steps_per_epoch = steps_per_epoch
-        self.batch_size = batch_size
-        self.process_index = process_index
-        self.process_count = process_count
+        self.global_batch_size = global_batch_size
+        self.steps_per_epoch = len(class_keys) // global_batch_size
+        self.num_slots = num_slots
+        self.bucket = bucket
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 (one sampler per run: keeping it alive costs nothing)
-    def epoch_draws(self, epoch: int) -> np.ndarray:
-        """The record positions of every global sample of `epoch`."""
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The record positions `[steps_per_epoch, G]` of `epoch`'s global batches and their slot counts."""
         rng = np.random.default_rng([self.seed, epoch])
         size = len(self.probabilities)
-        return rng.choice(size, size=size, replace=True, p=self.probabilities)
+        draws = rng.choice(size, size=size, replace=True, p=self.probabilities)
+        steps, batch_size = self.steps_per_epoch, self.global_batch_size
+        if not self.bucket:
+            return draws[: steps * batch_size].reshape(steps, batch_size), np.full(steps, self.num_slots)
+        batches = bucket_by_modality_count(draws, self.modality_counts[draws], batch_size, steps, rng)
+        return batches, self.modality_counts[batches].max(axis=1)
 
-    def __call__(self, counter: int) -> int:
-        step, row = divmod(counter, self.batch_size)
-        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-        position = _global_position(step_in_epoch, row, self.batch_size, self.process_index, self.process_count)
-        return int(self.epoch_draws(epoch)[position])
+
+def _host_reads(draws: BalancedDraws, batch_size: int, process_index: int, process_count: int):
+    """This host's sample counter -> (record position, slots of its global batch), epoch after epoch."""
+
+    def read(counter: int) -> tuple[int, int]:
+        step, row = divmod(counter, batch_size)
+        epoch, step_in_epoch = divmod(step, draws.steps_per_epoch)
+        batches, slots = draws.epoch(epoch)
+        position = _global_position(step_in_epoch, row, batch_size, process_index, process_count)
+        return int(batches.reshape(-1)[position]), int(slots[step_in_epoch])
+
+    return read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,21 +393,28 @@ def train_loader(
     process_index, process_count = _hosts(process_index, process_count)
     catalog = _with_replay(config, _open_catalog(config, config.datasets, "train"))
     global_batch_size = batch_size * process_count
-    steps_per_epoch = len(catalog) // global_batch_size
-    if steps_per_epoch == 0:
+    draws = BalancedDraws(
+        catalog.class_keys,
+        catalog.modality_counts,
+        seed,
+        global_batch_size,
+        config.num_slots,
+        bucket=config.bucket_by_modality_count,
+    )
+    if draws.steps_per_epoch == 0:
         raise InvalidDataError(
             f"The global batch size {global_batch_size} exceeds the {len(catalog)} "
             f"training samples of {tuple(config.datasets)}."
         )
-    draws = _BalancedDraws(catalog.class_keys, seed, steps_per_epoch, batch_size, process_index, process_count)
-    reader = _SampleReader(catalog, config.image_size, config.num_slots, dict(config.loss_weights), with_masks=False)
+    read = _host_reads(draws, batch_size, process_index, process_count)
+    reader = _SampleReader(catalog, config.image_size, dict(config.loss_weights), with_masks=False)
     batches = (
         grain.MapDataset.range(sys.maxsize)
-        .map(lambda counter: reader(draws(counter)))
+        .map(lambda counter: reader(*read(counter)))
         .batch(batch_size, drop_remainder=True, batch_fn=_stack)
     )
     iterator = iter(batches.to_iter_dataset(_read_options(config)))
-    return TrainLoader(iterator, steps_per_epoch, len(catalog), global_batch_size)
+    return TrainLoader(iterator, draws.steps_per_epoch, len(catalog), global_batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,12 +471,12 @@ def eval_loader(
     if num_examples == 0:
         raise InvalidDataError(f"{dataset}/{split} has no samples of classes {classes}.")
     num_batches = math.ceil(num_examples / (batch_size * process_count))
-    reader = _SampleReader(catalog, config.image_size, config.num_slots, dict(config.loss_weights), with_masks=True)
+    reader = _SampleReader(catalog, config.image_size, dict(config.loss_weights), with_masks=True)
 
     def read(counter: int) -> dict[str, np.ndarray]:
         step, row = divmod(counter, batch_size)
         position = _global_position(step, row, batch_size, process_index, process_count)
-        sample = reader(min(position, num_examples - 1))
+        sample = reader(min(position, num_examples - 1), config.num_slots)
         sample["valid"] = np.bool_(position < num_examples)
         return sample
 
