@@ -38,3 +38,13 @@ def synthetic_data_dir(tmp_path_factory) -> Path:
     data_dir = tmp_path_factory.mktemp("data")
     prepare("synthetic", data_dir)
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, synthetic_data_dir) -> Path:
+    """One uninterrupted run of the command line on 1 device: `configs/tiny.py`, 3 epochs of 12 steps."""
+    from helpers import run_main
+
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run_main(workdir, synthetic_data_dir)
+    return workdir

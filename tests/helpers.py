@@ -10,6 +10,7 @@ import importlib.util
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +43,29 @@ def subprocess_env(devices: int = 1) -> dict[str, str]:
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
+
+
+def main_command(workdir, data_dir, *args, **fields) -> list[str]:
+    """`python -m unimmad_jax.main --config=configs/tiny.py` on `workdir`, with `--config.<k>=<v>` for `fields`."""
+    fields = {"data.data_dir": data_dir, **fields}
+    return [
+        sys.executable,
+        "-m",
+        "unimmad_jax.main",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in fields.items()),
+        *args,
+    ]
+
+
+def run_main(workdir, data_dir, *args, **fields) -> str:
+    """`main_command`'s run on 1 device; returns its standard output after checking that it succeeded."""
+    result = subprocess.run(
+        main_command(workdir, data_dir, *args, **fields), cwd=REPO, env=subprocess_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def kill_when(command: list[str], path: Path) -> None:

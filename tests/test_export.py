@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import PIL.Image
 import pytest
-from helpers import REPO, load_config, subprocess_env
+from helpers import REPO, load_config, run_main, subprocess_env
 from jax.sharding import Mesh
 
 from unimmad_jax import calibrate, checkpoints, evaluate, export, predict, serving, sharding
@@ -21,6 +21,7 @@ from unimmad_jax.models.unimmad import UniMMAD
 SCAN = "brain_scan"  # the tiny config's gray class: servable (tiles has a depth modality)
 IMAGES = 9  # 128x128 test images of SCAN, one of them 100x90: batches of 7 and 2, or 9 of 1
 TOLERANCE = 1e-5
+LAST_STEP = 3 * 12  # of the trained tiny workdir: 3 epochs of 12 steps
 
 
 def run(*command) -> subprocess.CompletedProcess:
@@ -33,25 +34,15 @@ def run_ok(*command) -> str:
     return result.stdout
 
 
-def main_args(workdir, data_dir, *args, **fields) -> list[str]:
-    fields = {"data.data_dir": data_dir, "train.num_epochs": 1, "train.eval_every_epochs": 1, **fields}
-    return ["-m", "unimmad_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}", *args] + [
-        f"--config.{k}={v}" for k, v in fields.items()
-    ]
-
-
 def read_csv(path) -> list[dict]:
     with open(path) as f:
         return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, synthetic_data_dir):
-    """One epoch of the tiny config, calibrated at the end of training."""
-    workdir = tmp_path_factory.mktemp("decisions")
-    out = run_ok(*main_args(workdir, synthetic_data_dir))
-    assert "Calibration (checkpoint step 12" in out and "| synthetic | brain_scan |" in out
-    return workdir
+def workdir(trained_workdir):
+    """The tiny config's 3 epochs, calibrated at the end of training."""
+    return trained_workdir
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +66,7 @@ def model_dir(workdir, tmp_path_factory):
 def test_training_writes_a_calibration_whose_good_only_thresholds_leave_good_images_unflagged(workdir):
     record = json.loads((workdir / calibrate.CALIBRATION_FILE).read_text())
     entry = record["datasets"]["synthetic"]
-    assert record["checkpoint_step"] == 12 and entry["split"] == "train"  # synthetic has no validation split
+    assert record["checkpoint_step"] == LAST_STEP and entry["split"] == "train"  # synthetic has no validation split
     for stats in [entry["dataset"], *entry["classes"].values()]:
         assert stats["method"] == "good_q0.99" and stats["anomalous"] == 0
         assert stats["minimum"] < stats["threshold"] <= stats["maximum"]  # the lowest good image is never flagged
@@ -85,7 +76,7 @@ def test_training_writes_a_calibration_whose_good_only_thresholds_leave_good_ima
 
 
 def test_predict_uses_each_class_threshold(workdir, synthetic_data_dir):
-    run_ok(*main_args(workdir, synthetic_data_dir, "--mode=predict", **{"predict.input": "synthetic:test"}))
+    run_main(workdir, synthetic_data_dir, "--mode=predict", **{"predict.input": "synthetic:test"})
     out = workdir / "predictions" / "synthetic_test"
     assert (out / "scores.csv").read_text().splitlines()[0] == ",".join(serving.COLUMNS)
     rows = read_csv(out / "scores.csv")
@@ -124,7 +115,7 @@ def in_framework(workdir, synthetic_data_dir, folder, batch_size: int) -> dict[s
 
 
 def scan_statistics(workdir) -> calibrate.Statistics:
-    return calibrate.statistics_for(calibrate.load(workdir, 12), "synthetic", SCAN)[0]
+    return calibrate.statistics_for(calibrate.load(workdir, LAST_STEP), "synthetic", SCAN)[0]
 
 
 def in_framework_slope(workdir) -> float:
@@ -164,7 +155,7 @@ def test_served_rows_are_predict_rows(workdir, synthetic_data_dir, images, model
     run_ok("-m", "unimmad_jax.serving", "--model", str(model_dir), "--out", str(out), "--class", SCAN, str(images))
     served = read_csv(out / "scores.csv")
     fields = {"predict.input": images, "predict.class_name": SCAN, "predict.batch_size": 7}
-    run_ok(*main_args(workdir, synthetic_data_dir, "--mode=predict", **fields))
+    run_main(workdir, synthetic_data_dir, "--mode=predict", **fields)
     predicted = read_csv(workdir / "predictions" / images.name / "scores.csv")
     slope = in_framework_slope(workdir)
     assert len(served) == len(predicted) == IMAGES

@@ -6,8 +6,8 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, kill_when, load_config, subprocess_env
-from test_train import main_command
+from helpers import REPO, kill_when, load_config, main_command, subprocess_env
+from jax.sharding import Mesh
 
 from unimmad_jax import checkpoints, loop, protocols, sharding
 from unimmad_jax.config import model_config
@@ -100,7 +100,9 @@ def test_a_task_starts_from_the_previous_ones_weights_with_a_fresh_optimizer(con
         loop.train_and_evaluate(config, config.train.init_from)
 
 
-def test_unified_vs_separate(tmp_path, synthetic_data_dir):
+def test_unified_vs_separate(tmp_path, synthetic_data_dir, monkeypatch):
+    """On 1 device, as the command-line runs: their compiled steps are in the compilation cache."""
+    monkeypatch.setattr(sharding, "data_mesh", lambda: Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,)))
     config = tiny_protocol_config(synthetic_data_dir, (("synthetic:tiles",), ("synthetic:brain_scan",)))
     config.train.num_epochs = 1
     results = protocols.run_unified_vs_separate(config, tmp_path)

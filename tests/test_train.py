@@ -3,44 +3,21 @@
 import functools
 import json
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO, kill_when, load_config, subprocess_env
+from helpers import kill_when, load_config, main_command, run_main
 from jax.sharding import Mesh
 
 from unimmad_jax import checkpoints, loop, sharding, train
 from unimmad_jax.config import loss_config, model_config
 from unimmad_jax.data import first_training_images, train_loader
-from unimmad_jax.models.unimmad import UniMMAD, init_variables
+from unimmad_jax.models.unimmad import UniMMAD
 
 EPOCHS = 3  # of configs/tiny.py, on its classes tiles and brain_scan
 CLASSES = ("tiles", "brain_scan")  # 96 training images: 12 steps of 8 per epoch
-
-
-def main_command(workdir, data_dir, *args, **extra) -> list[str]:
-    fields = {"data.data_dir": data_dir, **extra}
-    return [
-        sys.executable,
-        "-m",
-        "unimmad_jax.main",
-        "--config=configs/tiny.py",
-        f"--workdir={workdir}",
-        *(f"--config.{k}={v}" for k, v in fields.items()),
-        *args,
-    ]
-
-
-def run_main(workdir, data_dir, *args, **extra) -> str:
-    result = subprocess.run(
-        main_command(workdir, data_dir, *args, **extra), cwd=REPO, env=subprocess_env(), capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
 
 
 def tiny_config(data_dir):
@@ -52,14 +29,6 @@ def tiny_config(data_dir):
 
 def final_params(workdir, data_dir):
     return checkpoints.trained_variables(tiny_config(data_dir), workdir, mesh_of(1))["params"]
-
-
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory, synthetic_data_dir):
-    """One uninterrupted run of the command line, on 1 device."""
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    run_main(workdir, synthetic_data_dir)
-    return workdir
 
 
 def test_train_eval_predict_write_their_files(trained_workdir, synthetic_data_dir):
@@ -158,41 +127,6 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
     np.testing.assert_allclose(results[8][0], results[1][0], rtol=1e-10)
     for a, b in zip(jax.tree_util.tree_leaves(results[8][1]), jax.tree_util.tree_leaves(results[1][1])):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8)
-
-
-def test_bucketed_batches_step_one_state_whatever_their_slots(synthetic_data_dir):
-    """Batches of 1 and 2 slots (`data.bucket_by_modality_count`) step the same parameters, and a batch of 1
-    slot has the loss it has padded to 2 slots: the slot count changes the work, not the step.
-
-    On 1 device, the training run's mesh: its step for 2 slots comes from the compilation cache.
-    """
-    config = tiny_config(synthetic_data_dir)
-    config.data.bucket_by_modality_count = True
-    mesh = mesh_of(1)
-    model = UniMMAD(model_config(config))
-    loader = train_loader(config.data, seed=0, batch_size=8)
-    by_slots = {}
-    for _ in range(loader.steps_per_epoch):
-        batch = next(loader.iterator)
-        by_slots.setdefault(batch["modality_mask"].shape[1], batch)
-    assert sorted(by_slots) == [1, 2]  # tiles: RGB + depth; brain_scan: gray
-    one = by_slots[1]
-    padded = {
-        **one,
-        "specific_images": np.pad(one["specific_images"], [(0, 0), (0, 1), (0, 0), (0, 0), (0, 0)]),
-        "modality_mask": np.pad(one["modality_mask"], [(0, 0), (0, 1)]),
-    }
-    variables = init_variables(model, config.seed, slots=config.data.num_slots)
-    start = train.create_train_state(model, config, loader.steps_per_epoch, variables)
-    step = train.make_train_step(model, loss_config(config), mesh)
-    losses = {}
-    for name, batch in (("one", one), ("padded", padded), ("two", by_slots[2])):
-        state = jax.device_put(jax.tree_util.tree_map(jnp.copy, start), sharding.replicated(mesh))  # donated
-        state, metrics = step(state, sharding.to_global(batch, mesh), jnp.int32(0))
-        losses[name] = float(metrics["loss"])
-        assert int(state.step) == 1 and np.isfinite(losses[name])
-    np.testing.assert_allclose(losses["padded"], losses["one"], rtol=1e-5)
-    assert losses["two"] != losses["one"]
 
 
 # 8 -> 1 is not repeated here: tests/test_multihost.py resumes a 2-process (4-device) checkpoint in 1 process.

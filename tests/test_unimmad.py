@@ -66,6 +66,26 @@ def test_fewer_slots_give_the_same_pairs(model, variables, tiny_config):
         np.testing.assert_allclose(a, b[::2], atol=1e-5)
 
 
+def test_fewer_slots_train_like_padded_ones(model, variables, tiny_config):
+    """In training too (what `data.bucket_by_modality_count` relies on): the loss and the BatchNorm statistics
+    of a batch in 1 slot are those of the batch padded to 2 slots."""
+    size = tiny_config.image_size
+    images = jax.random.normal(jax.random.key(3), (2, 1, size, size, 3))
+
+    @jax.jit
+    def loss_and_statistics(v, x, m):
+        out, updates = model.apply(v, x, m, train=True, mutable=["batch_stats"])
+        return total_loss(out, jnp.ones(2), 0, LossConfig())[0], updates["batch_stats"]
+
+    one = loss_and_statistics(variables, images, jnp.ones((2, 1), bool))
+    padded = loss_and_statistics(
+        variables, jnp.concatenate([images, jnp.zeros_like(images)], axis=1), jnp.array([[True, False], [True, False]])
+    )
+    np.testing.assert_allclose(one[0], padded[0], rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(one[1]), jax.tree_util.tree_leaves(padded[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_frozen_prior_gets_no_gradient(model, variables, batch):
     def loss(params):
         out, _ = model.apply(
