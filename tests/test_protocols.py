@@ -6,8 +6,7 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, kill_when, load_config, main_command, subprocess_env
-from jax.sharding import Mesh
+from helpers import REPO, kill_when, load_config, main_command, run_main, subprocess_env
 
 from unimmad_jax import checkpoints, loop, protocols, sharding
 from unimmad_jax.config import model_config
@@ -100,14 +99,13 @@ def test_a_task_starts_from_the_previous_ones_weights_with_a_fresh_optimizer(con
         loop.train_and_evaluate(config, config.train.init_from)
 
 
-def test_unified_vs_separate(tmp_path, synthetic_data_dir, monkeypatch):
-    """On 1 device, as the command-line runs: their compiled steps are in the compilation cache."""
-    monkeypatch.setattr(sharding, "data_mesh", lambda: Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,)))
-    config = tiny_protocol_config(synthetic_data_dir, (("synthetic:tiles",), ("synthetic:brain_scan",)))
-    config.train.num_epochs = 1
-    results = protocols.run_unified_vs_separate(config, tmp_path)
+def test_unified_vs_separate(tmp_path, synthetic_data_dir):
+    run_main(
+        tmp_path, synthetic_data_dir, "--mode=unified_vs_separate", **{"continual.tasks": TASKS, "train.num_epochs": 1}
+    )
     root = tmp_path / "unified_vs_separate"
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["separate_1", "separate_2", "unified"]
+    results = json.loads((root / "results.json").read_text())
     unified = json.loads((root / "unified" / "protocol_evaluation.json").read_text())["values"]
     for j, row in enumerate(results["tasks"]):
         separate = json.loads((root / f"separate_{j + 1}" / "protocol_evaluation.json").read_text())["values"]

@@ -53,13 +53,14 @@ def test_train_eval_predict_write_their_files(trained_workdir, synthetic_data_di
     assert final["All_Class_Mean"] == summary["All_Class_Mean"]  # the same weights give the same metrics
     assert final["paper"] == {} and "paper" not in summary  # the paper reports no synthetic results
 
+    predictions = trained_workdir / "predictions" / "synthetic_test"
+    shutil.rmtree(predictions, ignore_errors=True)  # the session's workdir: test_export predicts there too
     run_main(
         trained_workdir,
         synthetic_data_dir,
         "--mode=predict",
         **{"predict.input": "synthetic:test", "predict.max_overlays": 5},
     )
-    predictions = trained_workdir / "predictions" / "synthetic_test"
     rows = (predictions / "scores.csv").read_text().splitlines()
     assert rows[0] == "path,class,label,image_score,normalized_score,decision,threshold" and len(rows) == 1 + 48
     assert len(list((predictions / "overlays").glob("*.png"))) == 5
