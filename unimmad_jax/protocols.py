@@ -289,12 +289,15 @@ def unified_vs_separate_markdown(results: dict) -> str:
 def run_unified_vs_separate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
     """One model on all tasks and one per task (each from `train.init_from`), on the same data and recipe.
 
-    The tasks: `continual.tasks`, else one per dataset of `data.datasets`."""
+    The tasks: `continual.tasks`, else one per dataset of `data.datasets` (its `data.classes`, else all)."""
     root = checkpoints.workdir_path(workdir) / "unified_vs_separate"
     if not config.continual.tasks:
         config = config.copy_and_resolve_references()
         with config.unlocked():
-            config.continual.tasks = tuple((d,) for d in config.data.datasets)
+            config.continual.tasks = tuple(
+                (f"{d}:{','.join(config.data.classes[d])}" if d in config.data.classes else d,)
+                for d in config.data.datasets
+            )
     ensure_prepared([s.partition(":")[0] for task in config.continual.tasks for s in task], config.data.data_dir)
     tasks = parse_tasks(config)
     start = config.train.init_from
