@@ -56,6 +56,7 @@ class Task:
 
 def parse_tasks(config: ml_collections.ConfigDict, field: str = "continual.tasks") -> list[Task]:
     """The tasks of `config.continual.tasks`, every class spelled out and checked against the prepared data."""
+    ensure_prepared([s.partition(":")[0] for task in config.continual.tasks for s in task], config.data.data_dir)
     tasks = []
     for t, selections in enumerate(config.continual.tasks):
         if isinstance(selections, str) or not selections:
@@ -234,7 +235,6 @@ def _write_tensorboard(results: dict, directory: epath.Path) -> None:
 def run_continual(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
     """Train `continual.tasks` in sequence under `<workdir>/continual/`, evaluate, and write the results."""
     root = checkpoints.workdir_path(workdir) / "continual"
-    ensure_prepared([s.partition(":")[0] for task in config.continual.tasks for s in task], config.data.data_dir)
     tasks = parse_tasks(config)
     rows, init_from = [], config.train.init_from
     for i, task in enumerate(tasks):
@@ -298,7 +298,6 @@ def run_unified_vs_separate(config: ml_collections.ConfigDict, workdir: epath.Pa
                 (f"{d}:{','.join(config.data.classes[d])}" if d in config.data.classes else d,)
                 for d in config.data.datasets
             )
-    ensure_prepared([s.partition(":")[0] for task in config.continual.tasks for s in task], config.data.data_dir)
     tasks = parse_tasks(config)
     start = config.train.init_from
     unified = _evaluated_run(config, union(tasks), root / "unified", start, {}, tasks)
