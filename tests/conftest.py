@@ -10,14 +10,18 @@ import os
 
 # CPU only: with libtpu installed (the TPU compiler, tests/test_tpu_compile.py) JAX would otherwise look for a TPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from helpers import COMPILATION_CACHE_ENV, QUICK_COMPILE_FLAGS, tiny_model_config  # noqa: E402
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), QUICK_COMPILE_FLAGS, "--xla_force_host_platform_device_count=8"]
+).strip()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
-from helpers import COMPILATION_CACHE_ENV, tiny_model_config  # noqa: E402
 
 from unimmad_jax.models.unimmad import ModelConfig  # noqa: E402
 

@@ -19,6 +19,9 @@ PARITY = REPO / "tests" / "data" / "parity"
 """The parity fixtures: cases and manifests (tests/data/parity/README.md)."""
 COMPILATION_CACHE_ENV = "UNIMMAD_TEST_COMPILATION_CACHE"
 """Where conftest tells command-line runs of the tests to share its compilation cache."""
+QUICK_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+"""XLA flags of every test's compiles but the full-size parity runs': the tests' small models spend far more time
+compiling than computing, and skipping LLVM's optimisations takes about a third off the compiles."""
 
 
 def load_config(name: str):
@@ -36,12 +39,17 @@ def tiny_model_config():
     return model_config(load_config("tiny"))
 
 
-def subprocess_env(devices: int = 1) -> dict[str, str]:
-    """The environment of a command-line run on `devices` simulated CPU devices, sharing the compilation cache."""
+def subprocess_env(devices: int = 1, quick_compile: bool = True) -> dict[str, str]:
+    """The environment of a command-line run on `devices` simulated CPU devices, sharing the compilation cache.
+
+    `quick_compile=False` for runs that compute much (the full-size model in float64)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_COMPILATION_CACHE_DIR"] = os.environ[COMPILATION_CACHE_ENV]
+    flags = [QUICK_COMPILE_FLAGS] if quick_compile else []
     if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     return env
 
 

@@ -2,8 +2,9 @@
 2 simulated CPU devices each) train, evaluate and predict, and checkpoints move between 1 and 2 processes.
 
 The chain of runs on the tiny config (3 epochs of 12 steps):
-1. 1 process trains the 3 epochs; its checkpoints of epochs 2 and 3 are dropped, leaving the state
-   after epoch 1 exactly as a run stopped there left it (a checkpoint is final once written);
+1. the session's 1-process run of the 3 epochs (conftest's `trained_workdir`): its checkpoints but that of
+   epoch 1 are dropped, leaving the state exactly as a run stopped there left it (a checkpoint is final
+   once written);
 2. 2 processes resume that 1-process checkpoint and train epochs 2 and 3, then evaluate;
 3. its checkpoint of epoch 3 is dropped and 1 process resumes the 2-process checkpoint of epoch 2;
 4. 1 process evaluates the 2-process run's final checkpoint (`--mode=eval`), 2 processes predict from it.
@@ -124,22 +125,22 @@ def drop_after(workdir, epoch: int) -> None:
     """Leave `workdir` as a run stopped after `epoch` left it: its later checkpoints, tables and logs go."""
     for step in range((epoch + 1) * STEPS_PER_EPOCH, EPOCHS * STEPS_PER_EPOCH + 1, STEPS_PER_EPOCH):
         shutil.rmtree(workdir / "checkpoints" / str(step))
-    shutil.rmtree(workdir / "eval")
-    (workdir / "metrics.jsonl").unlink()
+    shutil.rmtree(workdir / "eval", ignore_errors=True)
+    (workdir / "metrics.jsonl").unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory, synthetic_data_dir):
-    workdir = tmp_path_factory.mktemp("one_process")
-    (output,) = run_processes(1, main_args(workdir, synthetic_data_dir), workdir.parent / "one_process_logs")
-    return workdir, logged_losses(output)
+def one_process_run(trained_workdir):
+    """The session's 1-process run (conftest): its checkpoints and `{step: loss}` of its logged losses."""
+    lines = map(json.loads, (trained_workdir / "metrics.jsonl").open())
+    return trained_workdir / "checkpoints", {line["step"]: line["train/loss"] for line in lines if "train/loss" in line}
 
 
 @pytest.fixture(scope="module")
 def two_process_run(one_process_run, tmp_path_factory, synthetic_data_dir):
     """Epochs 2 and 3 in 2 processes, from the 1-process checkpoint of epoch 1."""
     workdir = tmp_path_factory.mktemp("two_processes")
-    shutil.copytree(one_process_run[0], workdir, dirs_exist_ok=True)
+    shutil.copytree(one_process_run[0], workdir / "checkpoints")
     drop_after(workdir, 1)
     outputs = run_processes(PROCESSES, main_args(workdir, synthetic_data_dir), workdir.parent / "two_process_logs")
     return workdir, outputs

@@ -28,9 +28,9 @@ TRAJECTORIES = {
 
 
 def run(*args):
-    result = subprocess.run(
-        [sys.executable, *map(str, args)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True
-    )
+    """A command line of the full-size model in float64: XLA's full optimisation (it computes for minutes)."""
+    env = subprocess_env(quick_compile=False)
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
