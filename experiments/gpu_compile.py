@@ -6,7 +6,8 @@
 
 The step is the one `unimmad_jax.main` runs (`compile_report.lower_step`), traced from shapes alone
 over a data mesh of the topology's GPUs and compiled ahead of time by XLA's GPU compiler for the
-GPU that `--target-config` describes (`experiments/h200.txtpb`).  Nothing is autotuned.
+GPU that `--target-config` describes: by default an H200 SXM built from its published figures
+(`H200_SXM`).  Nothing is autotuned.
 
 The compile runs in a child process: a failed check in XLA aborts the process, and the report then
 says so and quotes the check.  `--xla-flags` become the child's XLA_FLAGS (default: XLA's defaults).
@@ -35,11 +36,39 @@ import compile_report  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-H200 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "h200.txtpb")
 H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core FLOP/s of an H200 SXM (NVIDIA's data sheet)
+# An H200 SXM as XLA's GPU compiler needs it (GpuDeviceInfoProto fields): NVIDIA's data sheet (141 GB of
+# HBM3e at 4.8 TB/s, 132 SMs, 1.98 GHz boost) and the CUDA limits of compute capability 9.0.
+H200_SXM = {
+    "core_count": 132,  # SMs
+    "fpus_per_core": 128,  # FP32 cores per SM
+    "clock_rate_ghz": 1.98,
+    "device_memory_size": 141 * 2**30,
+    "memory_bandwidth": 4_800_000_000_000,  # bytes/s
+    "l2_cache_size": 50 * 2**20,
+    "shared_memory_per_block": 48 * 2**10,
+    "shared_memory_per_block_optin": 227 * 2**10,
+    "shared_memory_per_core": 228 * 2**10,
+    "registers_per_block_limit": 64 * 2**10,
+    "registers_per_core_limit": 64 * 2**10,
+    "threads_per_warp": 32,
+    "threads_per_block_limit": 1024,
+    "threads_per_core_limit": 2048,
+    "thread_dim_limit_x": 1024,
+    "thread_dim_limit_y": 1024,
+    "thread_dim_limit_z": 64,
+    "block_dim_limit_x": 2**31 - 1,
+    "block_dim_limit_y": 65535,
+    "block_dim_limit_z": 65535,
+}
+H200_NAME = "NVIDIA H200 SXM"  # what the compiled devices' device_kind says
+H200_COMPUTE_CAPABILITY = (9, 0)
+CUDNN_VERSION = (9, 8, 0)  # the oldest that jax[cuda12] 0.10.2 accepts: it decides which fused convolutions exist
 
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=False)
-flags.DEFINE_string("target-config", H200, "The GPU as a GpuTargetConfigProto in text form.")
+flags.DEFINE_string(
+    "target-config", None, "A file with the GPU as a GpuTargetConfigProto in text form (default: H200_SXM)."
+)
 flags.DEFINE_string("topology", "1x1x1", "slices x hosts x GPUs per host, e.g. 1x1x8.")
 flags.DEFINE_integer("global-batch", 32, "Images per step over all GPUs.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "The training step or the evaluation (predict) step.")
@@ -60,6 +89,20 @@ def target_field(target_config: str, name: str) -> float:
     if match is None:
         raise app.UsageError(f"--target-config has no {name}")
     return float(match.group(1))
+
+
+def h200_target_config() -> str:
+    """H200_SXM as the GpuTargetConfigProto text that `topologies.get_topology_desc` takes."""
+    fields = "".join(f"  {name}: {value!r}\n" for name, value in H200_SXM.items())
+    major, minor = H200_COMPUTE_CAPABILITY
+    cudnn_major, cudnn_minor, cudnn_patch = CUDNN_VERSION
+    return (
+        f"gpu_device_info {{\n{fields}  cuda_compute_capability {{ major: {major} minor: {minor} "
+        # sm_90a, as XLA compiles for a real Hopper GPU: its wgmma and TMA instructions for Triton's GEMMs
+        "feature_extension: ACCELERATED_FEATURES }\n}\n"
+        f'platform_name: "CUDA"\ndevice_description_str: "{H200_NAME}"\n'
+        f"dnn_version_info {{ major: {cudnn_major} minor: {cudnn_minor} patch: {cudnn_patch} }}\n"
+    )
 
 
 def gpu_mesh(target_config: str, topology: str):
@@ -163,8 +206,11 @@ def main(argv) -> int:
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/mvtec3d.py")
     compile_report.accelerator_forms(config)
-    with open(FLAGS["target-config"].value) as f:
-        target_config = f.read()
+    if FLAGS["target-config"].value:
+        with open(FLAGS["target-config"].value) as f:
+            target_config = f.read()
+    else:
+        target_config = h200_target_config()
     mode, topology, global_batch = FLAGS.mode, FLAGS.topology, FLAGS["global-batch"].value
     if FLAGS["compiled-report"].value:
         result = compiled_report(config, mode, target_config, topology, global_batch, FLAGS.top)
