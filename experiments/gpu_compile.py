@@ -6,7 +6,7 @@
 
 The step is the one `unimmad_jax.main` runs (`compile_report.lower_step`), traced from shapes alone
 over a data mesh of the topology's GPUs and compiled ahead of time by XLA's GPU compiler for the
-GPU that `--target-config` describes: by default an H200 SXM built from its published figures
+GPU that `--target-config` describes: by default an H200 SXM, from its published figures
 (`H200_SXM`).  Nothing is autotuned.
 
 The compile runs in a child process: a failed check in XLA aborts the process, and the report then
