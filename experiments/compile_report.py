@@ -30,7 +30,8 @@ NO_TRAFFIC = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", 
 NO_TRAFFIC |= {f"{c}-done" for c in COLLECTIVES} | {"copy-done", "opt-barrier"}
 CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 FUSION_KIND = re.compile(r'"fusion_backend_config":\{"kind":"([^"]+)"')
-NOT_LAYERS = {"UniMMAD", "checkpoint", "remat", "rematted_computation", "train_step", "predict_step", "loss_fn"}
+NOT_LAYERS = {"UniMMAD", "checkpoint", "remat", "rematted_computation", "shard_map"}
+NOT_LAYERS |= {"train_step", "predict_step", "loss_fn"}
 
 
 def shape_bytes(text: str) -> int:

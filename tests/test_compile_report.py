@@ -49,3 +49,8 @@ def test_bytes_accessed_by_instruction_and_layer():
     assert by_name["cudnn-conv.2"]["layer"] == "encoder (backward)"
     assert by_name["gemm_fusion_dot"]["bytes"] == 2 * activation
     assert by_name["cublas-gemm.1"]["bytes"] == 3 * 64 * 64 * 4 + 4194304  # with its workspace
+
+
+def test_layer_of_names_the_module_path_without_transformations():
+    metadata = 'metadata={op_name="jit(train_step)/transpose(jvp(UniMMAD))/cmoe0/mimoe_k5/shard_map/vmap()/conv"}'
+    assert compile_report.layer_of(metadata) == "cmoe0/mimoe_k5 (backward)"
