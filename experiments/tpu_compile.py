@@ -20,10 +20,8 @@ whatever this host is); `--config.model.conv_impl=cpu` compiles the CPU forms fo
 
 from __future__ import annotations
 
-import collections
 import json
 import os
-import re
 import sys
 import time
 from typing import NamedTuple
@@ -35,6 +33,7 @@ os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 from absl import app, flags  # noqa: E402
+from compile_report import accelerator_forms, compile_step, hlo_summary, print_hlo_summary  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=False)
@@ -66,136 +65,6 @@ CHIPS = {  # by the device kind libtpu reports
     "TPU v5": Chip("v5p", 459e12, 2765e9, 95 * 2**30),
     "TPU v6 lite": Chip("v6e", 918e12, 1640e9, 32 * 2**30),
 }
-
-DTYPE_BYTES = {
-    "pred": 1,
-    "s8": 1,
-    "u8": 1,
-    "s16": 2,
-    "u16": 2,
-    "f16": 2,
-    "bf16": 2,
-    "s32": 4,
-    "u32": 4,
-    "f32": 4,
-    "s64": 8,
-    "u64": 8,
-    "f64": 8,
-    "c64": 8,
-    "c128": 16,
-}
-SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
-INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(.*)$")
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-NO_TRAFFIC = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "after-all", "partition-id"}
-NO_TRAFFIC |= {f"{c}-done" for c in COLLECTIVES} | {"copy-done", "opt-barrier"}
-NOT_LAYERS = {"UniMMAD", "checkpoint", "remat", "rematted_computation", "train_step", "predict_step", "loss_fn"}
-
-
-def shape_bytes(text: str) -> int:
-    """Bytes of an HLO shape (a tuple's: all its elements), layouts and tiling ignored."""
-    total = 0
-    for dtype, dims in SHAPE.findall(text):
-        count = 1
-        for d in filter(None, dims.split(",")):
-            count *= int(d)
-        total += count * DTYPE_BYTES[dtype]
-    return total
-
-
-def layer_of(metadata: str) -> str:
-    """The model layer an instruction comes from: the module path of its `op_name`, " (backward)" for a
-    gradient, without JAX's transformations, its primitive and the repetitions that rematerialising adds."""
-    match = re.search(r'op_name="([^"]*)"', metadata)
-    if not match:
-        return "(no source)"
-    tokens = match.group(1).split("/")[1:-1]
-    backward = any(t.startswith("transpose(") for t in tokens)
-    path = []
-    for token in tokens:
-        while re.fullmatch(r"\w+\((.*)\)", token):
-            token = re.fullmatch(r"\w+\((.*)\)", token).group(1)
-        if re.fullmatch(r"\w+", token) and token not in NOT_LAYERS:
-            path.append(token)
-    for size in range(len(path) // 2, 0, -1):  # A/B/A/B/C -> A/B/C
-        for start in range(len(path) - 2 * size + 1):
-            if path[start : start + size] == path[start + size : start + 2 * size]:
-                del path[start : start + size]
-                break
-    return ("/".join(path) or "(step)") + (" (backward)" if backward else "")
-
-
-def hlo_traffic(hlo: str) -> tuple[list[dict], list[dict]]:
-    """The instructions of the compiled module's non-fused computations, with the bytes they read and
-    write (operands + result: what XLA's cost model counts for a fusion), and its collectives."""
-    fused = set(re.findall(r"calls=%([\w.\-]+)", hlo))
-    shapes, instructions, collectives = {}, [], []
-    computation = None
-    for line in hlo.splitlines():
-        header = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(", line)
-        if header:
-            computation = header.group(1)
-            continue
-        match = INSTRUCTION.match(line)
-        if not match:
-            continue
-        name, shape, opcode, operands, rest = match.groups()
-        shapes[name] = shape
-        if computation in fused or opcode in NO_TRAFFIC:
-            continue
-        operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in re.findall(r"%([\w.\-]+)", operands))
-        # An asynchronous copy's result is (destination, source, context): it reads and writes its operand once.
-        written = operand_bytes if opcode == "copy-start" else shape_bytes(shape)
-        entry = {"name": name, "opcode": opcode, "layer": layer_of(rest), "bytes": written + operand_bytes}
-        instructions.append(entry)
-        base = opcode.removesuffix("-start")
-        if base in COLLECTIVES:
-            collectives.append({"opcode": base, "bytes": shape_bytes(shape) if base == opcode else operand_bytes})
-    return instructions, collectives
-
-
-def abstract_inputs(config, mode: str, mesh, model, global_batch: int):
-    """ShapeDtypeStructs (with shardings) of the step's arguments, as the loop and evaluation pass them."""
-    import jax
-    import jax.numpy as jnp
-
-    from unimmad_jax import sharding, train
-    from unimmad_jax.models.unimmad import abstract_variables
-
-    replicated, split = sharding.replicated(mesh), sharding.batch_split(mesh)
-    size, slots = config.image_size, config.data.num_slots
-
-    def shard(tree, where):
-        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), tree)
-
-    images = jax.ShapeDtypeStruct((global_batch, slots, size, size, 3), jnp.float32, sharding=split)
-    mask = jax.ShapeDtypeStruct((global_batch, slots), jnp.bool_, sharding=split)
-    if mode == "eval":
-        return shard(abstract_variables(model.config, slots), replicated), images, mask
-    state = shard(train.abstract_train_state(model, config, steps_per_epoch=1), replicated)
-    batch = {
-        "specific_images": images,
-        "modality_mask": mask,
-        "loss_weight": jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=split),
-    }
-    return state, batch, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-
-
-def compile_step(config, mode: str, mesh, global_batch: int):
-    """The compiled step, or the compiler's message when it does not fit (or does not compile)."""
-    import jax
-
-    from unimmad_jax import evaluate, train
-    from unimmad_jax.config import loss_config, model_config
-    from unimmad_jax.models.unimmad import UniMMAD
-
-    model = UniMMAD(model_config(config))
-    step = train.make_train_step(model, loss_config(config), mesh) if mode == "train" else None
-    step = step or evaluate.make_predict_fn(model, mesh)
-    try:
-        return step.trace(*abstract_inputs(config, mode, mesh, model, global_batch)).lower().compile(), None
-    except jax.errors.JaxRuntimeError as error:
-        return None, str(error)
 
 
 def report(
@@ -239,14 +108,6 @@ def report(
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(hlo)
-    instructions, collectives = hlo_traffic(hlo)
-    per_collective = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
-    for c in collectives:
-        per_collective[c["opcode"]]["count"] += 1
-        per_collective[c["opcode"]]["bytes"] += c["bytes"]
-    per_layer = collections.Counter()
-    for i in instructions:
-        per_layer[i["layer"]] += i["bytes"]
     result.update(
         {
             "peak_memory_bytes_per_device": memory.peak_memory_in_bytes,
@@ -259,9 +120,7 @@ def report(
             "flops_per_image": flops * devices / global_batch,
             "bytes_accessed_per_image": traffic * devices / global_batch,
             "arithmetic_intensity": flops / traffic,
-            "collectives": dict(per_collective),
-            "top_instructions": sorted(instructions, key=lambda i: -i["bytes"])[:top],
-            "top_layers": [{"layer": k, "bytes": v} for k, v in per_layer.most_common(top)],
+            **hlo_summary(hlo, top),
         }
     )
     if chip is not None:
@@ -337,14 +196,7 @@ def print_report(result: dict) -> None:
             f"{roof['memory_s'] * 1e3:.1f} ms -> >= {roof['step_s'] * 1e3:.1f} ms a step ({roof['bound']}-bound), "
             f"<= {roof['images_per_s_per_device']:.0f} images/s per device"
         )
-    for opcode, c in sorted(result["collectives"].items()):
-        print(f"collective {opcode}: {c['count']} ops, {c['bytes'] / 2**20:.1f} MiB")
-    print("bytes accessed by layer (operands + results of the compiled instructions):")
-    for entry in result["top_layers"]:
-        print(f"  {entry['bytes'] / 1e9:8.3f} GB  {entry['layer']}")
-    print("largest instructions:")
-    for entry in result["top_instructions"]:
-        print(f"  {entry['bytes'] / 1e9:8.3f} GB  {entry['opcode']:<12} {entry['name']:<28} {entry['layer']}")
+    print_hlo_summary(result)
 
 
 def main(argv) -> int:
@@ -352,8 +204,7 @@ def main(argv) -> int:
     config = FLAGS.config
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/unified.py")
-    if config.model.conv_impl == "auto":
-        config.model.conv_impl = "native"  # "auto" picks by the backend, and the backend compiled for is a TPU
+    accelerator_forms(config)
     topology, chip_config, mode = FLAGS.topology, FLAGS["chip-config"].value, FLAGS.mode
     global_batch = FLAGS["global-batch"].value
     if global_batch is None:

@@ -120,6 +120,27 @@ def test_per_sample_conv_sharded_over_eight_devices(kernel, conv_impl):
     np.testing.assert_allclose(sharded, expected, atol=1e-4)
 
 
+def test_native_per_sample_conv_on_a_mesh_convolves_each_devices_own_samples():
+    """Traced on a mesh of 8 devices (`sharding.traced_on`, as the train and predict steps are), the
+    native per-sample convolution and its gradients are those computed without a mesh, and no device
+    gathers the batch, which XLA's partitioner does for the convolution left to itself."""
+    from jax.sharding import Mesh
+
+    from unimmad_jax import sharding
+
+    x = jax.random.normal(jax.random.key(0), (16, 6, 6, 4))
+    kernels = jax.random.normal(jax.random.key(1), (16, 3, 3, 4, 5))
+    step = jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(cmoe.per_sample_conv(x, k, "native"))), argnums=(0, 1))
+    expected = jax.jit(step)(x, kernels)
+    split = sharding.batch_split(Mesh(np.asarray(jax.devices()[:8]), (sharding.DATA_AXIS,)))
+    on_mesh = jax.jit(sharding.traced_on(split.mesh, step), in_shardings=(split, split))
+    for a, b in zip(jax.tree_util.tree_leaves(on_mesh(x, kernels)), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert "all-gather" not in on_mesh.lower(x, kernels).compile().as_text()
+    left_to_xla = jax.jit(step, in_shardings=(split, split)).lower(x, kernels).compile().as_text()
+    assert "all-gather" in left_to_xla  # if XLA stops gathering, the shard_map in per_sample_conv can go
+
+
 def router_run(router_condition, general, params=None):
     """The C-MoE's output, loss and routings on a fixed prior; parameters initialised under `router_condition`."""
     prior = jax.random.normal(jax.random.key(7), (4, 8, 8, 16))

@@ -32,7 +32,7 @@ def make_predict_fn(model: UniMMAD, mesh: Mesh):
     """`predict_step` compiled for the mesh: variables replicated, the batch split over devices."""
     split = sharding.batch_split(mesh)
     return jax.jit(
-        functools.partial(predict_step, model),
+        functools.partial(sharding.traced_on(mesh, predict_step), model),
         in_shardings=(sharding.replicated(mesh), split, split),
         out_shardings=split,
     )

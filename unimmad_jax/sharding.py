@@ -8,6 +8,7 @@ batch; what is written (logs, checkpoints' JSON, tables, predictions) comes from
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 
@@ -55,6 +56,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_split(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def traced_on(mesh: Mesh, fn):
+    """`fn` traced with `mesh` in context: model code that splits its own work over the data axis
+    (`cmoe.per_sample_conv`) finds it with `jax.sharding.get_abstract_mesh()`; without it, none."""
+
+    @functools.wraps(fn)
+    def on_mesh(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return on_mesh
 
 
 def per_host_batch_size(global_batch_size: int, mesh: Mesh, field: str) -> int:

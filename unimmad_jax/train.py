@@ -152,7 +152,7 @@ def train_step(
 def make_train_step(model: UniMMAD, loss_cfg: LossConfig, mesh: Mesh):
     replicated, split = sharding.replicated(mesh), sharding.batch_split(mesh)
     return jax.jit(
-        functools.partial(train_step, model, loss_cfg),
+        functools.partial(sharding.traced_on(mesh, train_step), model, loss_cfg),
         in_shardings=(replicated, split, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,

@@ -14,8 +14,10 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from unimmad_jax.models.layers import ConvNormAct, Dtype, NormAct, batch_norm, conv_nhwc, gelu, native_forms
+from unimmad_jax.sharding import DATA_AXIS
 
 ROUTER_CONDITIONS = ("cross", "specific")
 """What the routers' condition sees: the general feature and the specific prior, or the prior only (an ablation)."""
@@ -71,7 +73,9 @@ def per_sample_conv(x: jax.Array, kernels: jax.Array, conv_impl: str) -> jax.Arr
     """Convolve sample b of `x [B, h, w, C]` with its own kernel `kernels[b] [k, k, C, O]` ('same' padding).
 
     Native form: one convolution with the samples folded into feature groups (what `vmap` of a
-    convolution over samples gives); 1x1 kernels as one batched matrix product.
+    convolution over samples gives); 1x1 kernels as one batched matrix product.  Traced under a
+    mesh (`sharding.traced_on`) the convolution runs on each device's own samples: XLA's partitioner
+    would gather the whole batch onto every device for it (docs/scale.md#per-pair-convolutions).
     """
     if not native_forms(conv_impl):
         return shifted_per_sample_conv(x, kernels)
@@ -79,7 +83,15 @@ def per_sample_conv(x: jax.Array, kernels: jax.Array, conv_impl: str) -> jax.Arr
     if k == 1:
         return jnp.einsum("bhwi,bio->bhwo", x, kernels[:, 0, 0])
     pad = k // 2
-    return jax.vmap(lambda image, kernel: conv_nhwc(image[None], kernel, padding=((pad, pad),) * 2)[0])(x, kernels)
+
+    def grouped_conv(x: jax.Array, kernels: jax.Array) -> jax.Array:
+        return jax.vmap(lambda image, kernel: conv_nhwc(image[None], kernel, padding=((pad, pad),) * 2)[0])(x, kernels)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.shape.get(DATA_AXIS, 1) == 1:
+        return grouped_conv(x, kernels)
+    split = PartitionSpec(DATA_AXIS)
+    return jax.shard_map(grouped_conv, mesh=mesh, in_specs=(split, split), out_specs=split)(x, kernels)
 
 
 @jax.checkpoint

@@ -1,0 +1,56 @@
+"""`experiments/compile_report.py` reads a compiled GPU module: library calls, Triton fusions and bytes accessed.
+
+The snippet is the shape of what XLA's GPU compiler printed for a 3x3 convolution followed by a
+matrix product and a cuBLAS GEMM (abridged); compiling for a GPU needs the CUDA wheels, which CI lacks.
+"""
+
+import sys
+
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "experiments"))
+import compile_report  # noqa: E402
+
+HLO = """
+%gemm_fusion_dot_computation (parameter_0: bf16[131072,64]) -> bf16[131072,64] {
+  %parameter_0 = bf16[131072,64]{1,0} parameter(0)
+  ROOT %dot.1 = bf16[131072,64]{1,0} dot(%parameter_0, %parameter_0), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main.1 (x.1: bf16[32,64,64,64], k.1: bf16[3,3,64,64], w.1: f32[64,64]) -> bf16[32,64,64,64] {
+  %k.1 = bf16[3,3,64,64]{3,2,1,0} parameter(1)
+  %x.1 = bf16[32,64,64,64]{3,2,1,0} parameter(0)
+  %w.1 = f32[64,64]{1,0} parameter(2)
+  %cudnn-conv.1 = (bf16[32,64,64,64]{3,2,1,0}, u8[0]{0}) custom-call(%x.1, %k.1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(f)/encoder/conv_general_dilated"}
+  %cudnn-conv.2 = (bf16[3,3,64,64]{3,2,1,0}, u8[0]{0}) custom-call(%x.1, %x.1), window={size=64x64 pad=1_1x1_1}, dim_labels=f01b_i01o->01bf, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(f)/transpose(jvp(encoder))/conv_general_dilated"}
+  %get-tuple-element.3 = bf16[32,64,64,64]{3,2,1,0} get-tuple-element(%cudnn-conv.1), index=0
+  %bitcast.12.0 = bf16[131072,64]{1,0} bitcast(%get-tuple-element.3)
+  %gemm_fusion_dot = bf16[131072,64]{1,0} fusion(%bitcast.12.0), kind=kCustom, calls=%gemm_fusion_dot_computation, backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__triton_nested_gemm_fusion","block_level_fusion_config":{"num_warps":"2"}}}
+  %cublas-gemm.1 = (f32[64,64]{1,0}, s8[4194304]{0}) custom-call(%w.1, %w.1), custom_call_target="__cublas$gemm"
+  ROOT %bitcast.11.0 = bf16[32,64,64,64]{3,2,1,0} bitcast(%gemm_fusion_dot)
+}
+"""  # noqa: E501 (HLO instructions are one line each)
+
+
+def test_kernel_counts_by_library():
+    counts = compile_report.kernel_counts(HLO)
+    assert (counts["cudnn_convolutions"], counts["cublas_gemms"], counts["triton_fusions"]) == (2, 1, 1)
+    assert counts["custom_calls"] == {"__cudnn$convForward": 1, "__cudnn$convBackwardFilter": 1, "__cublas$gemm": 1}
+    assert counts["fusion_kinds"] == {"__triton_nested_gemm_fusion": 1}
+
+
+def test_bytes_accessed_by_instruction_and_layer():
+    instructions, collectives = compile_report.hlo_traffic(HLO)
+    by_name = {i["name"]: i for i in instructions}
+    assert "dot.1" not in by_name and not collectives  # inside a fusion: counted as the fusion
+    activation, kernel = 32 * 64 * 64 * 64 * 2, 3 * 3 * 64 * 64 * 2
+    assert by_name["cudnn-conv.1"]["bytes"] == activation + kernel + activation
+    assert by_name["cudnn-conv.1"]["layer"] == "encoder"
+    assert by_name["cudnn-conv.2"]["layer"] == "encoder (backward)"
+    assert by_name["gemm_fusion_dot"]["bytes"] == 2 * activation
+    assert by_name["cublas-gemm.1"]["bytes"] == 3 * 64 * 64 * 4 + 4194304  # with its workspace
+
+
+def test_layer_of_names_the_module_path_without_transformations():
+    metadata = 'metadata={op_name="jit(train_step)/transpose(jvp(UniMMAD))/cmoe0/mimoe_k5/shard_map/vmap()/conv"}'
+    assert compile_report.layer_of(metadata) == "cmoe0/mimoe_k5 (backward)"
