@@ -29,8 +29,10 @@ import time
 from typing import NamedTuple
 
 # Compile for the TPU from this host: JAX itself runs on the CPU and must not look for a TPU; the
-# TPU_* variables only silence libtpu's start-up warnings about the (absent) TPU host.
+# TPU_* variables only silence libtpu's start-up warnings about the (absent) TPU host.  No TPU is
+# held, so libtpu's one-process lockfile (/tmp/libtpu_lockfile) must not stop a second compile.
 os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
