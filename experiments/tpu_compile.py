@@ -148,7 +148,11 @@ def hlo_traffic(hlo: str) -> tuple[list[dict], list[dict]]:
         operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in re.findall(r"%([\w.\-]+)", operands))
         # An asynchronous copy's result is (destination, source, context): it reads and writes its operand once.
         written = operand_bytes if opcode == "copy-start" else shape_bytes(shape)
-        entry = {"name": name, "opcode": opcode, "layer": layer_of(rest), "bytes": written + operand_bytes}
+        layer = layer_of(rest)
+        if layer == "(no source)" and opcode == "copy-start" and "S(1)" in shape:
+            # The compiler's own prefetches and evictions between HBM and on-chip memory (memory space 1).
+            layer = "(on-chip memory copies)"
+        entry = {"name": name, "opcode": opcode, "layer": layer, "bytes": written + operand_bytes}
         instructions.append(entry)
         base = opcode.removesuffix("-start")
         if base in COLLECTIVES:
