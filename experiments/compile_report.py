@@ -27,7 +27,7 @@ SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(.*)$")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 NO_TRAFFIC = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "after-all", "partition-id"}
-NO_TRAFFIC |= {f"{c}-done" for c in COLLECTIVES} | {"copy-done", "opt-barrier"}
+NO_TRAFFIC |= {f"{c}-done" for c in COLLECTIVES} | {"copy-done", "slice-done", "opt-barrier"}
 CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 FUSION_KIND = re.compile(r'"fusion_backend_config":\{"kind":"([^"]+)"')
 NOT_LAYERS = {"UniMMAD", "checkpoint", "remat", "rematted_computation", "shard_map"}
@@ -83,12 +83,19 @@ def hlo_traffic(hlo: str) -> tuple[list[dict], list[dict]]:
             continue
         name, shape, opcode, operands, rest = match.groups()
         shapes[name] = shape
-        if computation in fused or opcode in NO_TRAFFIC:
-            continue
+        if computation in fused or opcode in NO_TRAFFIC or 'custom_call_target="ConcatBitcast"' in rest:
+            continue  # ConcatBitcast joins slices already side by side in on-chip memory
         operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in re.findall(r"%([\w.\-]+)", operands))
-        # An asynchronous copy's result is (destination, source, context): it reads and writes its operand once.
-        written = operand_bytes if opcode == "copy-start" else shape_bytes(shape)
-        entry = {"name": name, "opcode": opcode, "layer": layer_of(rest), "bytes": written + operand_bytes}
+        # An asynchronous copy's result is (destination, source, context): it reads and writes its operand once;
+        # an asynchronous slice's is ((operand), slice, context): it reads and writes the slice once.
+        if opcode == "slice-start":
+            operand_bytes = shape_bytes(shape) - operand_bytes
+        written = operand_bytes if opcode in ("copy-start", "slice-start") else shape_bytes(shape)
+        layer = layer_of(rest)
+        if layer == "(no source)" and opcode in ("copy-start", "slice-start") and "S(1)" in shape:
+            # The TPU compiler's own prefetches and evictions between HBM and on-chip memory (memory space 1).
+            layer = "(on-chip memory copies)"
+        entry = {"name": name, "opcode": opcode, "layer": layer, "bytes": written + operand_bytes}
         instructions.append(entry)
         base = opcode.removesuffix("-start")
         if base in COLLECTIVES:

@@ -27,8 +27,10 @@ import time
 from typing import NamedTuple
 
 # Compile for the TPU from this host: JAX itself runs on the CPU and must not look for a TPU; the
-# TPU_* variables only silence libtpu's start-up warnings about the (absent) TPU host.
+# TPU_* variables only silence libtpu's start-up warnings about the (absent) TPU host.  No TPU is
+# held, so libtpu's one-process lockfile (/tmp/libtpu_lockfile) must not stop a second compile.
 os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
@@ -143,22 +145,26 @@ def report(
     return result
 
 
-def find_max_batch(config, mode, topology, chip_config, start: int) -> tuple[int, list[dict]]:
-    """The largest per-device batch whose step fits: doubling from `start`, then bisection."""
-    tried = []
+def find_max_batch(config, mode, topology, chip_config, first: dict) -> tuple[int, list[dict]]:
+    """The largest per-device batch whose step fits: doubling from the batch of the `first` report
+    (already compiled), then bisection.  Each try is a full compile."""
+    keys = ("batch_per_device", "fits", "peak_memory_bytes_per_device", "error")
+    tried = [{k: first.get(k) for k in keys}]
 
     def fits(per_device: int) -> bool:
-        devices_report = report(config, mode, topology, chip_config, per_device * devices, top=0)
-        tried.append({k: devices_report.get(k) for k in ("batch_per_device", "fits", "peak_memory_bytes_per_device")})
-        print(f"  {per_device} per device: {'fits' if devices_report['fits'] else 'does not fit'}", flush=True)
+        devices_report = report(config, mode, topology, chip_config, per_device * first["devices"], top=0)
+        tried.append({k: devices_report.get(k) for k in keys})
+        if "error" in devices_report:  # over the HBM, or a compiler error: the first line says which
+            verdict = "does not compile: " + devices_report["error"].strip().splitlines()[0][:300]
+        else:
+            peak = devices_report["peak_memory_bytes_per_device"] / 2**30
+            verdict = f"peak {peak:.2f} GiB, {'fits' if devices_report['fits'] else 'over the chip HBM'}"
+        print(f"  {per_device} per device: {verdict}", flush=True)
         return devices_report["fits"]
 
-    from jax.experimental import topologies
-
-    options = {"chip_config_name": chip_config} if chip_config else {}
-    devices = len(topologies.get_topology_desc(topology_name=topology, platform="tpu", **options).devices)
-    low, high = 0, max(start, 1)
-    while fits(high):
+    start = max(first["batch_per_device"], 1)
+    low, high = (start, 2 * start) if first["fits"] else (0, start)
+    while first["fits"] and fits(high):
         low, high = high, 2 * high
     while high - low > 1:
         middle = (low + high) // 2
@@ -218,7 +224,7 @@ def main(argv) -> int:
     if FLAGS["find-max-batch"].value:
         print("largest batch per device that fits:", flush=True)
         result["max_batch_per_device"], result["max_batch_tries"] = find_max_batch(
-            config, mode, topology, chip_config, result["batch_per_device"]
+            config, mode, topology, chip_config, result
         )
         print(f"largest batch per device: {result['max_batch_per_device']}")
     if FLAGS.json:
