@@ -198,3 +198,32 @@ def compile_step(config, mode: str, mesh, global_batch: int):
         return lower_step(config, mode, mesh, global_batch).compile(), None
     except jax.errors.JaxRuntimeError as error:
         return None, str(error)
+
+
+def step_description(config, mode: str, topology: str, device_kind: str, devices: int, global_batch: int) -> dict:
+    """What a report compiled: the step, the devices, the batch and the model's settings."""
+    return {
+        "topology": topology,
+        "device_kind": device_kind,
+        "devices": devices,
+        "mode": mode,
+        "global_batch": global_batch,
+        "batch_per_device": global_batch // devices,
+        "conv_impl": config.model.conv_impl,
+        "dtype": config.model.dtype,
+        "image_size": config.image_size,
+        "num_slots": config.data.num_slots,
+    }
+
+
+def roofline(flops: float, traffic: float, peak_flops: float, bytes_per_s: float, images_per_device: float) -> dict:
+    """The step's lower bound on one device: its FLOPs at peak FLOP/s or its bytes at peak bandwidth."""
+    compute_s, memory_s = flops / peak_flops, traffic / bytes_per_s
+    step_s = max(compute_s, memory_s)
+    return {
+        "compute_s": compute_s,
+        "memory_s": memory_s,
+        "step_s": step_s,
+        "bound": "memory" if memory_s > compute_s else "compute",
+        "images_per_s_per_device": images_per_device / step_s,
+    }

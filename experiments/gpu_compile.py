@@ -224,16 +224,9 @@ def main(argv) -> int:
         raise app.UsageError(f"--global-batch={global_batch} must be a multiple of the {devices} GPUs of {topology}")
     flops = unoptimised_flops(config, mode, global_batch) / devices
     result = {
-        "topology": topology,
-        "device_kind": mesh.devices.flat[0].device_kind,
-        "devices": devices,
-        "mode": mode,
-        "global_batch": global_batch,
-        "batch_per_device": global_batch // devices,
-        "conv_impl": config.model.conv_impl,
-        "dtype": config.model.dtype,
-        "image_size": config.image_size,
-        "num_slots": config.data.num_slots,
+        **compile_report.step_description(
+            config, mode, topology, mesh.devices.flat[0].device_kind, devices, global_batch
+        ),
         "xla_flags": FLAGS["xla-flags"].value,
         "device_memory_bytes": int(target_field(target_config, "device_memory_size")),
         "flops_per_device": flops,
@@ -241,15 +234,12 @@ def main(argv) -> int:
     }
     if result["compiled"]:
         peak_flops, bandwidth = FLAGS["peak-flops"].value, target_field(target_config, "memory_bandwidth")
-        compute_s, memory_s = flops / peak_flops, result["bytes_accessed_per_device"] / bandwidth
         result["roofline"] = {
             "bf16_flops_per_s": peak_flops,
             "bytes_per_s": bandwidth,
-            "compute_s": compute_s,
-            "memory_s": memory_s,
-            "step_s": max(compute_s, memory_s),
-            "bound": "memory" if memory_s > compute_s else "compute",
-            "images_per_s_per_device": global_batch / devices / max(compute_s, memory_s),
+            **compile_report.roofline(
+                flops, result["bytes_accessed_per_device"], peak_flops, bandwidth, global_batch / devices
+            ),
         }
         result["fits"] = result["peak_memory_bytes_per_device"] <= result["device_memory_bytes"]
     print_report(result)

@@ -35,7 +35,14 @@ os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 from absl import app, flags  # noqa: E402
-from compile_report import accelerator_forms, compile_step, hlo_summary, print_hlo_summary  # noqa: E402
+from compile_report import (  # noqa: E402
+    accelerator_forms,
+    compile_step,
+    hlo_summary,
+    print_hlo_summary,
+    roofline,
+    step_description,
+)
 from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=False)
@@ -86,17 +93,8 @@ def report(
     start = time.perf_counter()
     compiled, error = compile_step(config, mode, mesh, global_batch)
     result = {
-        "topology": topology,
+        **step_description(config, mode, topology, kind, devices, global_batch),
         "chip_config": chip_config,
-        "device_kind": kind,
-        "devices": devices,
-        "mode": mode,
-        "global_batch": global_batch,
-        "batch_per_device": global_batch // devices,
-        "conv_impl": config.model.conv_impl,
-        "dtype": config.model.dtype,
-        "image_size": config.image_size,
-        "num_slots": config.data.num_slots,
         "jax": jax.__version__,
         "compile_s": round(time.perf_counter() - start, 1),
         "fits": compiled is not None,
@@ -126,21 +124,13 @@ def report(
         }
     )
     if chip is not None:
-        compute_s, memory_s = flops / chip.bf16_flops, traffic / chip.hbm_bytes_per_s
-        step_s = max(compute_s, memory_s)
         result["chip"] = {
             "name": chip.name,
             "bf16_flops_per_s": chip.bf16_flops,
             "hbm_bytes_per_s": chip.hbm_bytes_per_s,
             "hbm_bytes": chip.hbm_bytes,
         }
-        result["roofline"] = {
-            "compute_s": compute_s,
-            "memory_s": memory_s,
-            "step_s": step_s,
-            "bound": "memory" if memory_s > compute_s else "compute",
-            "images_per_s_per_device": global_batch / devices / step_s,
-        }
+        result["roofline"] = roofline(flops, traffic, chip.bf16_flops, chip.hbm_bytes_per_s, global_batch / devices)
         result["fits"] = memory.peak_memory_in_bytes <= chip.hbm_bytes
     return result
 
