@@ -178,6 +178,15 @@ def accelerator_forms(config) -> None:
         config.model.conv_impl = "native"
 
 
+def topology_mesh(topology):
+    """The data mesh of a deviceless topology's devices, on the axis the model splits its batch over."""
+    from jax.experimental import topologies
+
+    from unimmad_jax.sharding import DATA_AXIS
+
+    return topologies.make_mesh(topology, (len(topology.devices),), (DATA_AXIS,))
+
+
 def lower_step(config, mode: str, mesh, global_batch: int):
     """The step `unimmad_jax.main` runs (train) or evaluation's predict step (eval), lowered from shapes alone."""
     from unimmad_jax import evaluate, train

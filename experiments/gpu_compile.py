@@ -108,8 +108,9 @@ def h200_target_config() -> str:
 def gpu_mesh(target_config: str, topology: str):
     from jax.experimental import topologies
 
-    topo = topologies.get_topology_desc(platform="cuda", target_config=target_config, topology=topology)
-    return topologies.make_mesh(topo, (len(topo.devices),), ("data",))
+    return compile_report.topology_mesh(
+        topologies.get_topology_desc(platform="cuda", target_config=target_config, topology=topology)
+    )
 
 
 def compiled_report(config, mode: str, target_config: str, topology: str, global_batch: int, top: int) -> dict:
@@ -143,7 +144,9 @@ def unoptimised_flops(config, mode: str, global_batch: int) -> float:
     import jax
     import numpy as np
 
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices("cpu")[:1]), ("data",))
+    from unimmad_jax.sharding import DATA_AXIS
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices("cpu")[:1]), (DATA_AXIS,))
     return float(compile_report.lower_step(config, mode, mesh, global_batch).cost_analysis()["flops"])
 
 

@@ -42,6 +42,7 @@ from compile_report import (  # noqa: E402
     print_hlo_summary,
     roofline,
     step_description,
+    topology_mesh,
 )
 from ml_collections import config_flags  # noqa: E402
 
@@ -89,7 +90,7 @@ def report(
         raise app.UsageError(f"--global-batch={global_batch} must be a multiple of the {devices} devices of {topology}")
     kind = topo.devices[0].device_kind
     chip = CHIPS.get(kind)
-    mesh = topologies.make_mesh(topo, (devices,), ("data",))
+    mesh = topology_mesh(topo)
     start = time.perf_counter()
     compiled, error = compile_step(config, mode, mesh, global_batch)
     result = {
