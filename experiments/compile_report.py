@@ -236,3 +236,29 @@ def roofline(flops: float, traffic: float, peak_flops: float, bytes_per_s: float
         "bound": "memory" if memory_s > compute_s else "compute",
         "images_per_s_per_device": images_per_device / step_s,
     }
+
+
+TEMPORARIES_OVER_HBM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMG])\) exceeds available HBM")
+
+
+def compiler_peak(error: str | None, argument_bytes: float) -> float | None:
+    """The peak HBM a step that does not fit would need: the temporaries the TPU compiler's
+    out-of-memory message names, plus the arguments (the train state and the batch)."""
+    match = TEMPORARIES_OVER_HBM.search(error or "")
+    if not match:
+        return None
+    return float(match.group(1)) * 1024 ** (1 + "KMG".index(match.group(2))) + argument_bytes
+
+
+def next_batch(low: int, high: int | None, peaks: dict[int, float], hbm: float) -> int:
+    """The next per-device batch to try: where the line through the two known peaks nearest the
+    boundary meets the chip's HBM (peak memory grows about linearly with the batch), kept strictly
+    between the largest batch that fits (`low`) and the smallest that does not (`high`)."""
+    nearest = sorted(peaks, key=lambda b: (abs(b - low), -b))[:2]
+    if len(nearest) < 2:
+        guess = 2 * low if high is None else (low + high) // 2
+    else:
+        (b1, m1), (b2, m2) = sorted((b, peaks[b]) for b in nearest)
+        slope = (m2 - m1) / (b2 - b1)
+        guess = b2 + int((hbm - m2) // slope) if slope > 0 else 2 * low
+    return max(low + 1, guess if high is None else min(guess, high - 1))

@@ -38,7 +38,9 @@ from absl import app, flags  # noqa: E402
 from compile_report import (  # noqa: E402
     accelerator_forms,
     compile_step,
+    compiler_peak,
     hlo_summary,
+    next_batch,
     print_hlo_summary,
     roofline,
     step_description,
@@ -137,29 +139,38 @@ def report(
 
 
 def find_max_batch(config, mode, topology, chip_config, first: dict) -> tuple[int, list[dict]]:
-    """The largest per-device batch whose step fits: doubling from the batch of the `first` report
-    (already compiled), then bisection.  Each try is a full compile."""
+    """The largest per-device batch whose step fits, searched from the batch of the `first` report
+    (already compiled): each try is a full compile, so the next is predicted from the peaks so far
+    (`next_batch`), starting from the state alone (the arguments) at batch 0."""
     keys = ("batch_per_device", "fits", "peak_memory_bytes_per_device", "error")
     tried = [{k: first.get(k) for k in keys}]
+    if "chip" not in first:
+        raise app.UsageError(f"--find-max-batch needs the HBM of {first['device_kind']}, which CHIPS does not list")
+    hbm = first["chip"]["hbm_bytes"]
+    state_bytes = first.get("argument_bytes_per_device")
 
-    def fits(per_device: int) -> bool:
+    def record(devices_report: dict) -> None:
+        peak = devices_report.get("peak_memory_bytes_per_device") or compiler_peak(
+            devices_report.get("error"), state_bytes or 0
+        )
+        if peak is not None:
+            peaks[devices_report["batch_per_device"]] = peak
+
+    peaks = {0: state_bytes} if state_bytes else {}
+    record(first)
+    low, high = (first["batch_per_device"], None) if first["fits"] else (0, first["batch_per_device"])
+    while high is None or high - low > 1:
+        per_device = next_batch(low, high, peaks, hbm)
         devices_report = report(config, mode, topology, chip_config, per_device * first["devices"], top=0)
         tried.append({k: devices_report.get(k) for k in keys})
+        record(devices_report)
         if "error" in devices_report:  # over the HBM, or a compiler error: the first line says which
             verdict = "does not compile: " + devices_report["error"].strip().splitlines()[0][:300]
         else:
             peak = devices_report["peak_memory_bytes_per_device"] / 2**30
             verdict = f"peak {peak:.2f} GiB, {'fits' if devices_report['fits'] else 'over the chip HBM'}"
         print(f"  {per_device} per device: {verdict}", flush=True)
-        return devices_report["fits"]
-
-    start = max(first["batch_per_device"], 1)
-    low, high = (start, 2 * start) if first["fits"] else (0, start)
-    while first["fits"] and fits(high):
-        low, high = high, 2 * high
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
+        low, high = (per_device, high) if devices_report["fits"] else (low, per_device)
     return low, tried
 
 

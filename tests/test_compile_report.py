@@ -54,3 +54,23 @@ def test_bytes_accessed_by_instruction_and_layer():
 def test_layer_of_names_the_module_path_without_transformations():
     metadata = 'metadata={op_name="jit(train_step)/transpose(jvp(UniMMAD))/cmoe0/mimoe_k5/shard_map/vmap()/conv"}'
     assert compile_report.layer_of(metadata) == "cmoe0/mimoe_k5 (backward)"
+
+
+def test_compiler_peak_reads_the_tpu_compilers_out_of_memory_message():
+    error = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+        "(19.93G) exceeds available HBM (15.75G)."
+    )
+    assert compile_report.compiler_peak(error, 2**30) == 19.93 * 2**30 + 2**30
+    assert compile_report.compiler_peak("INTERNAL: some other failure", 2**30) is None
+
+
+def test_next_batch_predicts_the_boundary_and_stays_inside_the_bracket():
+    gib = 2**30
+    # Peak = 2 GiB of state + 0.25 GiB an image: 16 GiB holds 56 images.
+    peaks = {0: 2 * gib, 8: 4 * gib}
+    assert compile_report.next_batch(8, None, peaks, 16 * gib) == 56
+    assert compile_report.next_batch(56, None, {**peaks, 56: 16 * gib}, 16 * gib) == 57  # at the line: one more
+    assert compile_report.next_batch(8, 20, peaks, 16 * gib) == 19  # never at or past a batch that failed
+    assert compile_report.next_batch(8, None, {8: 4 * gib}, 16 * gib) == 16  # one peak: doubling
+    assert compile_report.next_batch(0, 9, {}, 16 * gib) == 4  # no peak: bisection
