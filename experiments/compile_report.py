@@ -4,7 +4,22 @@ compiled HLO the bytes by instruction and model layer, the collectives and the l
 from __future__ import annotations
 
 import collections
+import os
 import re
+
+
+def compile_for_tpu_here() -> None:
+    """Set up this process to compile for a TPU without one; call it before importing JAX.
+
+    JAX itself runs on the CPU and must not look for a TPU; the TPU_* variables only silence libtpu's
+    start-up warnings about the (absent) TPU host.  No TPU is held, so libtpu's one-process lockfile
+    (/tmp/libtpu_lockfile) must not stop a second compile.
+    """
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
 
 DTYPE_BYTES = {
     "pred": 1,
@@ -252,8 +267,9 @@ def compiler_peak(error: str | None, argument_bytes: float) -> float | None:
 
 def next_batch(low: int, high: int | None, peaks: dict[int, float], hbm: float) -> int:
     """The next per-device batch to try: where the line through the two known peaks nearest the
-    boundary meets the chip's HBM (peak memory grows about linearly with the batch), kept strictly
-    between the largest batch that fits (`low`) and the smallest that does not (`high`)."""
+    boundary meets the chip's HBM, kept strictly between the largest batch that fits (`low`) and
+    the smallest that does not (`high`), and at most double `low`: peak memory grows about linearly
+    with the batch until the compiler starts rematerialising, where it flattens."""
     nearest = sorted(peaks, key=lambda b: (abs(b - low), -b))[:2]
     if len(nearest) < 2:
         guess = 2 * low if high is None else (low + high) // 2
@@ -261,4 +277,4 @@ def next_batch(low: int, high: int | None, peaks: dict[int, float], hbm: float) 
         (b1, m1), (b2, m2) = sorted((b, peaks[b]) for b in nearest)
         slope = (m2 - m1) / (b2 - b1)
         guess = b2 + int((hbm - m2) // slope) if slope > 0 else 2 * low
-    return max(low + 1, guess if high is None else min(guess, high - 1))
+    return max(low + 1, min(guess, 2 * low if high is None else high - 1))

@@ -21,18 +21,13 @@ whatever this host is); `--config.model.conv_impl=cpu` compiles the CPU forms fo
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import NamedTuple
 
-# Compile for the TPU from this host: JAX itself runs on the CPU and must not look for a TPU; the
-# TPU_* variables only silence libtpu's start-up warnings about the (absent) TPU host.  No TPU is
-# held, so libtpu's one-process lockfile (/tmp/libtpu_lockfile) must not stop a second compile.
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+import compile_report
+
+compile_report.compile_for_tpu_here()
 
 from absl import app, flags  # noqa: E402
 from compile_report import (  # noqa: E402
@@ -142,7 +137,7 @@ def find_max_batch(config, mode, topology, chip_config, first: dict) -> tuple[in
     """The largest per-device batch whose step fits, searched from the batch of the `first` report
     (already compiled): each try is a full compile, so the next is predicted from the peaks so far
     (`next_batch`), starting from the state alone (the arguments) at batch 0."""
-    keys = ("batch_per_device", "fits", "peak_memory_bytes_per_device", "error")
+    keys = ("batch_per_device", "fits", "peak_memory_bytes_per_device", "bytes_accessed_per_device", "error")
     tried = [{k: first.get(k) for k in keys}]
     if "chip" not in first:
         raise app.UsageError(f"--find-max-batch needs the HBM of {first['device_kind']}, which CHIPS does not list")

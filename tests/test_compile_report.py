@@ -69,8 +69,10 @@ def test_next_batch_predicts_the_boundary_and_stays_inside_the_bracket():
     gib = 2**30
     # Peak = 2 GiB of state + 0.25 GiB an image: 16 GiB holds 56 images.
     peaks = {0: 2 * gib, 8: 4 * gib}
-    assert compile_report.next_batch(8, None, peaks, 16 * gib) == 56
+    assert compile_report.next_batch(8, None, peaks, 16 * gib) == 16  # at most double
+    assert compile_report.next_batch(32, None, {**peaks, 32: 10 * gib}, 16 * gib) == 56
     assert compile_report.next_batch(56, None, {**peaks, 56: 16 * gib}, 16 * gib) == 57  # at the line: one more
     assert compile_report.next_batch(8, 20, peaks, 16 * gib) == 19  # never at or past a batch that failed
     assert compile_report.next_batch(8, None, {8: 4 * gib}, 16 * gib) == 16  # one peak: doubling
+    assert compile_report.next_batch(56, None, {50: 14.36 * gib, 56: 14.43 * gib}, 16 * gib) == 112  # flat: doubling
     assert compile_report.next_batch(0, 9, {}, 16 * gib) == 4  # no peak: bisection
