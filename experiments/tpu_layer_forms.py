@@ -5,7 +5,8 @@
 
 Each row is one of the model's layers at the size it has in the full model (256 px, bf16), run
 forward and backward (the gradients of a sum of squares with respect to its input and its
-weights) over a data mesh of the topology, batch split, weights replicated, once per form of
+weights) over a data mesh of the topology, batch split, weights replicated (the per-pair kernels
+split with their samples), traced on the mesh as the model's steps are, once per form of
 `model.conv_impl`.  Reported per device: XLA's FLOPs, bytes accessed and the peak memory.
 """
 
@@ -39,6 +40,8 @@ SLOTS = 2
 
 
 class Form(NamedTuple):
+    """One layer form: `apply(weights, x)`, its weights' shapes and the (global) input shape."""
+
     apply: Callable
     weights: Any
     input_shape: tuple[int, ...]
