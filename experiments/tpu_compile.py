@@ -12,7 +12,8 @@ compiled ahead of time by libtpu's compiler ("deviceless"): nothing is computed.
 device: the peak HBM (arguments, outputs, code), XLA's FLOPs and bytes accessed, the collectives
 of the compiled HLO with their bytes, a roofline step time from the chip's peak bf16 FLOP/s and
 HBM bandwidth (`CHIPS`), and the instructions and model layers that access the most bytes.
-`--find-max-batch` bisects the per-chip batch on whether the step compiles within the chip's HBM.
+`--find-max-batch` searches the largest per-chip batch whose step compiles within the chip's HBM;
+above some batch the compiler rematerialises to fit, so check the FLOPs an image of the largest.
 
 `model.conv_impl` "auto" means the accelerator's layer forms here (the step is compiled for a TPU
 whatever this host is); `--config.model.conv_impl=cpu` compiles the CPU forms for comparison.
@@ -49,7 +50,7 @@ flags.DEFINE_string("chip-config", None, "libtpu's chip config, e.g. 'megacore' 
 flags.DEFINE_integer("global-batch", None, "Images per step over all devices; default: 8 per device.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "The training step or the evaluation (predict) step.")
 flags.DEFINE_string("json", None, "Write the report here.")
-flags.DEFINE_bool("find-max-batch", False, "Also bisect the largest per-device batch that fits.")
+flags.DEFINE_bool("find-max-batch", False, "Also search the largest per-device batch that fits.")
 flags.DEFINE_integer("top", 12, "How many instructions and layers to list by bytes accessed.")
 flags.DEFINE_string("hlo", None, "Write the compiled HLO text here.")
 FLAGS = flags.FLAGS
