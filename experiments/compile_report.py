@@ -266,15 +266,18 @@ def compiler_peak(error: str | None, argument_bytes: float) -> float | None:
 
 
 def next_batch(low: int, high: int | None, peaks: dict[int, float], hbm: float) -> int:
-    """The next per-device batch to try: where the line through the two known peaks nearest the
-    boundary meets the chip's HBM, kept strictly between the largest batch that fits (`low`) and
-    the smallest that does not (`high`), and at most double `low`: peak memory grows about linearly
-    with the batch until the compiler starts rematerialising, where it flattens."""
-    nearest = sorted(peaks, key=lambda b: (abs(b - low), -b))[:2]
-    if len(nearest) < 2:
-        guess = 2 * low if high is None else (low + high) // 2
+    """The next per-device batch to try, strictly between the largest batch that fits (`low`) and
+    the smallest that does not (`high`): where the line through two known peaks meets the chip's
+    HBM (`low`'s and `high`'s, else the two nearest `low`), at most double `low`.  Peak memory grows
+    about linearly with the batch until the compiler starts rematerialising, where it flattens;
+    without a rising line the search doubles or bisects."""
+    if high in peaks and low in peaks:
+        nearest = [low, high]
     else:
+        nearest = sorted(peaks, key=lambda b: (abs(b - low), -b))[:2]
+    guess = 2 * low if high is None else (low + high) // 2
+    if len(nearest) == 2:
         (b1, m1), (b2, m2) = sorted((b, peaks[b]) for b in nearest)
-        slope = (m2 - m1) / (b2 - b1)
-        guess = b2 + int((hbm - m2) // slope) if slope > 0 else 2 * low
+        if m2 > m1:
+            guess = b1 + int((hbm - m1) // ((m2 - m1) / (b2 - b1)))
     return max(low + 1, min(guess, 2 * low if high is None else high - 1))

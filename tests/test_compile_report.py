@@ -76,3 +76,7 @@ def test_next_batch_predicts_the_boundary_and_stays_inside_the_bracket():
     assert compile_report.next_batch(8, None, {8: 4 * gib}, 16 * gib) == 16  # one peak: doubling
     assert compile_report.next_batch(56, None, {50: 14.36 * gib, 56: 14.43 * gib}, 16 * gib) == 112  # flat: doubling
     assert compile_report.next_batch(0, 9, {}, 16 * gib) == 4  # no peak: bisection
+    # A flat peak below and a failure far above: interpolate between them, not one step down from the failure.
+    flat = {48: 14.24 * gib, 54: 14.23 * gib, 108: 29.93 * gib}
+    assert compile_report.next_batch(54, 108, flat, 16 * gib) == 60
+    assert compile_report.next_batch(54, 108, {48: 14.24 * gib, 54: 14.23 * gib}, 16 * gib) == 81  # no line: bisection
