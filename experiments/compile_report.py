@@ -193,6 +193,14 @@ def accelerator_forms(config) -> None:
         config.model.conv_impl = "native"
 
 
+def tpu_topology(name: str, chip_config: str | None = None):
+    """A deviceless TPU topology, e.g. "v5e:2x4", or "v4:2x2x2" with chip config "megacore"."""
+    from jax.experimental import topologies
+
+    options = {"chip_config_name": chip_config} if chip_config else {}
+    return topologies.get_topology_desc(topology_name=name, platform="tpu", **options)
+
+
 def topology_mesh(topology):
     """The data mesh of a deviceless topology's devices, on the axis the model splits its batch over."""
     from jax.experimental import topologies

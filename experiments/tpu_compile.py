@@ -41,6 +41,7 @@ from compile_report import (  # noqa: E402
     roofline,
     step_description,
     topology_mesh,
+    tpu_topology,
 )
 from ml_collections import config_flags  # noqa: E402
 
@@ -79,10 +80,8 @@ def report(
     config, mode: str, topology: str, chip_config: str | None, global_batch: int, top: int, hlo_path: str | None = None
 ) -> dict:
     import jax
-    from jax.experimental import topologies
 
-    options = {"chip_config_name": chip_config} if chip_config else {}
-    topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", **options)
+    topo = tpu_topology(topology, chip_config)
     devices = len(topo.devices)
     if global_batch % devices:
         raise app.UsageError(f"--global-batch={global_batch} must be a multiple of the {devices} devices of {topology}")
@@ -212,11 +211,7 @@ def main(argv) -> int:
     topology, chip_config, mode = FLAGS.topology, FLAGS["chip-config"].value, FLAGS.mode
     global_batch = FLAGS["global-batch"].value
     if global_batch is None:
-        from jax.experimental import topologies
-
-        options = {"chip_config_name": chip_config} if chip_config else {}
-        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", **options)
-        global_batch = DEFAULT_PER_DEVICE_BATCH * len(topo.devices)
+        global_batch = DEFAULT_PER_DEVICE_BATCH * len(tpu_topology(topology, chip_config).devices)
     result = report(config, mode, topology, chip_config, global_batch, FLAGS.top, FLAGS.hlo)
     print_report(result)
     if FLAGS["find-max-batch"].value:

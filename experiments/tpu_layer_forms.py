@@ -24,7 +24,6 @@ compile_report.compile_for_tpu_here()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
 
 from unimmad_jax import sharding  # noqa: E402
 from unimmad_jax.models import cmoe, layers  # noqa: E402
@@ -112,9 +111,7 @@ def compile_form(form: Form, mesh) -> dict:
 
 def main(argv) -> int:
     del argv
-    chip_config = FLAGS["chip-config"].value
-    options = {"chip_config_name": chip_config} if chip_config else {}
-    topology = topologies.get_topology_desc(topology_name=FLAGS.topology, platform="tpu", **options)
+    topology = compile_report.tpu_topology(FLAGS.topology, FLAGS["chip-config"].value)
     mesh = compile_report.topology_mesh(topology)
     batch = FLAGS["per-device-batch"].value * len(topology.devices)
     results = {}
