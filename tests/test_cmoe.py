@@ -120,6 +120,21 @@ def test_per_sample_conv_sharded_over_eight_devices(kernel, conv_impl):
     np.testing.assert_allclose(sharded, expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("conv_impl", ["cpu", "native"])
+def test_per_sample_conv_exports_for_any_batch_size(conv_impl):
+    """`jax.export` with a symbolic batch (as `unimmad_jax.export` does) works in both forms and computes the
+    per-sample convolution (a symbolic count cannot be the native form's feature group count)."""
+    (batch,) = jax.export.symbolic_shape("b")
+    conv = functools.partial(cmoe.per_sample_conv, conv_impl=conv_impl)
+    exported = jax.export.export(jax.jit(conv))(
+        jax.ShapeDtypeStruct((batch, 6, 6, 4), jnp.float32), jax.ShapeDtypeStruct((batch, 3, 3, 4, 5), jnp.float32)
+    )
+    x = jax.random.normal(jax.random.key(0), (3, 6, 6, 4))
+    kernels = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 5))
+    expected = jnp.concatenate([conv_same(x[i : i + 1], kernels[i]) for i in range(3)])
+    np.testing.assert_allclose(exported.call(x, kernels), expected, atol=1e-4)
+
+
 def test_native_per_sample_conv_on_a_mesh_convolves_each_devices_own_samples():
     """Traced on a mesh of 8 devices (`sharding.traced_on`, as the train and predict steps are), the
     native per-sample convolution and its gradients are those computed without a mesh, and no device

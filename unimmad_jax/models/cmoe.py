@@ -76,8 +76,9 @@ def per_sample_conv(x: jax.Array, kernels: jax.Array, conv_impl: str) -> jax.Arr
     convolution over samples gives); 1x1 kernels as one batched matrix product.  Traced under a
     mesh (`sharding.traced_on`) the convolution runs on each device's own samples: XLA's partitioner
     would gather the whole batch onto every device for it (docs/scale.md#per-pair-convolutions).
+    A symbolic sample count (`jax.export`) cannot be a feature group count: it takes the CPU form.
     """
-    if not native_forms(conv_impl):
+    if not native_forms(conv_impl) or jax.export.is_symbolic_dim(x.shape[0]):
         return shifted_per_sample_conv(x, kernels)
     k = kernels.shape[1]
     if k == 1:
