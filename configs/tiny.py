@@ -14,6 +14,9 @@ def get_config():
     config.model.moe_dim = 8
     config.model.base_num = 2
     config.model.router_num = 4
+    # The accelerators' forms: at these widths they also compile in half the time of the CPU forms
+    # (docs/performance.md#test-suite-time); tests/test_layers.py holds the CPU forms equal to them.
+    config.model.conv_impl = "native"
     config.data.data_dir = "data"
     config.data.classes.synthetic = ("tiles", "brain_scan")
     config.data.num_read_threads = 0

@@ -27,6 +27,7 @@ def test_tiny_train_step_compiles_for_v5e_2x4(tmp_path):
         "--config=configs/tiny.py",
         "--topology=v5e:2x4",
         "--global-batch=16",
+        "--config.model.conv_impl=auto",
         f"--json={report_path}",
     ]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no simulated CPU devices

@@ -93,6 +93,9 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
     """
     assert len(jax.devices()) == 8
     config = tiny_config(synthetic_data_dir)
+    # float32 variables, as every run of the tiny config starts from (the compiled initialisation is shared)
+    images = first_training_images(config.data, seed=0, batch_size=8)
+    variables = train.initial_variables(UniMMAD(model_config(config)), config, images)
     config.model.dtype = "float64"
     model = UniMMAD(model_config(config))
     loader = train_loader(config.data, seed=0, batch_size=8)
@@ -104,8 +107,6 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
     with jax.enable_x64(True):
         for devices in (1, 8):
             mesh = mesh_of(devices)
-            images = first_training_images(config.data, seed=0, batch_size=8)
-            variables = train.initial_variables(model, config, images)
             state = train.create_train_state(model, config, loader.steps_per_epoch, variables)
             params = to64(state.params)
             state = state.replace(params=params, batch_stats=to64(state.batch_stats), opt_state=state.tx.init(params))
