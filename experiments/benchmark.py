@@ -77,11 +77,10 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
     else:
         config.data.num_slots = modalities
         images = np.asarray(batch["specific_images"]).reshape(-1, image_size, image_size, 3)
-        state = jax.device_put(
-            train.create_train_state(model, config, 1, train.initial_variables(model, config, images)),
-            sharding.replicated(mesh),
-        )
-        step = train.make_train_step(model, loss_config(config), mesh)
+        state = train.create_train_state(model, config, 1, train.initial_variables(model, config, images))
+        state_sharding = train.state_sharding(state, config, mesh)  # as the loop places it (`train.fsdp`)
+        state = jax.device_put(state, state_sharding)
+        step = train.make_train_step(model, loss_config(config), mesh, state_sharding)
         args = (state, batch, jnp.int32(0))
 
     start = time.perf_counter()

@@ -178,7 +178,8 @@ def abstract_inputs(config, mode: str, mesh, model, global_batch: int):
     mask = jax.ShapeDtypeStruct((global_batch, slots), jnp.bool_, sharding=split)
     if mode == "eval":
         return shard(abstract_variables(model.config, slots), replicated), images, mask
-    state = shard(train.abstract_train_state(model, config, steps_per_epoch=1), replicated)
+    abstract = train.abstract_train_state(model, config, steps_per_epoch=1)
+    state = sharding.placed(abstract, train.state_sharding(abstract, config, mesh))
     batch = {
         "specific_images": images,
         "modality_mask": mask,
@@ -217,9 +218,12 @@ def lower_step(config, mode: str, mesh, global_batch: int):
     from unimmad_jax.models.unimmad import UniMMAD
 
     model = UniMMAD(model_config(config))
-    step = train.make_train_step(model, loss_config(config), mesh) if mode == "train" else None
-    step = step or evaluate.make_predict_fn(model, mesh)
-    return step.trace(*abstract_inputs(config, mode, mesh, model, global_batch)).lower()
+    inputs = abstract_inputs(config, mode, mesh, model, global_batch)
+    if mode == "train":
+        step = train.make_train_step(model, loss_config(config), mesh, train.state_sharding(inputs[0], config, mesh))
+    else:
+        step = evaluate.make_predict_fn(model, mesh)
+    return step.trace(*inputs).lower()
 
 
 def compile_step(config, mode: str, mesh, global_batch: int):
@@ -245,6 +249,7 @@ def step_description(config, mode: str, topology: str, device_kind: str, devices
         "dtype": config.model.dtype,
         "image_size": config.image_size,
         "num_slots": config.data.num_slots,
+        "fsdp": config.train.fsdp,
     }
 
 

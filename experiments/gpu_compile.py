@@ -175,7 +175,8 @@ def print_report(result: dict) -> None:
     print(
         f"{result['mode']} step, {result['devices']} x {result['device_kind']}, global batch "
         f"{result['global_batch']} ({result['batch_per_device']} per GPU), conv_impl={result['conv_impl']}, "
-        f"dtype={result['dtype']}, XLA_FLAGS={result['xla_flags']!r}, compile {result['compile_s']} s"
+        f"dtype={result['dtype']}, fsdp={result['fsdp']}, XLA_FLAGS={result['xla_flags']!r}, "
+        f"compile {result['compile_s']} s"
     )
     print(f"unoptimised step: {result['flops_per_device'] / 1e12:.3f} TFLOP per GPU")
     if not result["compiled"]:

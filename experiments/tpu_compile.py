@@ -174,7 +174,8 @@ def print_report(result: dict) -> None:
     print(
         f"{result['mode']} step, {result['topology']} ({result['devices']} x {result['device_kind']}), "
         f"global batch {result['global_batch']} ({result['batch_per_device']} per device), "
-        f"conv_impl={result['conv_impl']}, dtype={result['dtype']}, compiled in {result['compile_s']} s"
+        f"conv_impl={result['conv_impl']}, dtype={result['dtype']}, fsdp={result['fsdp']}, "
+        f"compiled in {result['compile_s']} s"
     )
     if "error" in result:
         print(f"does NOT compile/fit: {result['error'][:2000]}")

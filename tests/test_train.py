@@ -83,7 +83,8 @@ def mesh_of(devices: int) -> Mesh:
 
 
 def test_eight_devices_step_like_one(synthetic_data_dir):
-    """Sharded steps on 8 devices compute what 1 device computes on the same global batches.
+    """Sharded steps on 8 devices, with the state split over them (`train.fsdp`), compute what 1 device
+    computes on the same global batches (a replicated state on several devices: `test_multihost`).
 
     Compared in float64, losses to 1e-10 and parameters to 1e-8 (relative; 1e-8 absolute for the biases
     that sit before a norm and stay near zero); the largest loss difference seen was 6e-12.  In float32
@@ -105,18 +106,23 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
     )
     results = {}
     with jax.enable_x64(True):
-        for devices in (1, 8):
+        for devices, fsdp in ((1, False), (8, True)):
             mesh = mesh_of(devices)
+            config.train.fsdp = fsdp
             state = train.create_train_state(model, config, loader.steps_per_epoch, variables)
             params = to64(state.params)
             state = state.replace(params=params, batch_stats=to64(state.batch_stats), opt_state=state.tx.init(params))
-            state = jax.device_put(state, sharding.replicated(mesh))
-            step = train.make_train_step(model, loss_config(config), mesh)
+            state_sharding = train.state_sharding(state, config, mesh)
+            state = jax.device_put(state, state_sharding)
+            step = train.make_train_step(model, loss_config(config), mesh, state_sharding)
             losses = []
             for batch in batches:
                 state, metrics = step(state, sharding.to_global(to64(batch), mesh), jnp.int32(0))
                 losses.append(float(metrics["loss"]))
             results[devices] = losses, jax.device_get(state.params)
+    # The step keeps the state split: a device holds an eighth of each array of 16 KiB or more.
+    leaves = [a for a in jax.tree_util.tree_leaves((state.params, state.opt_state)) if a.nbytes >= 2**14]
+    assert all(a.addressable_shards[0].data.nbytes * 8 == a.nbytes for a in leaves) and len(leaves) > 20
     np.testing.assert_allclose(results[8][0], results[1][0], rtol=1e-10)
     for a, b in zip(jax.tree_util.tree_leaves(results[8][1]), jax.tree_util.tree_leaves(results[1][1])):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8)

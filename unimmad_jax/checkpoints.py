@@ -45,18 +45,10 @@ def checkpoint_manager(workdir: epath.PathLike, config: ml_collections.ConfigDic
     return ocp.CheckpointManager(workdir_path(workdir) / "checkpoints", item_names=ITEMS, options=options)
 
 
-def _on_mesh(abstract: TrainState, mesh: Mesh) -> TrainState:
-    replicated = sharding.replicated(mesh)
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-
-
-def _restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState, mesh: Mesh) -> dict:
+def _restore(manager: ocp.CheckpointManager, step: int, target: TrainState) -> dict:
     try:
         return manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_on_mesh(abstract, mesh)), meta=ocp.args.JsonRestore()
-            ),
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         )
     except (ValueError, KeyError) as error:
         raise ValueError(
@@ -65,14 +57,15 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState, me
         ) from error
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract: TrainState, mesh: Mesh) -> tuple[TrainState, dict] | None:
-    """The latest complete checkpoint's state (placed on `mesh`) and JSON record, or None.
+def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> tuple[TrainState, dict] | None:
+    """The latest complete checkpoint's state and JSON record, or None.
 
-    `abstract` gives the structure, shapes and dtypes (arrays or `ShapeDtypeStruct`s)."""
+    `target` gives the structure, shapes, dtypes and shardings (`ShapeDtypeStruct`s, `sharding.placed`):
+    a checkpoint restores into any of them, whatever mesh and sharding wrote it."""
     step = manager.latest_step()
     if step is None:
         return None
-    restored = _restore(manager, step, abstract, mesh)
+    restored = _restore(manager, step, target)
     return restored["state"], restored["meta"]
 
 
@@ -99,7 +92,9 @@ def trained_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike
         with ocp.CheckpointManager(checkpoints, item_names=ITEMS) as manager:
             step = manager.latest_step()
             if step is not None:
-                state = _restore(manager, step, abstract_train_state(model, config, steps_per_epoch=1), mesh)["state"]
+                abstract = abstract_train_state(model, config, steps_per_epoch=1)
+                target = sharding.placed(abstract, sharding.state_sharding(abstract, mesh, fsdp=False))
+                state = _restore(manager, step, target)["state"]
                 return {"params": state.params, "batch_stats": state.batch_stats}
     source = config.train.init_from
     if source and workdir_path(source) != workdir_path(workdir) and is_training_workdir(source):

@@ -48,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 10  # global, over all devices and hosts
     config.train.log_every_steps = 10
     config.train.prefetch_batches = 2  # batches sent to the devices ahead of the step that reads them
+    # Split the parameters and optimizer state over the devices (FSDP) instead of replicating them:
+    # less memory a device, the parameters gathered in every step (README, "Training at scale").
+    config.train.fsdp = False
     config.train.eval_every_epochs = 10
     config.train.checkpoint_every_epochs = 1
     config.train.keep_checkpoints = 3

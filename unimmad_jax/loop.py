@@ -35,6 +35,7 @@ from unimmad_jax.train import (
     initial_variables,
     learning_rate_schedule,
     make_train_step,
+    state_sharding,
 )
 
 
@@ -157,7 +158,8 @@ def _save(run: TrainRun, manager: ocp.CheckpointManager, state: TrainState, step
 
 
 def initial_state(model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int, mesh: Mesh) -> TrainState:
-    """The state a new run starts from, replicated on `mesh`: step 0, a fresh optimizer and schedule.
+    """The state a new run starts from, placed on `mesh` as `train.state_sharding` says: step 0, a fresh
+    optimizer and schedule.
 
     The weights are the latest checkpoint of `train.init_from` when it names a training workdir
     (training goes on from another run, on new data), else `train.initial_variables`: a function of
@@ -170,19 +172,22 @@ def initial_state(model: UniMMAD, config: ml_collections.ConfigDict, steps_per_e
     else:
         prior_images = first_training_images(config.data, seed=config.seed, batch_size=config.train.batch_size)
         variables = initial_variables(model, config, prior_images)
-    return jax.device_put(create_train_state(model, config, steps_per_epoch, variables), sharding.replicated(mesh))
+    state = create_train_state(model, config, steps_per_epoch, variables)
+    return jax.device_put(state, state_sharding(state, config, mesh))
 
 
-def _start(run: TrainRun, manager: ocp.CheckpointManager) -> tuple[TrainState, int]:
+def _start(
+    model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int, mesh: Mesh, manager: ocp.CheckpointManager
+) -> tuple[TrainState, int]:
     """The state and global step to start from: the latest checkpoint, else the initial weights."""
-    config, mesh = run.config, run.mesh
-    restored = checkpoints.restore_latest(manager, abstract_train_state(run.model, config, run.steps_per_epoch), mesh)
+    abstract = abstract_train_state(model, config, steps_per_epoch)
+    restored = checkpoints.restore_latest(manager, sharding.placed(abstract, state_sharding(abstract, config, mesh)))
     if restored is not None:
         state, meta = restored
-        if meta["steps_per_epoch"] != run.steps_per_epoch:
+        if meta["steps_per_epoch"] != steps_per_epoch:
             raise ValueError(
-                f"the checkpoints in {run.workdir} were written with {meta['steps_per_epoch']} steps per "
-                f"epoch, the configured data gives {run.steps_per_epoch}: resume with the same data config"
+                f"the checkpoints in {manager.directory} were written with {meta['steps_per_epoch']} steps per "
+                f"epoch, the configured data gives {steps_per_epoch}: resume with the same data config"
             )
         if sharding.is_main_process():
             print(f"Resumed from step {meta['step']} (epoch {meta['epoch']}) in {manager.directory}")
@@ -196,7 +201,7 @@ def _start(run: TrainRun, manager: ocp.CheckpointManager) -> tuple[TrainState, i
                 "on a training batch): without pretrained prior weights (train.init_from) the features are not "
                 "ImageNet features."
             )
-    return initial_state(run.model, config, run.steps_per_epoch, mesh), 0
+    return initial_state(model, config, steps_per_epoch, mesh), 0
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> TrainState:
@@ -214,18 +219,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     ensure_prepared(config.data.datasets, config.data.data_dir)
     batch_size = sharding.per_host_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
     loader = train_loader(config.data, seed=config.seed, batch_size=batch_size)
+    manager = checkpoints.checkpoint_manager(workdir, config)
+    state, step = _start(model, config, loader.steps_per_epoch, mesh, manager)
     run = TrainRun(
         config=config,
         model=model,
         mesh=mesh,
         loader=loader,
-        step_fn=make_train_step(model, loss_config(config), mesh),
+        step_fn=make_train_step(model, loss_config(config), mesh, state_sharding(state, config, mesh)),
         schedule=learning_rate_schedule(config, loader.steps_per_epoch),
         logger=Logger(workdir),
         workdir=workdir,
     )
-    manager = checkpoints.checkpoint_manager(workdir, config)
-    state, step = _start(run, manager)
     loader.seek(step)
     batches = device_batches(run, config.train.prefetch_batches)
     total = config.train.num_epochs * run.steps_per_epoch

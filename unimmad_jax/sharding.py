@@ -1,9 +1,11 @@
 """Data parallelism: one device mesh over all devices of all processes, batches split along it.
 
-Parameters and optimizer state are replicated; every batch array is split along its first
-axis.  `jax.jit` then computes BatchNorm statistics and losses over the global batch, so a
-step gives the same result on 1 device or 256.  Each process reads its own rows of every
-batch; what is written (logs, checkpoints' JSON, tables, predictions) comes from process 0.
+Parameters and optimizer state are replicated, or with `train.fsdp` split over the same axis
+(each device holds a slice of every array; the step gathers the parameters where it uses them);
+every batch array is split along its first axis.  `jax.jit` then computes BatchNorm statistics
+and losses over the global batch, so a step gives the same result on 1 device or 256.  Each
+process reads its own rows of every batch; what is written (logs, checkpoints' JSON, tables,
+predictions) comes from process 0.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 DEVICE_KEYS = ("specific_images", "modality_mask", "loss_weight")
 """The batch fields a train step reads; the others stay on the host."""
+FSDP_MIN_BYTES = 2**14
+"""Smaller arrays stay replicated with `train.fsdp`: biases and norm scales, 0.1 % of the full model's state
+in two thirds of its arrays, would each cost a collective a step for next to no memory."""
 
 
 def initialize_distributed(
@@ -56,6 +61,34 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_split(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def fsdp_split(shape: tuple[int, ...], devices: int) -> PartitionSpec:
+    """An array's largest axis that splits evenly over `devices`, split over the data axis; none: replicated."""
+    divisible = [axis for axis, size in enumerate(shape) if size >= devices and size % devices == 0]
+    if not divisible:
+        return PartitionSpec()
+    axis = max(divisible, key=lambda a: shape[a])
+    return PartitionSpec(*(DATA_AXIS if a == axis else None for a in range(len(shape))))
+
+
+def state_sharding(abstract_state, mesh: Mesh, fsdp: bool):
+    """The sharding of each array of a train state (any pytree of arrays or `ShapeDtypeStruct`s):
+    replicated, or with `fsdp` split along its largest evenly divisible axis (`fsdp_split`) when it
+    holds at least `FSDP_MIN_BYTES`."""
+    devices = mesh.devices.size
+
+    def place(a) -> NamedSharding:
+        if fsdp and a.size * a.dtype.itemsize >= FSDP_MIN_BYTES:
+            return NamedSharding(mesh, fsdp_split(a.shape, devices))
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map(place, abstract_state)
+
+
+def placed(abstract, shardings):
+    """`ShapeDtypeStruct`s of `abstract`'s arrays with `shardings` (a tree of the same structure)."""
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def traced_on(mesh: Mesh, fn):

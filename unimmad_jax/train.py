@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from unimmad_jax import model_io, sharding
 from unimmad_jax.losses import LossConfig, total_loss
@@ -135,6 +135,9 @@ def train_step(
     """One optimizer step on a (global) batch; BatchNorm statistics are the batch's."""
 
     def loss_fn(params):
+        # Whole parameters for the layers: split ones (`train.fsdp`) are gathered here, where XLA's
+        # partitioner would otherwise split the layers' channels and move activations between devices.
+        params = jax.lax.with_sharding_constraint(params, PartitionSpec())
         out, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
             batch["specific_images"],
@@ -149,11 +152,20 @@ def train_step(
     return state.apply_gradients(grads, batch_stats), {"loss": loss, **parts}
 
 
-def make_train_step(model: UniMMAD, loss_cfg: LossConfig, mesh: Mesh):
+def state_sharding(state: TrainState, config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+    """Where each array of `state` (arrays or `ShapeDtypeStruct`s) lives on `mesh`: replicated, or split
+    with `train.fsdp`.  The shardings carry `state`'s optimizer, so they fit `state` alone as a jit argument."""
+    return sharding.state_sharding(state, mesh, config.train.fsdp)
+
+
+def make_train_step(model: UniMMAD, loss_cfg: LossConfig, mesh: Mesh, state_sharding: TrainState | None = None):
+    """`train_step` compiled for the mesh: the state as `state_sharding` places it (None: replicated),
+    the batch split over the devices."""
     replicated, split = sharding.replicated(mesh), sharding.batch_split(mesh)
+    state_sharding = replicated if state_sharding is None else state_sharding
     return jax.jit(
         functools.partial(sharding.traced_on(mesh, train_step), model, loss_cfg),
-        in_shardings=(replicated, split, replicated),
-        out_shardings=(replicated, replicated),
+        in_shardings=(state_sharding, split, replicated),
+        out_shardings=(state_sharding, replicated),
         donate_argnums=0,
     )
