@@ -158,14 +158,14 @@ def state_sharding(state: TrainState, config: ml_collections.ConfigDict, mesh: M
     return sharding.state_sharding(state, mesh, config.train.fsdp)
 
 
-def make_train_step(model: UniMMAD, loss_cfg: LossConfig, mesh: Mesh, state_sharding: TrainState | None = None):
-    """`train_step` compiled for the mesh: the state as `state_sharding` places it (None: replicated),
-    the batch split over the devices."""
+def make_train_step(model: UniMMAD, loss_cfg: LossConfig, mesh: Mesh, placement: TrainState | None = None):
+    """`train_step` compiled for the mesh: the state placed as `placement` says (`state_sharding`; None:
+    replicated), the batch split over the devices."""
     replicated, split = sharding.replicated(mesh), sharding.batch_split(mesh)
-    state_sharding = replicated if state_sharding is None else state_sharding
+    placement = replicated if placement is None else placement
     return jax.jit(
         functools.partial(sharding.traced_on(mesh, train_step), model, loss_cfg),
-        in_shardings=(state_sharding, split, replicated),
-        out_shardings=(state_sharding, replicated),
+        in_shardings=(placement, split, replicated),
+        out_shardings=(placement, replicated),
         donate_argnums=0,
     )
