@@ -121,7 +121,8 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
                 losses.append(float(metrics["loss"]))
             results[devices] = losses, jax.device_get(state.params)
     # The step keeps the state split: a device holds an eighth of each array of 16 KiB or more.
-    leaves = [a for a in jax.tree_util.tree_leaves((state.params, state.opt_state)) if a.nbytes >= 2**14]
+    leaves = jax.tree_util.tree_leaves((state.params, state.opt_state))
+    leaves = [a for a in leaves if a.nbytes >= sharding.FSDP_MIN_BYTES]
     assert all(a.addressable_shards[0].data.nbytes * 8 == a.nbytes for a in leaves) and len(leaves) > 20
     np.testing.assert_allclose(results[8][0], results[1][0], rtol=1e-10)
     for a, b in zip(jax.tree_util.tree_leaves(results[8][1]), jax.tree_util.tree_leaves(results[1][1])):
