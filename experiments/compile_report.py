@@ -38,7 +38,8 @@ DTYPE_BYTES = {
     "c64": 8,
     "c128": 16,
 }
-SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
+SHAPE = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\](?:\{([^}]*)\})?")
+MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(.*)$")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 NO_TRAFFIC = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "after-all", "partition-id"}
@@ -49,15 +50,27 @@ NOT_LAYERS = {"UniMMAD", "checkpoint", "remat", "rematted_computation", "shard_m
 NOT_LAYERS |= {"train_step", "predict_step", "loss_fn"}
 
 
-def shape_bytes(text: str) -> int:
-    """Bytes of an HLO shape (a tuple's: all its elements), layouts and tiling ignored."""
-    total = 0
-    for dtype, dims in SHAPE.findall(text):
+def arrays(text: str) -> list[tuple[int, int]]:
+    """The arrays of an HLO shape (a tuple's, in order): their bytes (layouts and tiling ignored) and
+    memory space (0, HBM, unless the layout names another: S(1) is the TPU's on-chip memory)."""
+    found = []
+    for dtype, dims, layout in SHAPE.findall(text):
         count = 1
         for d in filter(None, dims.split(",")):
             count *= int(d)
-        total += count * DTYPE_BYTES[dtype]
-    return total
+        space = MEMORY_SPACE.search(layout)
+        found.append((count * DTYPE_BYTES[dtype], int(space.group(1)) if space else 0))
+    return found
+
+
+def shape_bytes(text: str) -> int:
+    """Bytes of an HLO shape (a tuple's: all its elements), layouts and tiling ignored."""
+    return sum(size for size, _ in arrays(text))
+
+
+def hbm_bytes(text: str) -> int:
+    """Bytes of the arrays of an HLO shape that live in HBM (memory space 0)."""
+    return sum(size for size, space in arrays(text) if space == 0)
 
 
 def layer_of(metadata: str) -> str:
@@ -98,52 +111,72 @@ def hlo_traffic(hlo: str) -> tuple[list[dict], list[dict]]:
             continue
         name, shape, opcode, operands, rest = match.groups()
         shapes[name] = shape
+        operand_shapes = [shapes.get(o, "") for o in re.findall(r"%([\w.\-]+)", operands)]
+        base = opcode.removesuffix("-start")
+        if base in COLLECTIVES and not computation.startswith("all-reduce-scatter"):
+            # Also inside fusions (the TPU wraps some in asynchronous custom calls).
+            sent = shape_bytes(shape) if base == opcode else sum(map(shape_bytes, operand_shapes))
+            collectives.append({"opcode": base, "bytes": sent})
+        elif re.search(r"calls=%all-reduce-scatter", rest):
+            # The TPU's reduce-scatter: an all-reduce and each device's slice of it, fused.
+            collectives.append({"opcode": "reduce-scatter", "bytes": sum(map(shape_bytes, operand_shapes))})
         if computation in fused or opcode in NO_TRAFFIC or 'custom_call_target="ConcatBitcast"' in rest:
             continue  # ConcatBitcast joins slices already side by side in on-chip memory
-        operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in re.findall(r"%([\w.\-]+)", operands))
-        # An asynchronous copy's result is (destination, source, context): it reads and writes its operand once;
-        # an asynchronous slice's is ((operand), slice, context): it reads and writes the slice once.
-        if opcode == "slice-start":
-            operand_bytes = shape_bytes(shape) - operand_bytes
-        written = operand_bytes if opcode in ("copy-start", "slice-start") else shape_bytes(shape)
+        if opcode in ("copy-start", "slice-start"):
+            # Asynchronous moves: a copy's result is (destination, source, context), a slice's
+            # ((operand), slice, context); each reads and writes the moved array once.
+            result = arrays(shape)
+            source, (moved, destination) = (result[1], result[0]) if opcode == "copy-start" else (result[0], result[-2])
+            total, in_hbm = 2 * moved, moved * ((source[1] == 0) + (destination == 0))
+        else:
+            total = sum(map(shape_bytes, operand_shapes)) + shape_bytes(shape)
+            in_hbm = sum(map(hbm_bytes, operand_shapes)) + hbm_bytes(shape)
         layer = layer_of(rest)
         if layer == "(no source)" and opcode in ("copy-start", "slice-start") and "S(1)" in shape:
             # The TPU compiler's own prefetches and evictions between HBM and on-chip memory (memory space 1).
             layer = "(on-chip memory copies)"
-        entry = {"name": name, "opcode": opcode, "layer": layer, "bytes": written + operand_bytes}
+        entry = {"name": name, "opcode": opcode, "layer": layer, "bytes": total, "hbm_bytes": in_hbm}
         instructions.append(entry)
-        base = opcode.removesuffix("-start")
-        if base in COLLECTIVES:
-            collectives.append({"opcode": base, "bytes": shape_bytes(shape) if base == opcode else operand_bytes})
     return instructions, collectives
 
 
 def hlo_summary(hlo: str, top: int) -> dict:
-    """The compiled module's collectives (count, bytes) and the `top` instructions and layers by bytes accessed."""
+    """The compiled module's collectives (count, bytes), the bytes its instructions access in all and in
+    HBM, and the `top` instructions and layers by bytes accessed."""
     instructions, collectives = hlo_traffic(hlo)
     per_collective = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
     for c in collectives:
         per_collective[c["opcode"]]["count"] += 1
         per_collective[c["opcode"]]["bytes"] += c["bytes"]
-    per_layer = collections.Counter()
+    per_layer = collections.defaultdict(lambda: {"bytes": 0, "hbm_bytes": 0})
     for i in instructions:
-        per_layer[i["layer"]] += i["bytes"]
+        per_layer[i["layer"]]["bytes"] += i["bytes"]
+        per_layer[i["layer"]]["hbm_bytes"] += i["hbm_bytes"]
     return {
         "collectives": dict(per_collective),
+        "instruction_bytes": sum(i["bytes"] for i in instructions),
+        "instruction_hbm_bytes": sum(i["hbm_bytes"] for i in instructions),
         "top_instructions": sorted(instructions, key=lambda i: -i["bytes"])[:top],
-        "top_layers": [{"layer": k, "bytes": v} for k, v in per_layer.most_common(top)],
+        "top_layers": [{"layer": k, **v} for k, v in sorted(per_layer.items(), key=lambda kv: -kv[1]["bytes"])[:top]],
     }
 
 
 def print_hlo_summary(result: dict) -> None:
     for opcode, c in sorted(result["collectives"].items()):
         print(f"collective {opcode}: {c['count']} ops, {c['bytes'] / 2**20:.1f} MiB")
-    print("bytes accessed by layer (operands + results of the compiled instructions):")
+    print(
+        f"the compiled instructions read and write {result['instruction_bytes'] / 1e9:.2f} GB, "
+        f"{result['instruction_hbm_bytes'] / 1e9:.2f} GB of it in HBM"
+    )
+    print("bytes accessed by layer (operands + results of the compiled instructions; in HBM):")
     for entry in result["top_layers"]:
-        print(f"  {entry['bytes'] / 1e9:8.3f} GB  {entry['layer']}")
-    print("largest instructions:")
+        print(f"  {entry['bytes'] / 1e9:8.3f} GB  {entry['hbm_bytes'] / 1e9:8.3f} GB  {entry['layer']}")
+    print("largest instructions (bytes; in HBM):")
     for entry in result["top_instructions"]:
-        print(f"  {entry['bytes'] / 1e9:8.3f} GB  {entry['opcode']:<12} {entry['name']:<28} {entry['layer']}")
+        print(
+            f"  {entry['bytes'] / 1e9:8.3f} GB  {entry['hbm_bytes'] / 1e9:8.3f} GB  "
+            f"{entry['opcode']:<12} {entry['name']:<28} {entry['layer']}"
+        )
 
 
 def kernel_counts(hlo: str) -> dict:

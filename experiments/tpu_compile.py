@@ -9,9 +9,11 @@
 The step is the one `unimmad_jax.main` runs: `train.make_train_step` (or `evaluate.make_predict_fn`
 with `--mode=eval`) over a data mesh of the topology's devices, traced from shapes alone and
 compiled ahead of time by libtpu's compiler ("deviceless"): nothing is computed.  Reported per
-device: the peak HBM (arguments, outputs, code), XLA's FLOPs and bytes accessed, the collectives
-of the compiled HLO with their bytes, a roofline step time from the chip's peak bf16 FLOP/s and
-HBM bandwidth (`CHIPS`), and the instructions and model layers that access the most bytes.
+device: the peak HBM (arguments, outputs, code), XLA's FLOPs and bytes accessed, the share of
+those bytes that HBM serves (XLA's count includes the chip's on-chip memory, where the compiled
+layouts keep many buffers), the collectives of the compiled HLO with their bytes, roofline step
+times from the chip's peak bf16 FLOP/s and HBM bandwidth (`CHIPS`) by either count of bytes, and
+the instructions and model layers that access the most bytes.
 `--find-max-batch` searches the largest per-chip batch whose step compiles within the chip's HBM;
 above some batch the compiler rematerialises to fit, so check the FLOPs an image of the largest.
 
@@ -121,6 +123,10 @@ def report(
             **hlo_summary(hlo, top),
         }
     )
+    # XLA's bytes accessed count on-chip memory too.  HBM's share: what the instructions' layouts place in
+    # HBM, plus whatever of XLA's count the instructions do not account for, as if all of it were HBM.
+    hbm = result["instruction_hbm_bytes"] + max(0.0, traffic - result["instruction_bytes"])
+    result.update({"hbm_bytes_per_device": hbm, "hbm_bytes_per_image": hbm * devices / global_batch})
     if chip is not None:
         result["chip"] = {
             "name": chip.name,
@@ -129,6 +135,7 @@ def report(
             "hbm_bytes": chip.hbm_bytes,
         }
         result["roofline"] = roofline(flops, traffic, chip.bf16_flops, chip.hbm_bytes_per_s, global_batch / devices)
+        result["roofline_hbm"] = roofline(flops, hbm, chip.bf16_flops, chip.hbm_bytes_per_s, global_batch / devices)
         result["fits"] = memory.peak_memory_in_bytes <= chip.hbm_bytes
     return result
 
@@ -190,16 +197,22 @@ def print_report(result: dict) -> None:
         f"per device: {result['flops_per_device'] / 1e12:.3f} TFLOP, "
         f"{result['bytes_accessed_per_device'] / 1e9:.2f} GB accessed; "
         f"per image {result['flops_per_image'] / 1e9:.1f} GFLOP, {result['bytes_accessed_per_image'] / 1e9:.2f} GB; "
-        f"{result['arithmetic_intensity']:.0f} FLOP/byte"
+        f"{result['arithmetic_intensity']:.0f} FLOP/byte; in HBM at most "
+        f"{result['hbm_bytes_per_device'] / 1e9:.2f} GB, {result['hbm_bytes_per_image'] / 1e9:.2f} GB an image"
     )
     if "roofline" in result:
-        chip, roof = result["chip"], result["roofline"]
+        chip = result["chip"]
         print(
             f"roofline on {chip['name']} ({chip['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s bf16, "
-            f"{chip['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM): compute {roof['compute_s'] * 1e3:.1f} ms, memory "
-            f"{roof['memory_s'] * 1e3:.1f} ms -> >= {roof['step_s'] * 1e3:.1f} ms a step ({roof['bound']}-bound), "
-            f"<= {roof['images_per_s_per_device']:.0f} images/s per device"
+            f"{chip['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM):"
         )
+        for key, traffic in (("roofline", "all bytes accessed"), ("roofline_hbm", "HBM bytes")):
+            roof = result[key]
+            print(
+                f"  by {traffic}: compute {roof['compute_s'] * 1e3:.1f} ms, memory {roof['memory_s'] * 1e3:.1f} ms "
+                f"-> >= {roof['step_s'] * 1e3:.1f} ms a step ({roof['bound']}-bound), "
+                f"<= {roof['images_per_s_per_device']:.0f} images/s per device"
+            )
     print_hlo_summary(result)
 
 

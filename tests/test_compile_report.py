@@ -49,6 +49,33 @@ def test_bytes_accessed_by_instruction_and_layer():
     assert by_name["cudnn-conv.2"]["layer"] == "encoder (backward)"
     assert by_name["gemm_fusion_dot"]["bytes"] == 2 * activation
     assert by_name["cublas-gemm.1"]["bytes"] == 3 * 64 * 64 * 4 + 4194304  # with its workspace
+    assert all(i["hbm_bytes"] == i["bytes"] for i in instructions)  # a GPU module names no other memory space
+
+
+TPU_HLO = """
+ENTRY %main.2 (x.1: bf16[8,64,64,256]) -> bf16[8,64,64,256] {
+  %x.1 = bf16[8,64,64,256]{3,2,1,0:T(8,128)(2,1)} parameter(0)
+  %copy-start.1 = (bf16[8,64,64,256]{3,2,1,0:T(8,128)(2,1)S(1)}, bf16[8,64,64,256]{3,2,1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%x.1)
+  %copy-done.1 = bf16[8,64,64,256]{3,2,1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start.1)
+  %fusion.1 = bf16[8,64,64,256]{3,2,1,0:T(8,128)(2,1)S(1)} fusion(%copy-done.1), kind=kLoop, calls=%fused_computation
+  %fusion.2 = bf16[8,64,64,256]{3,2,1,0:T(8,128)(2,1)} fusion(%fusion.1, %x.1), kind=kLoop, calls=%fused_computation.1
+  %slice-start.1 = ((bf16[8,64,64,256]{3,2,1,0:T(8,128)(2,1)}), bf16[1,64,64,256]{3,2,1,0:T(8,128)(2,1)S(1)}, s32[]{:S(2)}) slice-start(%fusion.2), slice={[0:1], [0:64], [0:64], [0:256]}
+  ROOT %slice-done.1 = bf16[1,64,64,256]{3,2,1,0:T(8,128)(2,1)S(1)} slice-done(%slice-start.1)
+}
+"""  # noqa: E501 (HLO instructions are one line each)
+
+
+def test_hbm_bytes_leave_out_what_the_tpu_keeps_on_chip():
+    by_name = {i["name"]: i for i in compile_report.hlo_traffic(TPU_HLO)[0]}
+    image = 8 * 64 * 64 * 256 * 2
+    # A prefetch into on-chip memory (memory space 1) reads HBM once; a fusion on chip touches no HBM.
+    assert by_name["copy-start.1"]["bytes"] == 2 * image and by_name["copy-start.1"]["hbm_bytes"] == image
+    assert by_name["fusion.1"]["bytes"] == 2 * image and by_name["fusion.1"]["hbm_bytes"] == 0
+    assert by_name["fusion.2"]["bytes"] == 3 * image and by_name["fusion.2"]["hbm_bytes"] == 2 * image
+    assert by_name["slice-start.1"]["bytes"] == image // 4 and by_name["slice-start.1"]["hbm_bytes"] == image // 8
+    summary = compile_report.hlo_summary(TPU_HLO, top=2)
+    assert summary["instruction_bytes"] == 2 * image + 2 * image + 3 * image + image // 4
+    assert summary["instruction_hbm_bytes"] == image + 2 * image + image // 8
 
 
 def test_layer_of_names_the_module_path_without_transformations():
@@ -80,3 +107,36 @@ def test_next_batch_predicts_the_boundary_and_stays_inside_the_bracket():
     flat = {48: 14.24 * gib, 54: 14.23 * gib, 108: 29.93 * gib}
     assert compile_report.next_batch(54, 108, flat, 16 * gib) == 60
     assert compile_report.next_batch(54, 108, {48: 14.24 * gib, 54: 14.23 * gib}, 16 * gib) == 81  # no line: bisection
+
+
+COLLECTIVES_HLO = """
+%async_collective_fusion.1 (param_0.1: bf16[3,3,16,128]) -> bf16[3,3,128,128] {
+  %param_0.1 = bf16[3,3,16,128]{3,2,1,0:T(8,128)(2,1)S(1)} parameter(0)
+  ROOT %all-gather.1 = bf16[3,3,128,128]{3,2,1,0:T(8,128)(2,1)} all-gather(%param_0.1), dimensions={2}
+}
+
+%all-reduce-scatter.1 (input_0: f32[64,64]) -> f32[8,64] {
+  %input_0 = f32[64,64]{1,0:T(8,128)S(1)} parameter(0)
+  %all-reduce.1 = f32[64,64]{1,0:T(8,128)} all-reduce(%input_0), to_apply=%add
+  %partition-id.1 = u32[] partition-id()
+  ROOT %dynamic-slice.1 = f32[8,64]{1,0:T(8,128)S(1)} dynamic-slice(%all-reduce.1, %partition-id.1), dynamic_slice_sizes={8,64}
+}
+
+ENTRY %main.3 (k.1: bf16[3,3,16,128], g.1: f32[64,64], b.1: f32[256]) -> f32[8,64] {
+  %k.1 = bf16[3,3,16,128]{3,2,1,0:T(8,128)(2,1)} parameter(0)
+  %g.1 = f32[64,64]{1,0:T(8,128)} parameter(1)
+  %b.1 = f32[256]{0:T(256)} parameter(2)
+  %fusion.1 = bf16[3,3,128,128]{3,2,1,0:T(8,128)(2,1)} fusion(%k.1), kind=kCustom, calls=%async_collective_fusion.1
+  %all-reduce.2 = f32[256]{0:T(256)} all-reduce(%b.1), to_apply=%add
+  ROOT %fusion.2 = f32[8,64]{1,0:T(8,128)S(1)} fusion(%g.1), kind=kCustom, calls=%all-reduce-scatter.1
+}
+"""  # noqa: E501 (HLO instructions are one line each)
+
+
+def test_collectives_inside_fusions_and_the_tpus_reduce_scatter():
+    collectives = compile_report.hlo_summary(COLLECTIVES_HLO, top=1)["collectives"]
+    assert collectives == {
+        "all-gather": {"count": 1, "bytes": 3 * 3 * 128 * 128 * 2},  # the gathered kernel
+        "all-reduce": {"count": 1, "bytes": 256 * 4},  # not the one inside the reduce-scatter
+        "reduce-scatter": {"count": 1, "bytes": 64 * 64 * 4},  # the gradients summed
+    }

@@ -43,4 +43,7 @@ def test_tiny_train_step_compiles_for_v5e_2x4(tmp_path):
     assert report["flops_per_device"] > 0 and report["bytes_accessed_per_device"] > 0
     assert report["collectives"]["all-reduce"]["count"] > 0  # the gradients are summed over the data axis
     assert report["roofline"]["step_s"] > 0
+    # The TPU keeps some buffers in on-chip memory, so HBM sees less than all the bytes the instructions access.
+    assert 0 < report["instruction_hbm_bytes"] < report["instruction_bytes"]
+    assert report["roofline_hbm"]["memory_s"] <= report["roofline"]["memory_s"]
     assert report["top_layers"] and report["top_instructions"]
