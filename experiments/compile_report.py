@@ -100,7 +100,7 @@ def hlo_traffic(hlo: str) -> tuple[list[dict], list[dict]]:
     write (operands + result: what XLA's cost model counts for a fusion), and its collectives."""
     fused = set(re.findall(r"calls=%([\w.\-]+)", hlo))
     shapes, instructions, collectives = {}, [], []
-    computation = None
+    computation = ""
     for line in hlo.splitlines():
         header = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(", line)
         if header:

@@ -188,11 +188,16 @@ def test_one_process_evaluates_a_two_process_checkpoint_like_two_processes(
     one = json.loads((workdir / "eval" / "final.json").read_text())
     two = json.loads((workdir / "eval" / f"epoch_{EPOCHS:04d}.json").read_text())
     assert one["datasets"].keys() == two["datasets"].keys() == {"synthetic"}
+    # The maps of 1 and 2 processes, whose devices each compute a different share of a batch, may differ in
+    # float32's last bits on some CPUs. AUPRO counts region pixels above thresholds, so one pixel crossing one
+    # moves it by a step (3.6e-5 on brain_scan, Sapphire Rapids); the others stay within 1e-6 (pixel AUROC: 3e-7).
+    tolerance = {"aupro_0.3": 1e-4}
     for key, value in one["All_Class_Mean"].items():
-        assert abs(value - two["All_Class_Mean"][key]) <= 1e-6, (key, value, two["All_Class_Mean"][key])
+        assert abs(value - two["All_Class_Mean"][key]) <= tolerance.get(key, 1e-6), (key, value)
     for name, classes in one["datasets"]["synthetic"]["classes"].items():
         for key, value in classes.items():
-            assert abs(value - two["datasets"]["synthetic"]["classes"][name][key]) <= 1e-6, (name, key)
+            difference = abs(value - two["datasets"]["synthetic"]["classes"][name][key])
+            assert difference <= tolerance.get(key, 1e-6), (name, key, difference)
 
 
 def test_two_processes_predict_every_image_once(two_process_run, tmp_path, synthetic_data_dir):
