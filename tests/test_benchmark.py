@@ -1,4 +1,4 @@
-"""`experiments/benchmark.py` measures both steps of the tiny model and writes the promised keys."""
+"""`python -m experiments.bench.benchmark` measures both steps of the tiny model and writes the promised keys."""
 
 import json
 import subprocess
@@ -11,7 +11,8 @@ def benchmark(mode: str, out) -> dict:
     result = subprocess.run(
         [
             sys.executable,
-            "experiments/benchmark.py",
+            "-m",
+            "experiments.bench.benchmark",
             "--config=configs/tiny.py",
             "--batch-size=2",
             "--modalities=2",

@@ -1,15 +1,10 @@
-"""`experiments/compile_report.py` reads a compiled GPU module: library calls, Triton fusions and bytes accessed.
+"""`experiments.compile.report` reads a compiled GPU module: library calls, Triton fusions and bytes accessed.
 
 The snippet is the shape of what XLA's GPU compiler printed for a 3x3 convolution followed by a
 matrix product and a cuBLAS GEMM (abridged); compiling for a GPU needs the CUDA wheels, which CI lacks.
 """
 
-import sys
-
-from helpers import REPO
-
-sys.path.insert(0, str(REPO / "experiments"))
-import compile_report  # noqa: E402
+from experiments.compile import report
 
 HLO = """
 %gemm_fusion_dot_computation (parameter_0: bf16[131072,64]) -> bf16[131072,64] {
@@ -33,14 +28,14 @@ ENTRY %main.1 (x.1: bf16[32,64,64,64], k.1: bf16[3,3,64,64], w.1: f32[64,64]) ->
 
 
 def test_kernel_counts_by_library():
-    counts = compile_report.kernel_counts(HLO)
+    counts = report.kernel_counts(HLO)
     assert (counts["cudnn_convolutions"], counts["cublas_gemms"], counts["triton_fusions"]) == (2, 1, 1)
     assert counts["custom_calls"] == {"__cudnn$convForward": 1, "__cudnn$convBackwardFilter": 1, "__cublas$gemm": 1}
     assert counts["fusion_kinds"] == {"__triton_nested_gemm_fusion": 1}
 
 
 def test_bytes_accessed_by_instruction_and_layer():
-    instructions, collectives = compile_report.hlo_traffic(HLO)
+    instructions, collectives = report.hlo_traffic(HLO)
     by_name = {i["name"]: i for i in instructions}
     assert "dot.1" not in by_name and not collectives  # inside a fusion: counted as the fusion
     activation, kernel = 32 * 64 * 64 * 64 * 2, 3 * 3 * 64 * 64 * 2
@@ -66,21 +61,21 @@ ENTRY %main.2 (x.1: bf16[8,64,64,256]) -> bf16[8,64,64,256] {
 
 
 def test_hbm_bytes_leave_out_what_the_tpu_keeps_on_chip():
-    by_name = {i["name"]: i for i in compile_report.hlo_traffic(TPU_HLO)[0]}
+    by_name = {i["name"]: i for i in report.hlo_traffic(TPU_HLO)[0]}
     image = 8 * 64 * 64 * 256 * 2
     # A prefetch into on-chip memory (memory space 1) reads HBM once; a fusion on chip touches no HBM.
     assert by_name["copy-start.1"]["bytes"] == 2 * image and by_name["copy-start.1"]["hbm_bytes"] == image
     assert by_name["fusion.1"]["bytes"] == 2 * image and by_name["fusion.1"]["hbm_bytes"] == 0
     assert by_name["fusion.2"]["bytes"] == 3 * image and by_name["fusion.2"]["hbm_bytes"] == 2 * image
     assert by_name["slice-start.1"]["bytes"] == image // 4 and by_name["slice-start.1"]["hbm_bytes"] == image // 8
-    summary = compile_report.hlo_summary(TPU_HLO, top=2)
+    summary = report.hlo_summary(TPU_HLO, top=2)
     assert summary["instruction_bytes"] == 2 * image + 2 * image + 3 * image + image // 4
     assert summary["instruction_hbm_bytes"] == image + 2 * image + image // 8
 
 
 def test_layer_of_names_the_module_path_without_transformations():
     metadata = 'metadata={op_name="jit(train_step)/transpose(jvp(UniMMAD))/cmoe0/mimoe_k5/shard_map/vmap()/conv"}'
-    assert compile_report.layer_of(metadata) == "cmoe0/mimoe_k5 (backward)"
+    assert report.layer_of(metadata) == "cmoe0/mimoe_k5 (backward)"
 
 
 def test_compiler_peak_reads_the_tpu_compilers_out_of_memory_message():
@@ -88,25 +83,25 @@ def test_compiler_peak_reads_the_tpu_compilers_out_of_memory_message():
         "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
         "(19.93G) exceeds available HBM (15.75G)."
     )
-    assert compile_report.compiler_peak(error, 2**30) == 19.93 * 2**30 + 2**30
-    assert compile_report.compiler_peak("INTERNAL: some other failure", 2**30) is None
+    assert report.compiler_peak(error, 2**30) == 19.93 * 2**30 + 2**30
+    assert report.compiler_peak("INTERNAL: some other failure", 2**30) is None
 
 
 def test_next_batch_predicts_the_boundary_and_stays_inside_the_bracket():
     gib = 2**30
     # Peak = 2 GiB of state + 0.25 GiB an image: 16 GiB holds 56 images.
     peaks = {0: 2 * gib, 8: 4 * gib}
-    assert compile_report.next_batch(8, None, peaks, 16 * gib) == 16  # at most double
-    assert compile_report.next_batch(32, None, {**peaks, 32: 10 * gib}, 16 * gib) == 56
-    assert compile_report.next_batch(56, None, {**peaks, 56: 16 * gib}, 16 * gib) == 57  # at the line: one more
-    assert compile_report.next_batch(8, 20, peaks, 16 * gib) == 19  # never at or past a batch that failed
-    assert compile_report.next_batch(8, None, {8: 4 * gib}, 16 * gib) == 16  # one peak: doubling
-    assert compile_report.next_batch(56, None, {50: 14.36 * gib, 56: 14.43 * gib}, 16 * gib) == 112  # flat: doubling
-    assert compile_report.next_batch(0, 9, {}, 16 * gib) == 4  # no peak: bisection
+    assert report.next_batch(8, None, peaks, 16 * gib) == 16  # at most double
+    assert report.next_batch(32, None, {**peaks, 32: 10 * gib}, 16 * gib) == 56
+    assert report.next_batch(56, None, {**peaks, 56: 16 * gib}, 16 * gib) == 57  # at the line: one more
+    assert report.next_batch(8, 20, peaks, 16 * gib) == 19  # never at or past a batch that failed
+    assert report.next_batch(8, None, {8: 4 * gib}, 16 * gib) == 16  # one peak: doubling
+    assert report.next_batch(56, None, {50: 14.36 * gib, 56: 14.43 * gib}, 16 * gib) == 112  # flat: doubling
+    assert report.next_batch(0, 9, {}, 16 * gib) == 4  # no peak: bisection
     # A flat peak below and a failure far above: interpolate between them, not one step down from the failure.
     flat = {48: 14.24 * gib, 54: 14.23 * gib, 108: 29.93 * gib}
-    assert compile_report.next_batch(54, 108, flat, 16 * gib) == 60
-    assert compile_report.next_batch(54, 108, {48: 14.24 * gib, 54: 14.23 * gib}, 16 * gib) == 81  # no line: bisection
+    assert report.next_batch(54, 108, flat, 16 * gib) == 60
+    assert report.next_batch(54, 108, {48: 14.24 * gib, 54: 14.23 * gib}, 16 * gib) == 81  # no line: bisection
 
 
 COLLECTIVES_HLO = """
@@ -134,7 +129,7 @@ ENTRY %main.3 (k.1: bf16[3,3,16,128], g.1: f32[64,64], b.1: f32[256]) -> f32[8,6
 
 
 def test_collectives_inside_fusions_and_the_tpus_reduce_scatter():
-    collectives = compile_report.hlo_summary(COLLECTIVES_HLO, top=1)["collectives"]
+    collectives = report.hlo_summary(COLLECTIVES_HLO, top=1)["collectives"]
     assert collectives == {
         "all-gather": {"count": 1, "bytes": 3 * 3 * 128 * 128 * 2},  # the gathered kernel
         "all-reduce": {"count": 1, "bytes": 256 * 4},  # not the one inside the reduce-scatter

@@ -1,11 +1,10 @@
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import PARITY, REPO, load_config
+from helpers import PARITY, load_config
 
 from unimmad_jax import checkpoints, convert, model_io, train
 from unimmad_jax.models.unimmad import ModelConfig, abstract_variables
@@ -145,8 +144,7 @@ def test_official_to_ours_to_export_is_bit_identical(tmp_path):
     model holds bit for bit (the unused ones are placeholders)."""
     from safetensors.numpy import load_file
 
-    sys.path.insert(0, str(REPO / "experiments"))
-    import reference_checkpoint
+    from experiments.parity import reference_checkpoint
 
     original = reference_checkpoint.write_reference_checkpoint(tmp_path / "reference", salt="export", size=128)
     official = ["--checkpoint-dir", str(tmp_path / "reference"), "--prior", str(original["prior"])]

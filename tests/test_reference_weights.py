@@ -1,17 +1,14 @@
-"""The deterministic parity weights (experiments/reference_checkpoint.py) give the values the fixtures were made with.
+"""The deterministic parity weights (`experiments.parity.reference_checkpoint`) are those the fixtures were made with.
 
 The expected numbers were recorded from the recipe that made the PyTorch fixtures: the sum (in
 float64) and the first element of one tensor per rule of the recipe.
 """
 
-import sys
-
 import numpy as np
 import pytest
-from helpers import PARITY, REPO
+from helpers import PARITY
 
-sys.path.insert(0, str(REPO / "experiments"))
-import reference_checkpoint  # noqa: E402
+from experiments.parity import reference_checkpoint
 
 RECORDED = [  # key, shape, salt, dtype, sum, first element
     ("0.model.conv1.weight", (64, 3, 7, 7), "", "float32", 3.8423657992766493, -0.016948526725172997),

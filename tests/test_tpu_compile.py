@@ -1,6 +1,6 @@
 """The TPU compiler compiles the tiny model's training step for a v5e:2x4 slice on this machine, without a TPU.
 
-`experiments/tpu_compile.py` runs libtpu's compiler ahead of time on shapes alone: the report's
+`python -m experiments.compile.tpu_compile` runs libtpu's compiler ahead of time on shapes alone: the report's
 memory, FLOPs and collectives come from the compiled TPU program.
 """
 
@@ -23,7 +23,8 @@ def test_tiny_train_step_compiles_for_v5e_2x4(tmp_path):
     report_path = tmp_path / "report.json"
     command = [
         sys.executable,
-        "experiments/tpu_compile.py",
+        "-m",
+        "experiments.compile.tpu_compile",
         "--config=configs/tiny.py",
         "--topology=v5e:2x4",
         "--global-batch=16",

@@ -1,8 +1,8 @@
 """Speed and cost of the model: images/s, GFLOPs per image (XLA's count), peak memory, compile time.
 
-    python experiments/benchmark.py --config=configs/unified.py --batch-size=4 --modalities=2 \\
+    python -m experiments.bench.benchmark --config=configs/unified.py --batch-size=4 --modalities=2 \\
         --image-size=256 --mode=infer --json=bench.json
-    python experiments/benchmark.py --config=configs/unified.py --sweep --out-dir=bench/
+    python -m experiments.bench.benchmark --config=configs/unified.py --sweep --out-dir=bench/
 
 `infer` times the evaluation step (model, anomaly maps, blur, image scores); `train` the
 whole optimizer step.  Inputs are random, every one of the `--modalities` slots valid;
@@ -18,9 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import resident_memory
 from absl import app, flags
 from ml_collections import config_flags
+
+from experiments.bench import resident_memory
 
 flags.DEFINE_integer("batch-size", 4, "Images per step.")
 flags.DEFINE_integer("modalities", 2, "Valid modality slots per image (1..4).")

@@ -1,10 +1,11 @@
 """Compile the training (or evaluation) step for an NVIDIA H200 on this machine, without a GPU.
 
     pip install "jax[cuda12]==0.10.2"   # XLA's GPU compiler (5.5 GB of wheels)
-    python experiments/gpu_compile.py --config=configs/mvtec3d.py --config.model.dtype=bfloat16 --json=h200.json
-    python experiments/gpu_compile.py --config=configs/unified.py --mode=eval --topology=1x1x8 --global-batch=256
+    python -m experiments.compile.gpu_compile --config=configs/mvtec3d.py --config.model.dtype=bfloat16 --json=h200.json
+    python -m experiments.compile.gpu_compile --config=configs/unified.py --mode=eval --topology=1x1x8 \\
+        --global-batch=256
 
-The step is the one `unimmad_jax.main` runs (`compile_report.lower_step`), traced from shapes alone
+The step is the one `unimmad_jax.main` runs (`experiments.compile.report.lower_step`), traced from shapes alone
 over a data mesh of the topology's GPUs and compiled ahead of time by XLA's GPU compiler for the
 GPU that `--target-config` describes: by default an H200 SXM, from its published figures
 (`H200_SXM`).  Nothing is autotuned.
@@ -32,9 +33,10 @@ import time
 # JAX runs on the CPU and compiles for the GPU through the topology: it must not look for a GPU.
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import compile_report  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from experiments.compile import report  # noqa: E402
 
 H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core FLOP/s of an H200 SXM (NVIDIA's data sheet)
 # An H200 SXM as XLA's GPU compiler needs it (GpuDeviceInfoProto fields): NVIDIA's data sheet (141 GB of
@@ -108,7 +110,7 @@ def h200_target_config() -> str:
 def gpu_mesh(target_config: str, topology: str):
     from jax.experimental import topologies
 
-    return compile_report.topology_mesh(
+    return report.topology_mesh(
         topologies.get_topology_desc(platform="cuda", target_config=target_config, topology=topology)
     )
 
@@ -117,7 +119,7 @@ def compiled_report(config, mode: str, target_config: str, topology: str, global
     """Compile for the GPUs in this process (a failed check in XLA ends it) and report on the program."""
     mesh = gpu_mesh(target_config, topology)
     start = time.perf_counter()
-    compiled, error = compile_report.compile_step(config, mode, mesh, global_batch)
+    compiled, error = report.compile_step(config, mode, mesh, global_batch)
     result = {"compile_s": round(time.perf_counter() - start, 1), "compiled": compiled is not None}
     if compiled is None:
         return {**result, "error": error}
@@ -133,9 +135,9 @@ def compiled_report(config, mode: str, target_config: str, topology: str, global
         "output_bytes_per_device": memory.output_size_in_bytes,
         "temp_bytes_per_device": memory.temp_size_in_bytes,
         "alias_bytes_per_device": memory.alias_size_in_bytes,
-        "bytes_accessed_per_device": sum(i["bytes"] for i in compile_report.hlo_traffic(hlo)[0]),
-        **compile_report.kernel_counts(hlo),
-        **compile_report.hlo_summary(hlo, top),
+        "bytes_accessed_per_device": sum(i["bytes"] for i in report.hlo_traffic(hlo)[0]),
+        **report.kernel_counts(hlo),
+        **report.hlo_summary(hlo, top),
     }
 
 
@@ -147,7 +149,7 @@ def unoptimised_flops(config, mode: str, global_batch: int) -> float:
     from unimmad_jax.sharding import DATA_AXIS
 
     mesh = jax.sharding.Mesh(np.asarray(jax.devices("cpu")[:1]), (DATA_AXIS,))
-    return float(compile_report.lower_step(config, mode, mesh, global_batch).cost_analysis()["flops"])
+    return float(report.lower_step(config, mode, mesh, global_batch).cost_analysis()["flops"])
 
 
 def compile_in_child(xla_flags: str) -> dict:
@@ -155,7 +157,7 @@ def compile_in_child(xla_flags: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "compiled.json")
         env = {**os.environ, "XLA_FLAGS": xla_flags}
-        command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f"--compiled-report={path}"]
+        command = [sys.executable, "-m", __spec__.name, *sys.argv[1:], f"--compiled-report={path}"]
         start = time.perf_counter()
         child = subprocess.run(command, env=env, capture_output=True, text=True)
         if child.returncode == 0:
@@ -201,7 +203,7 @@ def print_report(result: dict) -> None:
         f"{roof['compute_s'] * 1e3:.1f} ms, memory {roof['memory_s'] * 1e3:.1f} ms -> >= {roof['step_s'] * 1e3:.1f} ms "
         f"a step ({roof['bound']}-bound), <= {roof['images_per_s_per_device']:.0f} images/s per GPU"
     )
-    compile_report.print_hlo_summary(result)
+    report.print_hlo_summary(result)
 
 
 def main(argv) -> int:
@@ -209,7 +211,7 @@ def main(argv) -> int:
     config = FLAGS.config
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/mvtec3d.py")
-    compile_report.accelerator_forms(config)
+    report.accelerator_forms(config)
     if FLAGS["target-config"].value:
         with open(FLAGS["target-config"].value) as f:
             target_config = f.read()
@@ -228,9 +230,7 @@ def main(argv) -> int:
         raise app.UsageError(f"--global-batch={global_batch} must be a multiple of the {devices} GPUs of {topology}")
     flops = unoptimised_flops(config, mode, global_batch) / devices
     result = {
-        **compile_report.step_description(
-            config, mode, topology, mesh.devices.flat[0].device_kind, devices, global_batch
-        ),
+        **report.step_description(config, mode, topology, mesh.devices.flat[0].device_kind, devices, global_batch),
         "xla_flags": FLAGS["xla-flags"].value,
         "device_memory_bytes": int(target_field(target_config, "device_memory_size")),
         "flops_per_device": flops,
@@ -241,7 +241,7 @@ def main(argv) -> int:
         result["roofline"] = {
             "bf16_flops_per_s": peak_flops,
             "bytes_per_s": bandwidth,
-            **compile_report.roofline(
+            **report.roofline(
                 flops, result["bytes_accessed_per_device"], peak_flops, bandwidth, global_batch / devices
             ),
         }

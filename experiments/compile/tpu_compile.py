@@ -1,9 +1,9 @@
 """Compile the training (or evaluation) step for a TPU slice on this machine, without a TPU.
 
     pip install "jax[tpu]==0.10.2"   # libtpu: the TPU compiler
-    python experiments/tpu_compile.py --config=configs/mvtec3d.py --config.model.dtype=bfloat16 \\
+    python -m experiments.compile.tpu_compile --config=configs/mvtec3d.py --config.model.dtype=bfloat16 \\
         --topology=v5e:16x16 --global-batch=2048 --json=v5e_16x16.json
-    python experiments/tpu_compile.py --config=configs/unified.py --topology=v4:2x2x2 --chip-config=megacore \\
+    python -m experiments.compile.tpu_compile --config=configs/unified.py --topology=v4:2x2x2 --chip-config=megacore \\
         --find-max-batch
 
 The step is the one `unimmad_jax.main` runs: `train.make_train_step` (or `evaluate.make_predict_fn`
@@ -28,13 +28,9 @@ import sys
 import time
 from typing import NamedTuple
 
-import compile_report
-
-compile_report.compile_for_tpu_here()
-
-from absl import app, flags  # noqa: E402
-from compile_report import (  # noqa: E402
+from experiments.compile.report import (
     accelerator_forms,
+    compile_for_tpu_here,
     compile_step,
     compiler_peak,
     hlo_summary,
@@ -45,6 +41,10 @@ from compile_report import (  # noqa: E402
     topology_mesh,
     tpu_topology,
 )
+
+compile_for_tpu_here()
+
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=False)

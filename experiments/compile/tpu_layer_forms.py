@@ -1,7 +1,7 @@
 """Compile each layer form alone for a TPU slice, without a TPU: the README's layer-form table.
 
     pip install "jax[tpu]==0.10.2"
-    python experiments/tpu_layer_forms.py --topology=v5e:2x4 [--per-device-batch=8] [--json=OUT]
+    python -m experiments.compile.tpu_layer_forms --topology=v5e:2x4 [--per-device-batch=8] [--json=OUT]
 
 Each row is one of the model's layers at the size it has in the full model (256 px, bf16), run
 forward and backward (the gradients of a sum of squares with respect to its input and its
@@ -17,9 +17,9 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import compile_report
+from experiments.compile import report
 
-compile_report.compile_for_tpu_here()
+report.compile_for_tpu_here()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -111,8 +111,8 @@ def compile_form(form: Form, mesh) -> dict:
 
 def main(argv) -> int:
     del argv
-    topology = compile_report.tpu_topology(FLAGS.topology, FLAGS["chip-config"].value)
-    mesh = compile_report.topology_mesh(topology)
+    topology = report.tpu_topology(FLAGS.topology, FLAGS["chip-config"].value)
+    mesh = report.topology_mesh(topology)
     batch = FLAGS["per-device-batch"].value * len(topology.devices)
     results = {}
     print(f"per device of {FLAGS.topology}, {FLAGS['per-device-batch'].value} images each, forward and backward:")

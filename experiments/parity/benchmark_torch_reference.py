@@ -1,6 +1,6 @@
 """Times the PyTorch reading of the reference (`torch_reference.py`) on the benchmark's workload.
 
-    python experiments/benchmark_torch_reference.py --batch-size 4 --modalities 2 --image-size 256 --mode infer
+    python -m experiments.parity.benchmark_torch_reference --batch-size 4 --modalities 2 --image-size 256 --mode infer
 
 Needs torch (not a dependency of the package; e.g. `pip install torch==2.13.0` in another
 environment).  It runs the reference's computation as the release does it (three
@@ -16,9 +16,10 @@ import json
 import resource
 import time
 
-import resident_memory
 import torch
-import torch_reference as tr
+
+from experiments.bench import resident_memory
+from experiments.parity import torch_reference as tr
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,8 @@
 """Check the independent PyTorch reference (`torch_reference.py`) against a parity case.
 
-    VENV/bin/python experiments/check_torch_reference.py            # official_128.npz
-    VENV/bin/python experiments/check_torch_reference.py --case tests/data/parity/cases/unseen_64.npz
-    VENV/bin/python experiments/check_torch_reference.py --case tests/data/parity/cases/trajectory_128.npz
+    VENV/bin/python -m experiments.parity.check_torch_reference            # official_128.npz
+    VENV/bin/python -m experiments.parity.check_torch_reference --case tests/data/parity/cases/unseen_64.npz
+    VENV/bin/python -m experiments.parity.check_torch_reference --case tests/data/parity/cases/trajectory_128.npz
 
 Runs the model on the case's inputs with the recipe weights of the case's salt and
 image size, and prints the max-abs / relative difference of every output and
@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_parity_case as mpc  # noqa: E402
-import reference_checkpoint as rc  # noqa: E402
+from experiments.parity import make_case as mpc
+from experiments.parity import reference_checkpoint as rc
 
 OFFICIAL = rc.PARITY_DIR / "cases" / "official_128.npz"
 

@@ -2,8 +2,8 @@
 
 See docs/parity.md for the cases and the tolerances.
 
-    python experiments/compare_pytorch.py --checkpoint DIR --case tests/data/parity/cases/official_128.npz
-    python experiments/compare_pytorch.py --checkpoint DIR --case tests/data/parity/cases/trajectory_128.npz
+    python -m experiments.parity.compare --checkpoint DIR --case tests/data/parity/cases/official_128.npz
+    python -m experiments.parity.compare --checkpoint DIR --case tests/data/parity/cases/trajectory_128.npz
 
 DIR is a model checkpoint written by `python -m unimmad_jax.convert official` from a reference
 checkpoint folder with the case's weights.  A single-step case holds the reference's inputs and

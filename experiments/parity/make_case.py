@@ -3,10 +3,10 @@
 
 Needs a venv with torch (torch is not a dependency of the package), e.g.
 
-    VENV/bin/python experiments/make_parity_case.py \
+    VENV/bin/python -m experiments.parity.make_case \
         --salt unseen --image-size 64 --modalities 1,3,2 --loss-weights 0.5,1,10 \
         --epoch 37 --seed 3 --out tests/data/parity/cases/unseen_64.npz
-    VENV/bin/python experiments/make_parity_case.py --trajectory \
+    VENV/bin/python -m experiments.parity.make_case --trajectory \
         --salt trajmix --image-size 64 --modalities "4,1,2;1,1,3;2,4,1;3,2,2" \
         --loss-weights "1,0.5,10;1,1,1;10,0.5,1;0.5,0.5,10" --epochs 2 --steps-per-epoch 2 \
         --eval-modalities 3,1,4 --seed 11 --out tests/data/parity/cases/trajectory_mix_64.npz
@@ -33,16 +33,14 @@ norm of every parameter's change, and eval-mode maps and scores one sample at a 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reference_checkpoint as rc  # noqa: E402
-import torch_reference as tr  # noqa: E402
+from experiments.parity import reference_checkpoint as rc
+from experiments.parity import torch_reference as tr
 
 DEFAULT_GRAD_KEYS = (
     "general_multimodal_encoder/1.final.0.weight",

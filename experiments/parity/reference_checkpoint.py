@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PARITY_DIR = Path(os.environ.get("UNIMMAD_PARITY_DIR", REPO_ROOT / "tests" / "data" / "parity"))
 
 # file part name (as in the fixtures' `grad/<part>/<key>`) -> (manifest, checkpoint file)

@@ -1,6 +1,6 @@
 """How much of the pair compute (prior and C-MoE, one pass per sample and slot) pads empty modality slots.
 
-    python experiments/padding.py --config=configs/unified.py --global-batch=10,64,2048
+    python -m experiments.studies.padding --config=configs/unified.py --global-batch=10,64,2048
 
 Simulates the training loader's draws (`unimmad_jax.data.pipeline.BalancedDraws`, seeded as in
 training) for `--epochs` epochs, with every batch padded to `config.data.num_slots` (mixed batches,
