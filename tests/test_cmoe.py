@@ -62,14 +62,15 @@ def test_branch_equals_three_convolutions(kernel, size):
     general_map = jax.random.normal(jax.random.key(0), (batch, size, size, C))
     stats = jax.random.normal(jax.random.key(1), (slots * batch, C))
     base = jax.random.normal(jax.random.key(2), (N, kernel, kernel, C, C)) / (kernel * np.sqrt(C))
-    module = cmoe.MiMoE(kernel, C, R, K)
+    forms = layers.layer_forms("auto")
+    module = cmoe.MiMoE(kernel, C, R, K, forms.conv, forms.group_norm, forms.per_sample_conv)
     params = module.init(jax.random.key(3), general_map, stats, base)["params"]
     params["fixed_expert"] = params["fixed_expert"] + 0.1 * jax.random.normal(
         jax.random.key(4), params["fixed_expert"].shape
     )
     fused, routing = module.apply({"params": params}, general_map, stats, base)
 
-    x = layers.ConvNormAct(C).apply({"params": params["pre"]}, general_map)
+    x = layers.ConvNormAct(C, layers.conv, layers.GroupNorm).apply({"params": params["pre"]}, general_map)
     mix = jax.nn.softmax(params["leader_logits"], axis=1)  # [R, N, C]
     leaders = jnp.einsum("rnc,nhwic->rhwic", mix, base)  # W_r, per output channel c
     for pair in range(slots * batch):
@@ -78,13 +79,13 @@ def test_branch_equals_three_convolutions(kernel, size):
         fixed = conv_same(xs, params["fixed_expert"])
         routed = sum(routing.score[pair, j] * conv_same(xs, leaders[routing.index[pair, j]]) for j in range(K))
         y = jnp.concatenate([fixed, routed], axis=-1) @ params["post"]
-        expected = layers.NormAct().apply({"params": params["post_norm"]}, y)
+        expected = layers.NormAct(layers.GroupNorm).apply({"params": params["post_norm"]}, y)
         np.testing.assert_allclose(fused[pair], expected[0], atol=2e-5)
 
 
 def cross_moe_run(prior, mask, train=True):
     general = jax.random.normal(jax.random.key(5), (2, 8, 8, 16))
-    module = cmoe.CrossMoE(16, embed_dim=C, base_num=N, router_num=R, top_k=K)
+    module = cmoe.CrossMoE(16, layers.layer_forms("auto"), embed_dim=C, base_num=N, router_num=R, top_k=K)
     variables = module.init(jax.random.key(6), general, prior, mask, train=False)
     (y, loss, _), updates = module.apply(variables, general, prior, mask, train=train, mutable=["batch_stats"])
     return y, loss, updates["batch_stats"]
@@ -104,63 +105,12 @@ def test_padded_pairs_change_no_output_loss_or_statistic():
     assert not np.allclose(stats_all_valid["cond_bn"]["var"], stats["cond_bn"]["var"])
 
 
-@pytest.mark.parametrize("conv_impl", ["cpu", "native"])
-@pytest.mark.parametrize("kernel", [1, 3, 5])
-def test_per_sample_conv_sharded_over_eight_devices(kernel, conv_impl):
-    """Each sample's own kernel, also when the batch is split over devices (XLA once got 1x1 wrong there)."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    x = jax.random.normal(jax.random.key(0), (8, 6, 6, 4))
-    kernels = jax.random.normal(jax.random.key(1), (8, kernel, kernel, 4, 5))
-    expected = jnp.concatenate([conv_same(x[i : i + 1], kernels[i]) for i in range(8)])
-    split = NamedSharding(Mesh(np.asarray(jax.devices()[:8]), ("data",)), PartitionSpec("data"))
-    sharded = jax.jit(functools.partial(cmoe.per_sample_conv, conv_impl=conv_impl), in_shardings=(split, split))(
-        x, kernels
-    )
-    np.testing.assert_allclose(sharded, expected, atol=1e-4)
-
-
-@pytest.mark.parametrize("conv_impl", ["cpu", "native"])
-def test_per_sample_conv_exports_for_any_batch_size(conv_impl):
-    """`jax.export` with a symbolic batch (as `unimmad_jax.export` does) works in both forms and computes the
-    per-sample convolution (a symbolic count cannot be the native form's feature group count)."""
-    (batch,) = jax.export.symbolic_shape("b")
-    conv = functools.partial(cmoe.per_sample_conv, conv_impl=conv_impl)
-    exported = jax.export.export(jax.jit(conv))(
-        jax.ShapeDtypeStruct((batch, 6, 6, 4), jnp.float32), jax.ShapeDtypeStruct((batch, 3, 3, 4, 5), jnp.float32)
-    )
-    x = jax.random.normal(jax.random.key(0), (3, 6, 6, 4))
-    kernels = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 5))
-    expected = jnp.concatenate([conv_same(x[i : i + 1], kernels[i]) for i in range(3)])
-    np.testing.assert_allclose(exported.call(x, kernels), expected, atol=1e-4)
-
-
-def test_native_per_sample_conv_on_a_mesh_convolves_each_devices_own_samples():
-    """Traced on a mesh of 8 devices (`sharding.traced_on`, as the train and predict steps are), the
-    native per-sample convolution and its gradients are those computed without a mesh, and no device
-    gathers the batch, which XLA's partitioner does for the convolution left to itself."""
-    from jax.sharding import Mesh
-
-    from unimmad_jax import sharding
-
-    x = jax.random.normal(jax.random.key(0), (16, 6, 6, 4))
-    kernels = jax.random.normal(jax.random.key(1), (16, 3, 3, 4, 5))
-    step = jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(cmoe.per_sample_conv(x, k, "native"))), argnums=(0, 1))
-    expected = jax.jit(step)(x, kernels)
-    split = sharding.batch_split(Mesh(np.asarray(jax.devices()[:8]), (sharding.DATA_AXIS,)))
-    on_mesh = jax.jit(sharding.traced_on(split.mesh, step), in_shardings=(split, split))
-    for a, b in zip(jax.tree_util.tree_leaves(on_mesh(x, kernels)), jax.tree_util.tree_leaves(expected)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    assert "all-gather" not in on_mesh.lower(x, kernels).compile().as_text()
-    left_to_xla = jax.jit(step, in_shardings=(split, split)).lower(x, kernels).compile().as_text()
-    assert "all-gather" in left_to_xla  # if XLA stops gathering, the shard_map in per_sample_conv can go
-
-
 def router_run(router_condition, general, params=None):
     """The C-MoE's output, loss and routings on a fixed prior; parameters initialised under `router_condition`."""
     prior = jax.random.normal(jax.random.key(7), (4, 8, 8, 16))
     mask = jnp.ones(4, bool)
-    module = cmoe.CrossMoE(16, embed_dim=C, base_num=N, router_num=R, top_k=K, router_condition=router_condition)
+    forms = layers.layer_forms("auto")
+    module = cmoe.CrossMoE(16, forms, embed_dim=C, base_num=N, router_num=R, top_k=K, router_condition=router_condition)
     variables = module.init(jax.random.key(6), general, prior, mask, train=False)
     if params is not None:
         variables = {**variables, "params": params}
@@ -168,7 +118,7 @@ def router_run(router_condition, general, params=None):
 
 
 def test_router_condition_default_is_cross_and_keeps_the_parameters():
-    assert cmoe.CrossMoE(16).router_condition == "cross"
+    assert cmoe.CrossMoE(16, layers.layer_forms("auto")).router_condition == "cross"
     general = jax.random.normal(jax.random.key(5), (2, 8, 8, 16))
     _, cross = router_run("cross", general)
     _, specific = router_run("specific", general)

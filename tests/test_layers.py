@@ -35,7 +35,7 @@ def test_conv_transpose_is_pytorch_scatter(kernel, stride, padding, conv_impl):
     x = rng.standard_normal((3, 5, 6))
     weight = rng.standard_normal((3, 4, kernel, kernel))
     bias = rng.standard_normal(4)
-    module = layers.conv_transpose(4, kernel, stride=stride, padding=padding, bias=True, conv_impl=conv_impl)
+    module = layers.layer_forms(conv_impl).conv_transpose(4, kernel, stride=stride, padding=padding, use_bias=True)
     params = {"params": {"kernel": jnp.asarray(weight.transpose(2, 3, 1, 0)), "bias": jnp.asarray(bias)}}
     ours = module.apply(params, jnp.asarray(x.transpose(1, 2, 0))[None])[0]
     expected = torch_conv_transpose(x, weight, stride, padding, bias)
@@ -101,7 +101,7 @@ def test_gelu_is_exact_erf_form():
 def test_depthwise_conv_is_grouped_convolution(kernel, conv_impl):
     x = jax.random.normal(jax.random.key(0), (2, 7, 6, 4))
     weight = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 4))
-    ours = layers.DepthwiseConv(kernel, conv_impl=conv_impl).apply({"params": {"kernel": weight}}, x)
+    ours = layers.layer_forms(conv_impl).depthwise_conv(kernel).apply({"params": {"kernel": weight}}, x)
     pad = kernel // 2
     expected = jax.lax.conv_general_dilated(
         x, weight, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4
@@ -115,7 +115,7 @@ def test_pointwise_conv_is_a_1x1_convolution(stride, conv_impl):
     x = jax.random.normal(jax.random.key(0), (2, 7, 6, 4))
     kernel = jax.random.normal(jax.random.key(1), (1, 1, 4, 3))
     bias = jax.random.normal(jax.random.key(2), (3,))
-    module = layers.conv(3, 1, stride=stride, bias=True, conv_impl=conv_impl)
+    module = layers.layer_forms(conv_impl).conv(3, 1, stride=stride, use_bias=True)
     assert isinstance(module, layers.PointwiseConv) == (conv_impl == "cpu")
     ours = module.apply({"params": {"kernel": kernel, "bias": bias}}, x)
     expected = (
@@ -135,11 +135,89 @@ def test_group_norm_is_flax_group_norm_with_first_divisor_groups(channels, conv_
         "scale": jax.random.normal(jax.random.key(1), (channels,)),
         "bias": jax.random.normal(jax.random.key(2), (channels,)),
     }
-    ours = layers.GroupNorm(conv_impl=conv_impl).apply({"params": params}, x)
+    ours = layers.layer_forms(conv_impl).group_norm().apply({"params": params}, x)
     expected = flax.linen.GroupNorm(
         num_groups=layers.group_count(channels), epsilon=1e-5, use_fast_variance=False
     ).apply({"params": params}, x)
     np.testing.assert_allclose(ours, expected, atol=2e-5)
+
+
+def conv_same(x, kernel):
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@pytest.mark.parametrize("conv_impl", ["cpu", "native"])
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+def test_per_sample_conv_sharded_over_eight_devices(kernel, conv_impl):
+    """Each sample's own kernel, also when the batch is split over devices (XLA once got 1x1 wrong there)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    x = jax.random.normal(jax.random.key(0), (8, 6, 6, 4))
+    kernels = jax.random.normal(jax.random.key(1), (8, kernel, kernel, 4, 5))
+    expected = jnp.concatenate([conv_same(x[i : i + 1], kernels[i]) for i in range(8)])
+    split = NamedSharding(Mesh(np.asarray(jax.devices()[:8]), ("data",)), PartitionSpec("data"))
+    per_sample_conv = layers.layer_forms(conv_impl).per_sample_conv
+    sharded = jax.jit(per_sample_conv, in_shardings=(split, split))(x, kernels)
+    np.testing.assert_allclose(sharded, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("conv_impl", ["cpu", "native"])
+def test_per_sample_conv_exports_for_any_batch_size(conv_impl):
+    """`jax.export` with a symbolic batch (as `unimmad_jax.export` does) works in both forms and computes the
+    per-sample convolution (a symbolic count cannot be the native form's feature group count)."""
+    (batch,) = jax.export.symbolic_shape("b")
+    per_sample_conv = layers.layer_forms(conv_impl).per_sample_conv
+    exported = jax.export.export(jax.jit(per_sample_conv))(
+        jax.ShapeDtypeStruct((batch, 6, 6, 4), jnp.float32), jax.ShapeDtypeStruct((batch, 3, 3, 4, 5), jnp.float32)
+    )
+    x = jax.random.normal(jax.random.key(0), (3, 6, 6, 4))
+    kernels = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 5))
+    expected = jnp.concatenate([conv_same(x[i : i + 1], kernels[i]) for i in range(3)])
+    np.testing.assert_allclose(exported.call(x, kernels), expected, atol=1e-4)
+
+
+def test_native_per_sample_conv_on_a_mesh_convolves_each_devices_own_samples():
+    """Traced on a mesh of 8 devices (`sharding.traced_on`, as the train and predict steps are), the
+    native per-sample convolution and its gradients are those computed without a mesh, and no device
+    gathers the batch, which XLA's partitioner does for the convolution left to itself."""
+    from jax.sharding import Mesh
+
+    from unimmad_jax import sharding
+
+    x = jax.random.normal(jax.random.key(0), (16, 6, 6, 4))
+    kernels = jax.random.normal(jax.random.key(1), (16, 3, 3, 4, 5))
+    step = jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(layers.per_sample_conv(x, k))), argnums=(0, 1))
+    expected = jax.jit(step)(x, kernels)
+    split = sharding.batch_split(Mesh(np.asarray(jax.devices()[:8]), (sharding.DATA_AXIS,)))
+    on_mesh = jax.jit(sharding.traced_on(split.mesh, step), in_shardings=(split, split))
+    for a, b in zip(jax.tree_util.tree_leaves(on_mesh(x, kernels)), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert "all-gather" not in on_mesh.lower(x, kernels).compile().as_text()
+    left_to_xla = jax.jit(step, in_shardings=(split, split)).lower(x, kernels).compile().as_text()
+    assert "all-gather" in left_to_xla  # if XLA stops gathering, the shard_map in per_sample_conv can go
+
+
+@pytest.mark.parametrize("conv_impl", ["cpu", "native"])
+def test_layer_forms_compute_in_their_dtype_with_float32_parameters(conv_impl):
+    forms = layers.layer_forms(conv_impl, jnp.bfloat16)
+    x = jnp.ones((2, 4, 4, 8), jnp.float32)
+    modules = [
+        forms.conv(8, 1),
+        forms.conv(8, 3),
+        forms.conv_transpose(8, 2, stride=2),
+        forms.depthwise_conv(3),
+        forms.group_norm(),
+        forms.batch_norm(False),
+    ]
+    for module in modules:
+        variables = module.init(jax.random.key(0), x)
+        assert module.apply(variables, x).dtype == jnp.bfloat16, module
+        assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(variables)), module
+    kernels = jnp.ones((2, 3, 3, 8, 8), jnp.bfloat16)
+    assert forms.per_sample_conv(x.astype(jnp.bfloat16), kernels).dtype == jnp.bfloat16
 
 
 def test_auto_conv_impl_follows_the_backend_and_unknown_impls_are_named():

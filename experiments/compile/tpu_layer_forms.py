@@ -53,30 +53,29 @@ def module_layer(module, input_shape) -> Form:
     return Form(module.apply, weights, input_shape)
 
 
-def pair_conv_layer(kernel: int, conv_impl: str, batch: int) -> Form:
+def pair_conv_layer(kernel: int, forms: layers.LayerForms, batch: int) -> Form:
     """The C-MoE's per-pair convolution at level 0: 64 x 64, 256 channels, one kernel a (sample, slot) pair."""
     weights = jax.ShapeDtypeStruct((batch * SLOTS, kernel, kernel, 256, 256), DTYPE)
-    return Form(lambda w, x: cmoe.pair_conv(x, w, conv_impl), weights, (batch, 64, 64, 256), per_sample_weights=True)
+    return Form(
+        lambda w, x: cmoe.pair_conv(x, w, forms.per_sample_conv), weights, (batch, 64, 64, 256), per_sample_weights=True
+    )
 
 
 def layer_rows(batch: int) -> dict[str, dict[str, Form]]:
     """name -> conv_impl -> form; batch is global."""
     rows = {}
     for impl in layers.CONV_IMPLS[1:]:
+        impl_forms = layers.layer_forms(impl, DTYPE)
         forms = {
-            "per-pair conv k5, 64 x 64, 256 channels, 2 slots": pair_conv_layer(5, impl, batch),
-            "per-pair conv k3": pair_conv_layer(3, impl, batch),
-            "depthwise k5, 32 x 32 x 512": module_layer(layers.DepthwiseConv(5, DTYPE, impl), (batch, 32, 32, 512)),
+            "per-pair conv k5, 64 x 64, 256 channels, 2 slots": pair_conv_layer(5, impl_forms, batch),
+            "per-pair conv k3": pair_conv_layer(3, impl_forms, batch),
+            "depthwise k5, 32 x 32 x 512": module_layer(impl_forms.depthwise_conv(5), (batch, 32, 32, 512)),
             "transposed conv k4/s2/p1, 16 x 16 x 1024 -> 512": module_layer(
-                layers.conv_transpose(512, 4, stride=2, padding=1, dtype=DTYPE, conv_impl=impl), (batch, 16, 16, 1024)
+                impl_forms.conv_transpose(512, 4, stride=2, padding=1), (batch, 16, 16, 1024)
             ),
-            "transposed conv k2/s2": module_layer(
-                layers.conv_transpose(512, 2, stride=2, dtype=DTYPE, conv_impl=impl), (batch, 16, 16, 1024)
-            ),
-            "GroupNorm, 64 x 64 x 256": module_layer(layers.GroupNorm(DTYPE, impl), (batch, 64, 64, 256)),
-            "1x1 conv, 64 x 64, 256 -> 512": module_layer(
-                layers.conv(512, 1, dtype=DTYPE, conv_impl=impl), (batch, 64, 64, 256)
-            ),
+            "transposed conv k2/s2": module_layer(impl_forms.conv_transpose(512, 2, stride=2), (batch, 16, 16, 1024)),
+            "GroupNorm, 64 x 64 x 256": module_layer(impl_forms.group_norm(), (batch, 64, 64, 256)),
+            "1x1 conv, 64 x 64, 256 -> 512": module_layer(impl_forms.conv(512, 1), (batch, 64, 64, 256)),
         }
         for name, form in forms.items():
             rows.setdefault(name, {})[impl] = form

@@ -8,16 +8,15 @@ per pair with its experts (and possibly `post`) composed into one kernel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
-from unimmad_jax.models.layers import ConvNormAct, Dtype, NormAct, batch_norm, conv_nhwc, gelu, native_forms
-from unimmad_jax.sharding import DATA_AXIS
+from unimmad_jax.models.layers import ConvNormAct, Dtype, LayerForms, ModuleDef, NormAct, gelu
 
 ROUTER_CONDITIONS = ("cross", "specific")
 """What the routers' condition sees: the general feature and the specific prior, or the prior only (an ablation)."""
@@ -69,50 +68,6 @@ def identity_kernel(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> 
     return jnp.zeros(shape, dtype).at[k // 2, k // 2].set(jnp.eye(channels, dtype=dtype))
 
 
-def per_sample_conv(x: jax.Array, kernels: jax.Array, conv_impl: str) -> jax.Array:
-    """Convolve sample b of `x [B, h, w, C]` with its own kernel `kernels[b] [k, k, C, O]` ('same' padding).
-
-    Native form: one convolution with the samples folded into feature groups (what `vmap` of a
-    convolution over samples gives); 1x1 kernels as one batched matrix product.  Traced under a
-    mesh (`sharding.traced_on`) the convolution runs on each device's own samples: XLA's partitioner
-    would gather the whole batch onto every device for it (docs/scale.md#per-pair-convolutions).
-    A symbolic sample count (`jax.export`) cannot be a feature group count: it takes the CPU form.
-    """
-    if not native_forms(conv_impl) or jax.export.is_symbolic_dim(x.shape[0]):
-        return shifted_per_sample_conv(x, kernels)
-    k = kernels.shape[1]
-    if k == 1:
-        return jnp.einsum("bhwi,bio->bhwo", x, kernels[:, 0, 0])
-    pad = k // 2
-
-    def grouped_conv(x: jax.Array, kernels: jax.Array) -> jax.Array:
-        return jax.vmap(lambda image, kernel: conv_nhwc(image[None], kernel, padding=((pad, pad),) * 2)[0])(x, kernels)
-
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.shape.get(DATA_AXIS, 1) == 1:
-        return grouped_conv(x, kernels)
-    split = PartitionSpec(DATA_AXIS)
-    return jax.shard_map(grouped_conv, mesh=mesh, in_specs=(split, split), out_specs=split)(x, kernels)
-
-
-@jax.checkpoint
-def shifted_per_sample_conv(x: jax.Array, kernels: jax.Array) -> jax.Array:
-    """The CPU form of `per_sample_conv`: k*k shifted per-sample matrix products, rematerialised for
-    the backward pass (docs/performance.md#per-pair-convolutions).
-    """
-    num_samples, k, _, channels, out_channels = kernels.shape
-    pad = k // 2
-    height, width = x.shape[1:3]
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    # Taps by `split`: its gradient is one concatenation (docs/performance.md#kernel-taps-by-split).
-    taps = jnp.split(kernels.reshape(num_samples, k * k, channels, out_channels), k * k, axis=1)
-    out = 0
-    for tap, kernel in enumerate(taps):
-        dy, dx = divmod(tap, k)
-        out = out + jnp.einsum("bhwi,bio->bhwo", padded[:, dy : dy + height, dx : dx + width], kernel[:, 0])
-    return out
-
-
 def fold_post(pixels: int, k: int, channels: int, pairs: int) -> bool:
     """Whether folding `post` into the branch kernels costs fewer multiply-adds than applying it after.
 
@@ -124,34 +79,40 @@ def fold_post(pixels: int, k: int, channels: int, pairs: int) -> bool:
     return folded <= after
 
 
-def pair_conv(x: jax.Array, kernels: jax.Array, conv_impl: str) -> jax.Array:
+def pair_conv(x: jax.Array, kernels: jax.Array, per_sample_conv: Callable) -> jax.Array:
     """`x [B, h, w, C]` per sample, `kernels [P, k, k, C, O]` per pair (P = B * S) -> `[P, h, w, O]`.
 
-    Sample b's S pair kernels side by side: one convolution per sample yields all its pairs.
+    Sample b's S pair kernels side by side: one `per_sample_conv` (`layers.per_sample_conv` or its
+    CPU form) yields all its pairs.
     """
     num_samples, height, width, _ = x.shape
     pairs, k, _, channels, out = kernels.shape
     slots = pairs // num_samples
     per_sample = kernels.reshape(num_samples, slots, k, k, channels, out).transpose(0, 2, 3, 4, 1, 5)
-    y = per_sample_conv(x, per_sample.reshape(num_samples, k, k, channels, slots * out), conv_impl)
+    y = per_sample_conv(x, per_sample.reshape(num_samples, k, k, channels, slots * out))
     return y.reshape(num_samples, height, width, slots, out).transpose(0, 3, 1, 2, 4).reshape(pairs, height, width, out)
 
 
 class MiMoE(nn.Module):
-    """One kernel-size branch: `pre`, router, leader experts over the shared base bank, fixed expert, `post`."""
+    """One kernel-size branch: `pre`, router, leader experts over the shared base bank, fixed expert, `post`.
+
+    `conv` and `norm` build `pre` and `post`'s `norm_act`; `per_sample_conv` convolves each pair with its kernel.
+    """
 
     kernel: int
     embed_dim: int
     router_num: int
     top_k: int
+    conv: ModuleDef
+    norm: ModuleDef
+    per_sample_conv: Callable[[jax.Array, jax.Array], jax.Array]
     dtype: Dtype = None
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, general_map: jax.Array, stats: jax.Array, base: jax.Array) -> tuple[jax.Array, Routing]:
         """`general_map [B, h, w, C]` per sample, `stats [P, C]` per pair (P = B * S), `base [N, k, k, C, C]`."""
         c, k = self.embed_dim, self.kernel
-        x = ConvNormAct(c, dtype=self.dtype, conv_impl=self.conv_impl, name="pre")(general_map)
+        x = ConvNormAct(c, self.conv, self.norm, name="pre")(general_map)
         routing = Router(self.router_num, self.top_k, self.dtype, name="router")(stats)
         leader_logits = self.param("leader_logits", nn.initializers.normal(1.0), (self.router_num, base.shape[0], c))
         fixed = self.param("fixed_expert", identity_kernel, (k, k, c, c))
@@ -165,11 +126,11 @@ class MiMoE(nn.Module):
         routed = jnp.einsum("pnc,nhwic->phwic", mixing, base.astype(dtype))
         if fold_post(x.shape[1] * x.shape[2], k, c, routed.shape[0]):
             kernels = jnp.einsum("hwic,co->hwio", fixed, post[:c]) + jnp.einsum("phwic,co->phwio", routed, post[c:])
-            y = pair_conv(x, kernels, self.conv_impl)
+            y = pair_conv(x, kernels, self.per_sample_conv)
         else:
             kernels = jnp.concatenate([jnp.broadcast_to(fixed, routed.shape), routed], axis=-1)
-            y = jnp.einsum("phwc,co->phwo", pair_conv(x, kernels, self.conv_impl), post)
-        return NormAct(self.dtype, self.conv_impl, name="post_norm")(y), routing
+            y = jnp.einsum("phwc,co->phwo", pair_conv(x, kernels, self.per_sample_conv), post)
+        return NormAct(self.norm, name="post_norm")(y), routing
 
 
 class PairConcatConv(nn.Module):
@@ -216,13 +177,12 @@ class CrossMoE(nn.Module):
     """
 
     features: int
+    forms: LayerForms
     embed_dim: int = 256
     base_num: int = 8
     router_num: int = 32
     top_k: int = 2
     kernels: Sequence[int] = (1, 3, 5)
-    dtype: Dtype = None
-    conv_impl: str = "auto"
     router_condition: str = "cross"
     """One of `ROUTER_CONDITIONS`; "specific" keeps the general feature out of the condition only."""
 
@@ -230,15 +190,17 @@ class CrossMoE(nn.Module):
     def __call__(
         self, general: jax.Array, prior: jax.Array, pair_mask: jax.Array, train: bool
     ) -> tuple[jax.Array, jax.Array, list[Routing]]:
-        c = self.embed_dim
+        c, dtype = self.embed_dim, self.forms.dtype
+        conv, norm = self.forms.conv, self.forms.group_norm
+        conv_norm_act = functools.partial(ConvNormAct, conv=conv, norm=norm)
         # The reference's `key` and `query` projections (their parameter names stay).
-        general_map = ConvNormAct(c, dtype=self.dtype, conv_impl=self.conv_impl, name="key")(general)
-        prior_map = ConvNormAct(c, dtype=self.dtype, conv_impl=self.conv_impl, name="query")(prior)
+        general_map = conv_norm_act(c, name="key")(general)
+        prior_map = conv_norm_act(c, name="query")(prior)
         pair_only = self.router_condition == "specific"
-        cond = PairConcatConv(c, dtype=self.dtype, pair_only=pair_only, name="cond_conv")(general_map, prior_map)
-        cond = batch_norm(train, dtype=self.dtype, name="cond_bn")(cond, mask=pair_mask[:, None, None, None])
-        cond = NormAct(self.dtype, self.conv_impl, name="cond_act")(gelu(cond))
-        cond = ConvNormAct(c, dtype=self.dtype, conv_impl=self.conv_impl, name="cond_proj")(cond)
+        cond = PairConcatConv(c, dtype=dtype, pair_only=pair_only, name="cond_conv")(general_map, prior_map)
+        cond = self.forms.batch_norm(train, name="cond_bn")(cond, mask=pair_mask[:, None, None, None])
+        cond = NormAct(norm, name="cond_act")(gelu(cond))
+        cond = conv_norm_act(c, name="cond_proj")(cond)
         stats = jnp.mean(cond, axis=(1, 2))
 
         outputs, routings = [], []
@@ -248,13 +210,12 @@ class CrossMoE(nn.Module):
                 nn.initializers.lecun_normal(in_axis=(1, 2, 3), out_axis=4, batch_axis=0),
                 (self.base_num, k, k, c, c),
             )
-            out, routing = MiMoE(k, c, self.router_num, self.top_k, self.dtype, self.conv_impl, name=f"mimoe_k{k}")(
-                general_map, stats, base
+            branch = MiMoE(
+                k, c, self.router_num, self.top_k, conv, norm, self.forms.per_sample_conv, dtype, name=f"mimoe_k{k}"
             )
+            out, routing = branch(general_map, stats, base)
             outputs.append(out)
             routings.append(routing)
-        y = ConvNormAct(self.features, dtype=self.dtype, conv_impl=self.conv_impl, name="out")(
-            jnp.concatenate(outputs, axis=-1)
-        )
+        y = conv_norm_act(self.features, name="out")(jnp.concatenate(outputs, axis=-1))
         loss = sum(balance_loss(r, pair_mask) for r in routings)
         return y, loss, routings

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unimmad_jax.models.layers import Dtype, batch_norm, conv
+from unimmad_jax.models.layers import LayerForms
 
 
 class InputEmbedding(nn.Module):
@@ -18,28 +18,21 @@ class InputEmbedding(nn.Module):
     """
 
     image_size: int
+    forms: LayerForms
     channels: int = 12
     stem_widths: Sequence[int] = (24, 48)
     out_channels: int = 3
-    dtype: Dtype = None
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, share_image: jax.Array, train: bool) -> jax.Array:
+        conv, norm, dtype = self.forms.conv, self.forms.batch_norm, self.forms.dtype
         position = self.param(
             "input_embedding", nn.initializers.normal(0.02), (self.image_size, self.image_size, self.channels)
         )
-        x = share_image + jnp.asarray(position, self.dtype or jnp.result_type(share_image, position))
+        x = share_image + jnp.asarray(position, dtype or jnp.result_type(share_image, position))
         y = x
         for i, width in enumerate(self.stem_widths):
-            y = conv(width, 3, bias=True, dtype=self.dtype, conv_impl=self.conv_impl, name=f"stem_conv{i}")(y)
-            y = nn.relu(batch_norm(train, dtype=self.dtype, name=f"stem_bn{i}")(y))
-        y = conv(
-            self.out_channels,
-            3,
-            bias=True,
-            dtype=self.dtype,
-            conv_impl=self.conv_impl,
-            name=f"stem_conv{len(self.stem_widths)}",
-        )(y)
-        return y + conv(self.out_channels, 1, bias=True, dtype=self.dtype, conv_impl=self.conv_impl, name="shortcut")(x)
+            y = conv(width, 3, use_bias=True, name=f"stem_conv{i}")(y)
+            y = nn.relu(norm(train, name=f"stem_bn{i}")(y))
+        y = conv(self.out_channels, 3, use_bias=True, name=f"stem_conv{len(self.stem_widths)}")(y)
+        return y + conv(self.out_channels, 1, use_bias=True, name="shortcut")(x)

@@ -8,14 +8,15 @@ multiples of 32, so the reference's resizes between levels never apply.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unimmad_jax.models.layers import ConvNormAct, DepthwiseConv, Dtype, NormAct, batch_norm, conv, conv_transpose
-from unimmad_jax.models.wide_resnet import EXPANSION
+from unimmad_jax.models.layers import ConvNormAct, LayerForms, ModuleDef, NormAct
+from unimmad_jax.models.wide_resnet import EXPANSION, Bottleneck
 
 
 class DownBlock(nn.Module):
@@ -23,45 +24,34 @@ class DownBlock(nn.Module):
 
     features: int
     stride: int
-    dtype: Dtype = None
-    conv_impl: str = "auto"
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = conv(self.features, 3, stride=self.stride, dtype=self.dtype, conv_impl=self.conv_impl, name="conv1")(x)
-        y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(y))
-        y = conv(self.features, 3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv2")(y)
-        y = batch_norm(train, dtype=self.dtype, name="bn2")(y)
-        return nn.relu(
-            y
-            + conv(self.features, 1, stride=self.stride, dtype=self.dtype, conv_impl=self.conv_impl, name="shortcut")(x)
-        )
+        y = self.conv(self.features, 3, stride=self.stride, name="conv1")(x)
+        y = nn.relu(self.norm(train, name="bn1")(y))
+        y = self.conv(self.features, 3, name="conv2")(y)
+        y = self.norm(train, name="bn2")(y)
+        return nn.relu(y + self.conv(self.features, 1, stride=self.stride, name="shortcut")(x))
 
 
 class UpBlock(nn.Module):
     """`relu(BN(conv3x3(relu(BN(convT2x2/2(x))))) + convT4x4/2(x))`, the shortcut with a bias."""
 
     features: int
-    dtype: Dtype = None
-    conv_impl: str = "auto"
+    conv: ModuleDef
+    conv_transpose: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = conv_transpose(self.features, 2, stride=2, dtype=self.dtype, conv_impl=self.conv_impl, name="conv1")(x)
-        y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(y))
-        y = conv(self.features, 3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv2")(y)
-        y = batch_norm(train, dtype=self.dtype, name="bn2")(y)
-        shortcut = conv_transpose(
-            self.features,
-            4,
-            stride=2,
-            padding=1,
-            bias=True,
-            dtype=self.dtype,
-            conv_impl=self.conv_impl,
-            name="shortcut",
-        )(x)
-        return nn.relu(y + shortcut)
+        y = self.conv_transpose(self.features, 2, stride=2, name="conv1")(x)
+        y = nn.relu(self.norm(train, name="bn1")(y))
+        y = self.conv(self.features, 3, name="conv2")(y)
+        y = self.norm(train, name="bn2")(y)
+        shortcut = self.conv_transpose(self.features, 4, stride=2, padding=1, use_bias=True, name="shortcut")
+        return nn.relu(y + shortcut(x))
 
 
 class SeparableBranch(nn.Module):
@@ -69,13 +59,14 @@ class SeparableBranch(nn.Module):
 
     kernel: int
     features: int
-    dtype: Dtype = None
-    conv_impl: str = "auto"
+    depthwise_conv: ModuleDef
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = DepthwiseConv(self.kernel, self.dtype, self.conv_impl, name="depthwise")(x)
-        return ConvNormAct(self.features, dtype=self.dtype, conv_impl=self.conv_impl, name="pointwise")(x)
+        x = self.depthwise_conv(self.kernel, name="depthwise")(x)
+        return ConvNormAct(self.features, self.conv, self.norm, name="pointwise")(x)
 
 
 class InnerBottleneck(nn.Module):
@@ -83,107 +74,69 @@ class InnerBottleneck(nn.Module):
 
     kernel: int
     features: int
-    dtype: Dtype = None
-    conv_impl: str = "auto"
+    depthwise_conv: ModuleDef
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
     def __call__(self, levels: Sequence[jax.Array]) -> jax.Array:
-        branch_features = self.features // len(levels)
-        y = jnp.concatenate(
-            [
-                SeparableBranch(self.kernel, branch_features, self.dtype, self.conv_impl, name=f"level{i}")(x)
-                for i, x in enumerate(levels)
-            ],
-            axis=-1,
+        branch = functools.partial(
+            SeparableBranch, self.kernel, self.features // len(levels), self.depthwise_conv, self.conv, self.norm
         )
-        y = conv(
-            self.features,
-            2,
-            stride=2,
-            padding=0,
-            bias=True,
-            dtype=self.dtype,
-            conv_impl=self.conv_impl,
-            name="post_conv",
-        )(y)
-        return NormAct(self.dtype, self.conv_impl, name="post")(y)
-
-
-class DecoderBottleneck(nn.Module):
-    """A mirrored WRN bottleneck; the first of a stage upsamples x2 with transposed 2x2 convolutions."""
-
-    planes: int
-    width: int
-    upsample: bool = False
-    dtype: Dtype = None
-    conv_impl: str = "auto"
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        out_features = self.planes * EXPANSION
-        y = conv(self.width, 1, dtype=self.dtype, conv_impl=self.conv_impl, name="conv1")(x)
-        y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(y))
-        if self.upsample:
-            y = conv_transpose(self.width, 2, stride=2, dtype=self.dtype, conv_impl=self.conv_impl, name="conv2")(y)
-        else:
-            y = conv(self.width, 3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv2")(y)
-        y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(y))
-        y = conv(out_features, 1, dtype=self.dtype, conv_impl=self.conv_impl, name="conv3")(y)
-        y = batch_norm(train, dtype=self.dtype, name="bn3")(y)
-        if self.upsample:
-            x = conv_transpose(
-                out_features, 2, stride=2, dtype=self.dtype, conv_impl=self.conv_impl, name="upsample_conv"
-            )(x)
-            x = batch_norm(train, dtype=self.dtype, name="upsample_bn")(x)
-        return nn.relu(y + x)
+        y = jnp.concatenate([branch(name=f"level{i}")(x) for i, x in enumerate(levels)], axis=-1)
+        y = self.conv(self.features, 2, stride=2, padding=0, use_bias=True, name="post_conv")(y)
+        return NormAct(self.norm, name="post")(y)
 
 
 class FeatureCompressorDecoder(nn.Module):
     """FCM + decoder + final 1x1 convs: encoder levels `[4p0 @ /4, 4p1 @ /8, 4p2 @ /16]` in, same shapes out.
 
     `planes`/`blocks`/`width_factor` are the encoder's; the decoder runs the stages in reverse
-    plane order (WRN-50-2: 256 x 3 blocks, 128 x 4, 64 x 6). `embed_dim` is the FCM's width E.
+    plane order (WRN-50-2: 256 x 3 blocks, 128 x 4, 64 x 6), each stage's first bottleneck
+    upsampling x2 with transposed 2x2 convolutions. `embed_dim` is the FCM's width E.
     """
 
+    forms: LayerForms
     planes: Sequence[int] = (64, 128, 256)
     blocks: Sequence[int] = (3, 4, 6)
     width_factor: int = 2
     embed_dim: int = 512
     bottleneck_kernels: Sequence[int] = (1, 3, 5)
-    dtype: Dtype = None
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, levels: Sequence[jax.Array], train: bool) -> list[jax.Array]:
         x1, x2, x3 = levels
-        d, impl = self.dtype, self.conv_impl
+        conv, bn, gn = self.forms.conv, self.forms.batch_norm, self.forms.group_norm
         aligned = [
-            DownBlock(self.embed_dim, 2, d, impl, name="down_level0")(x1, train),
-            DownBlock(self.embed_dim, 1, d, impl, name="down_level1")(x2, train),
-            UpBlock(self.embed_dim, d, impl, name="up_level2")(x3, train),
+            DownBlock(self.embed_dim, 2, conv, bn, name="down_level0")(x1, train),
+            DownBlock(self.embed_dim, 1, conv, bn, name="down_level1")(x2, train),
+            UpBlock(self.embed_dim, conv, self.forms.conv_transpose, bn, name="up_level2")(x3, train),
         ]
+        depthwise = self.forms.depthwise_conv
         compressed = jnp.concatenate(
             [
-                InnerBottleneck(k, self.embed_dim, d, impl, name=f"bottleneck_k{k}")(aligned)
+                InnerBottleneck(k, self.embed_dim, depthwise, conv, gn, name=f"bottleneck_k{k}")(aligned)
                 for k in self.bottleneck_kernels
             ],
             axis=-1,
         )
-        y = ConvNormAct(self.embed_dim, dtype=d, conv_impl=impl, name="fuse")(compressed)
-        y = ConvNormAct(
-            2 * EXPANSION * self.planes[-1], kernel=2, stride=2, padding=0, dtype=d, conv_impl=impl, name="head"
-        )(y)
+        y = ConvNormAct(self.embed_dim, conv, gn, name="fuse")(compressed)
+        y = ConvNormAct(2 * EXPANSION * self.planes[-1], conv, gn, kernel=2, stride=2, padding=0, name="head")(y)
+        upsample = functools.partial(self.forms.conv_transpose, kernel=2, stride=2)
         decoded = []
         for stage, (planes, blocks) in enumerate(zip(reversed(self.planes), self.blocks)):
             for block in range(blocks):
-                y = DecoderBottleneck(
+                first = block == 0
+                y = Bottleneck(
                     planes,
                     self.width_factor * planes,
-                    upsample=block == 0,
-                    dtype=d,
-                    conv_impl=impl,
+                    conv,
+                    bn,
+                    spatial=upsample if first else functools.partial(conv, kernel=3),
+                    shortcut=upsample if first else None,
+                    shortcut_name="upsample",
                     name=f"decoder{stage + 1}_{block}",
                 )(y, train)
             decoded.append(y)
         decoded.reverse()
-        return [conv(f.shape[-1], 1, dtype=d, conv_impl=impl, name=f"final{i}")(f) for i, f in enumerate(decoded)]
+        return [conv(f.shape[-1], 1, name=f"final{i}")(f) for i, f in enumerate(decoded)]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from unimmad_jax.models.cmoe import ROUTER_CONDITIONS, CrossMoE, Routing
 from unimmad_jax.models.embedding import InputEmbedding
 from unimmad_jax.models.fcm import FeatureCompressorDecoder
-from unimmad_jax.models.layers import CONV_IMPLS, l2_normalize
+from unimmad_jax.models.layers import CONV_IMPLS, l2_normalize, layer_forms
 from unimmad_jax.models.wide_resnet import EXPANSION, WideResNetFeatures
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
@@ -114,33 +114,22 @@ class UniMMAD(nn.Module):
 
     def setup(self):
         cfg = self.config
-        dtype, impl = cfg.compute_dtype, cfg.conv_impl
-        wrn = dict(
-            planes=cfg.planes,
-            blocks=cfg.blocks,
-            width_factor=cfg.width_factor,
-            stem_width=cfg.stem_width,
-            dtype=dtype,
-            conv_impl=impl,
-        )
-        self.embedding = InputEmbedding(
-            cfg.image_size, 3 * cfg.max_modalities, cfg.embedding_widths, dtype=dtype, conv_impl=impl
-        )
-        self.encoder = WideResNetFeatures(**wrn)
-        self.fcm = FeatureCompressorDecoder(
-            cfg.planes, cfg.blocks, cfg.width_factor, cfg.fcm_dim, dtype=dtype, conv_impl=impl
-        )
-        self.prior = WideResNetFeatures(**wrn)
+        # The one place the layer forms are chosen.
+        forms = layer_forms(cfg.conv_impl, cfg.compute_dtype)
+        wrn = dict(planes=cfg.planes, blocks=cfg.blocks, width_factor=cfg.width_factor, stem_width=cfg.stem_width)
+        self.embedding = InputEmbedding(cfg.image_size, forms, 3 * cfg.max_modalities, cfg.embedding_widths)
+        self.encoder = WideResNetFeatures(forms, **wrn)
+        self.fcm = FeatureCompressorDecoder(forms, cfg.planes, cfg.blocks, cfg.width_factor, cfg.fcm_dim)
+        self.prior = WideResNetFeatures(forms, **wrn)
         self.cmoes = [
             CrossMoE(
                 dim,
+                forms,
                 cfg.moe_dim,
                 cfg.base_num,
                 cfg.router_num,
                 cfg.top_k,
                 cfg.moe_kernels,
-                dtype=dtype,
-                conv_impl=impl,
                 router_condition=cfg.router_condition,
                 name=f"cmoe{level}",
             )
