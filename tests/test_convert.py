@@ -138,8 +138,8 @@ MANIFESTS = {
 
 
 @pytest.mark.slow
-def test_official_to_ours_to_export_is_bit_identical(tmp_path):
-    """A reference folder of the parity weights -> `convert official` -> `convert export` at full size, without
+def test_official_to_ours_to_reference_is_bit_identical(tmp_path):
+    """A reference folder of the parity weights -> `convert official` -> `convert to-reference` at full size, without
     running the model (~1 min, 4 GB): exactly the reference's keys, shapes and dtypes, and every tensor the
     model holds bit for bit (the unused ones are placeholders)."""
     from safetensors.numpy import load_file
@@ -149,31 +149,33 @@ def test_official_to_ours_to_export_is_bit_identical(tmp_path):
     original = reference_checkpoint.write_reference_checkpoint(tmp_path / "reference", salt="export", size=128)
     official = ["--checkpoint-dir", str(tmp_path / "reference"), "--prior", str(original["prior"])]
     assert convert.main(["official", *official, "--image-size", "128", "--out", str(tmp_path / "ours")]) == 0
-    assert convert.main(["export", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "exported")]) == 0
+    assert (
+        convert.main(["to-reference", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "written")]) == 0
+    )
     parts = {"general_multimodal_encoder": "model", "input_embedding": "model_1", "c_moes": "model_2", "prior": "prior"}
     for part, path in original.items():
         name = convert.REFERENCE_FILES.get(parts[part], "wide_resnet50_2.safetensors")
-        exported, reference = load_file(tmp_path / "exported" / name), load_file(path)
+        written, reference = load_file(tmp_path / "written" / name), load_file(path)
         manifest = json.loads((PARITY / "manifests" / f"{MANIFESTS[parts[part]]}.json").read_text())
-        assert {k: list(v.shape) for k, v in exported.items()} == manifest, name
-        for key, value in exported.items():
+        assert {k: list(v.shape) for k, v in written.items()} == manifest, name
+        for key, value in written.items():
             assert value.dtype == reference[key].dtype, key
             if not convert.UNUSED_KEYS.search(key):
                 assert value.tobytes() == reference[key].tobytes(), key
 
 
-def test_export_refuses_widths_the_reference_cannot_load(tmp_path, tiny_config, capsys):
+def test_to_reference_refuses_widths_the_reference_cannot_load(tmp_path, tiny_config, capsys):
     with pytest.raises(
         convert.ConversionError, match=r"reference code cannot load this model.*model\.planes=\(4, 8, 16\)"
     ):
         convert.reference_state_dicts(tiny_config, {})
     model_io.save(tmp_path / "tiny", tiny_config, {"params": {}, "batch_stats": {}})
-    assert convert.main(["export", "--checkpoint", str(tmp_path / "tiny"), "--out", str(tmp_path / "out")]) == 2
+    assert convert.main(["to-reference", "--checkpoint", str(tmp_path / "tiny"), "--out", str(tmp_path / "out")]) == 2
     assert "reference code cannot load this model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_export_reads_the_latest_checkpoint_of_a_workdir(tmp_path, tiny_config, capsys):
+def test_to_reference_reads_the_latest_checkpoint_of_a_workdir(tmp_path, tiny_config, capsys):
     config = load_config("tiny")
     rng = np.random.default_rng(3)
     variables = jax.tree_util.tree_map(
@@ -189,5 +191,5 @@ def test_export_reads_the_latest_checkpoint_of_a_workdir(tmp_path, tiny_config, 
     assert cfg == tiny_config
     for (path, ours), theirs in zip(jax.tree_util.tree_leaves_with_path(loaded), jax.tree_util.tree_leaves(variables)):
         np.testing.assert_array_equal(ours, theirs, err_msg=jax.tree_util.keystr(path))
-    assert convert.main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert convert.main(["to-reference", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "model.planes=(4, 8, 16)" in capsys.readouterr().err

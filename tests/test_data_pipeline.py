@@ -306,8 +306,8 @@ def test_eval_shards_are_disjoint_and_cover_the_split(data_dir):
 
 def test_default_config_has_the_documented_fields():
     config = default_data_config()
-    assert config.datasets == ("synthetic",) and config.num_slots == 4
-    assert config.image_size == 256 and dict(config.classes) == {}
+    assert config.datasets == ("synthetic",) and config.num_slots == 2
+    assert "image_size" not in config and dict(config.classes) == {}  # the model's, set by unimmad_jax.config
     assert dict(config.loss_weights) == {
         "eyecandies": 0.5,
         "mvtec3d": 1.0,

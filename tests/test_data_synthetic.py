@@ -31,7 +31,7 @@ def test_prepares_in_seconds(prepared_variant):
 
 def test_summary_has_two_domains_and_half_anomalous_tests(prepared_variant):
     name, data_dir, _ = prepared_variant
-    summary = prepared.summarize(data_dir)[name]
+    summary = prepared.sample_counts(data_dir)[name]
     assert list(summary) == ["train", "test"]
     modalities = {class_name: counts["modalities"] for class_name, counts in summary["test"].items()}
     assert modalities == {

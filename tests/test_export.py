@@ -178,12 +178,18 @@ def test_serving_takes_the_class_statistics_or_the_dataset_level_ones(model_dir,
     assert "images of unknown class: the dataset-level calibration of synthetic" in capsys.readouterr().out
 
 
+def test_serving_imports_neither_the_data_pipeline_nor_flax():
+    code = "import sys, unimmad_jax.serving; print(sorted({m.partition('.')[0] for m in sys.modules}))"
+    loaded = json.loads(run_ok("-c", code).replace("'", '"'))
+    assert "jax" in loaded and not {"tensorflow_datasets", "grain", "flax"} & set(loaded)
+
+
 def test_serving_names_what_is_wrong(model_dir, images, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     cases = {
-        "missing image": ["--class", SCAN, str(tmp_path / "absent.png")],
-        "unreadable image": ["--class", SCAN, str(broken)],
+        "Missing image file": ["--class", SCAN, str(tmp_path / "absent.png")],
+        "Corrupt or unreadable image": ["--class", SCAN, str(broken)],
         f"sample {images / 'scan_0.png'}+{images / 'scan_1.png'} has 2 modalities; class {SCAN} takes 1": [
             "--class", SCAN, f"{images / 'scan_0.png'}+{images / 'scan_1.png'}"
         ],

@@ -1,6 +1,5 @@
 """Tests of unimmad_jax.metrics against the reference fixture, a slow reference, and properties."""
 
-import json
 from collections import deque
 
 import numpy as np
@@ -9,20 +8,7 @@ from helpers import PARITY
 from scipy import ndimage
 from sklearn.metrics import average_precision_score
 
-from unimmad_jax.metrics import (
-    ALL_CLASS_MEAN,
-    ALL_DATASETS_MEAN,
-    METRIC_NAMES,
-    PAPER_TITLE,
-    UndefinedMetricWarning,
-    aupro,
-    compare_with_paper,
-    compute_metrics,
-    paper_results,
-    summarize,
-    to_markdown,
-    to_text,
-)
+from unimmad_jax.metrics import METRIC_NAMES, UndefinedMetricWarning, aupro, compute_metrics
 
 FIXTURE = PARITY / "cases" / "metrics_official.npz"
 # docs/parity.md#tolerances: metrics 1e-6 absolute, AUPRO 1e-4.
@@ -271,92 +257,3 @@ def test_single_class_labels_give_nan_with_a_warning():
         metrics = compute_metrics(labels, scores, np.zeros_like(masks), maps)
     assert all(np.isnan(metrics[name]) for name in ("p_auroc", "p_f1max", "aupro_0.3", "p_ap"))
     assert np.isfinite(metrics["i_auroc"])
-
-
-# ----------------------------------------------------------------------------
-# Tables
-# ----------------------------------------------------------------------------
-
-
-def _constant_metrics(value):
-    return dict.fromkeys(METRIC_NAMES, value)
-
-
-def test_summary_means():
-    results = {
-        "D1": {"a": _constant_metrics(0.9), "b": _constant_metrics(0.7)},
-        "D2": {"c": _constant_metrics(0.2)},
-    }
-    summary = summarize(results)
-    assert summary["datasets"]["D1"]["mean"]["i_auroc"] == pytest.approx(0.8)
-    assert summary["datasets"]["D2"]["mean"]["p_ap"] == pytest.approx(0.2)
-    assert summary[ALL_CLASS_MEAN]["aupro_0.3"] == pytest.approx((0.9 + 0.7 + 0.2) / 3)
-    assert summary[ALL_DATASETS_MEAN]["aupro_0.3"] == pytest.approx((0.8 + 0.2) / 2)
-    assert json.loads(json.dumps(summary)) == summary
-
-    markdown = to_markdown(summary)
-    assert "| Dataset | Class | I-AUROC |" in markdown
-    assert "| D1 | mean | 80.00 | 80.00 |" in markdown
-    assert "| All_Datasets_Mean |  | 50.00 |" in markdown
-
-    lines = to_text(summary).splitlines()
-    assert len(lines) == 2 + 3 + 2 + 2  # header, rule, classes, dataset means, overall means
-    assert len({len(line) for line in lines}) == 1  # aligned columns
-    assert lines[-2].split()[:2] == [ALL_CLASS_MEAN, "60.00"]
-
-
-def test_summary_propagates_nan_and_checks_keys():
-    undefined_image_auroc = {**_constant_metrics(0.5), "i_auroc": float("nan")}
-    results = {"D": {"a": _constant_metrics(0.5), "b": undefined_image_auroc}}
-    summary = summarize(results)
-    assert np.isnan(summary[ALL_CLASS_MEAN]["i_auroc"])
-    assert summary[ALL_CLASS_MEAN]["p_ap"] == 0.5
-    with pytest.raises(ValueError, match=r"metrics of D/a lack \['p_ap'\]"):
-        summarize({"D": {"a": {name: 0.5 for name in METRIC_NAMES if name != "p_ap"}}})
-
-
-# ----------------------------------------------------------------------------
-# The paper's numbers beside ours
-# ----------------------------------------------------------------------------
-
-UNIMED = ["mmad_meta/retinaad", "mmad_meta/liverad", "mmad_meta/hyperad"]
-
-
-def test_paper_results_hold_the_reported_image_aurocs():
-    results = {result["benchmark"]: result for result in paper_results()}
-    assert {name: (r["datasets"], r["metric"], r["percent"]) for name, r in results.items()} == {
-        "MVTec 3D-AD": (["mvtec3d"], "i_auroc", 92.53),
-        "Eyecandies": (["eyecandies"], "i_auroc", 85.57),
-        "MulSen-AD": (["mulsen_ad"], "i_auroc", 85.46),
-        "BraTS": (["mmad_meta/brats"], "i_auroc", 95.84),
-        "UniMed": (UNIMED, "i_auroc", 96.34),
-    }
-    assert all(r["source"] == "UniMMAD, CVPR 2026, unified setting, image AUROC" for r in results.values())
-    assert results["UniMed"]["mapping"].startswith("Our reading")
-
-
-def test_eval_tables_show_the_paper_beside_ours():
-    results = {
-        "mvtec3d": {"a": _constant_metrics(0.95), "b": _constant_metrics(0.90)},
-        "synthetic": {"c": _constant_metrics(0.5)},
-        **{name: {"d": _constant_metrics(0.96)} for name in UNIMED[:2]},
-    }
-    summary = summarize(results)
-    assert PAPER_TITLE not in to_text(summary)  # training-time tables carry no comparison
-    summary["paper"] = compare_with_paper(summary)
-    assert list(summary["paper"]) == ["MVTec 3D-AD"]  # not synthetic; not UniMed while hyperad is missing
-    mvtec = summary["paper"]["MVTec 3D-AD"]
-    assert (mvtec["ours_percent"], mvtec["paper_percent"]) == (pytest.approx(92.5), 92.53)
-    assert mvtec["difference_points"] == pytest.approx(-0.03)
-    assert json.loads(json.dumps(summary)) == summary
-
-    assert f"{PAPER_TITLE}\n\n| Paper's benchmark |" in to_markdown(summary)
-    assert "| MVTec 3D-AD | mvtec3d | I-AUROC | 92.50 | 92.53 | -0.03 |" in to_markdown(summary)
-    paper_lines = to_text(summary).split(PAPER_TITLE)[1].strip().splitlines()
-    assert len(paper_lines) == 3  # header, rule, MVTec 3D-AD
-    assert paper_lines[-1].split() == ["MVTec", "3D-AD", "mvtec3d", "I-AUROC", "92.50", "92.53", "-0.03"]
-
-    results[UNIMED[2]] = {"e": _constant_metrics(0.99)}
-    unimed = compare_with_paper(summarize(results))["UniMed"]
-    assert unimed["ours_percent"] == pytest.approx(97.0)  # the mean of the three datasets' means
-    assert unimed["difference_points"] == pytest.approx(97.0 - 96.34)

@@ -17,6 +17,7 @@ from unimmad_jax.models.unimmad import UniMMAD
 
 EPOCHS = 3  # of configs/tiny.py, on its classes tiles and brain_scan
 CLASSES = ("tiles", "brain_scan")  # 96 training images: 12 steps of 8 per epoch
+BF16_LEARNING_RATE = 3e-3  # the tiny config's 1e-3 tripled: a model well above chance in its 3 epochs
 
 
 def tiny_config(data_dir):
@@ -129,17 +130,18 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8)
 
 
-def test_bfloat16_compute_keeps_the_pixel_metrics(trained_workdir, synthetic_data_dir):
-    """The trained float32 weights evaluated with bf16 compute: pixel AP within 0.005, pixel AUROC within 0.02.
+def test_bfloat16_compute_keeps_the_pixel_metrics(synthetic_data_dir, tmp_path):
+    """Float32 weights evaluated with bf16 compute: pixel AP and AUROC within 0.005.
 
-    The tiny model's metrics sit near chance after 3 epochs, where bf16 rounding reorders close
-    scores: its image-level metrics moved by up to 0.07, its pixel AUROC (0.80) by 0.013 once the
-    BatchNorm running variance became PyTorch's unbiased one (0.007 before).  The demo's, a trained
-    model, moved by at most 0.002 (README).
+    On a model clearly better than chance (pixel AUROC above 0.9: the tiny config at a higher learning
+    rate); near chance, bf16 rounding reorders the many close pixel scores and the bound would be noise.
     """
-    float32 = json.loads((trained_workdir / "eval" / f"epoch_{EPOCHS:04d}.json").read_text())["All_Class_Mean"]
-    run_main(trained_workdir, synthetic_data_dir, "--mode=eval", **{"model.dtype": "bfloat16"})
-    bfloat16 = json.loads((trained_workdir / "eval" / "final.json").read_text())["All_Class_Mean"]
+    workdir, higher_rate = tmp_path / "bf16", {"optimizer.learning_rate": BF16_LEARNING_RATE}
+    run_main(workdir, synthetic_data_dir, **higher_rate)
+    float32 = json.loads((workdir / "eval" / f"epoch_{EPOCHS:04d}.json").read_text())["All_Class_Mean"]
+    assert float32["p_auroc"] > 0.9, float32
+    run_main(workdir, synthetic_data_dir, "--mode=eval", **higher_rate, **{"model.dtype": "bfloat16"})
+    bfloat16 = json.loads((workdir / "eval" / "final.json").read_text())["All_Class_Mean"]
     assert set(bfloat16) == set(float32) and bfloat16 != float32
-    for metric, tolerance in (("p_auroc", 0.02), ("p_ap", 0.005)):
-        assert abs(bfloat16[metric] - float32[metric]) <= tolerance, (metric, bfloat16[metric], float32[metric])
+    for metric in ("p_auroc", "p_ap"):
+        assert abs(bfloat16[metric] - float32[metric]) <= 0.005, (metric, bfloat16[metric], float32[metric])

@@ -16,8 +16,8 @@ from unimmad_jax.models.unimmad import ModelOutput
 
 BLUR_SIZE = 15
 BLUR_SIGMA = 4.0
-TOP_FRACTION = 1000
-"""The image score averages the top `H * W // 1000` pixels of the blurred map."""
+TOP_PIXELS_DIVISOR = 1000
+"""The image score averages the top `H * W // TOP_PIXELS_DIVISOR` pixels of the blurred map."""
 
 
 def align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
@@ -63,7 +63,7 @@ def blur(maps: jax.Array) -> jax.Array:
 
 
 def image_score(maps: jax.Array) -> jax.Array:
-    """Mean of the top `H * W // 1000` pixels of each `[B, H, W]` map."""
+    """Mean of the top `H * W // TOP_PIXELS_DIVISOR` pixels of each `[B, H, W]` map."""
     flat = maps.reshape(maps.shape[0], -1)
-    top, _ = jax.lax.top_k(flat, max(flat.shape[1] // TOP_FRACTION, 1))
+    top, _ = jax.lax.top_k(flat, max(flat.shape[1] // TOP_PIXELS_DIVISOR, 1))
     return jnp.mean(top, axis=-1)

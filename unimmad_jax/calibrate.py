@@ -32,7 +32,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from unimmad_jax import evaluate, sharding
+from unimmad_jax import evaluate, report, sharding
 from unimmad_jax.config import eval_datasets
 from unimmad_jax.data import InvalidDataError
 from unimmad_jax.data.prepared import dataset_folder, read_index
@@ -227,23 +227,6 @@ def calibrate(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict
     return record
 
 
-def format_table(record: dict) -> str:
-    """A Markdown table: per class, the calibration and the decisions' test metrics beside the AUROC."""
-    header = ["dataset", "class", "calibrated on", "threshold", "min", "max", *DECISION_METRICS, "i_auroc", "i_f1max"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for dataset, entry in record["datasets"].items():
-        test = record["test"]["datasets"].get(dataset, {})
-        for name, stats in entry["classes"].items():
-            on = f"{entry['split']} {stats['good']}+{stats['anomalous']}, {stats['method']}"
-            if stats["source"] == "dataset":
-                on += " (dataset)"
-            metrics = test.get(name, {})
-            cells = [dataset, name, on, *(f"{stats[k]:.4f}" for k in ("threshold", "minimum", "maximum"))]
-            cells += [f"{metrics[k]:.3f}" if k in metrics else "-" for k in (*DECISION_METRICS, "i_auroc", "i_f1max")]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def calibrate_workdir(
     model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh: Mesh, step
 ) -> dict:
@@ -252,8 +235,8 @@ def calibrate_workdir(
     if jax.process_index() == 0:
         path = epath.Path(workdir) / CALIBRATION_FILE
         path.write_text(json.dumps(record, indent=1))
-        print(f"\nCalibration (checkpoint step {step}; test split {config.eval.split}):\n{format_table(record)}")
-        print(f"wrote {path}")
+        table = report.calibration_markdown(record, (*DECISION_METRICS, "i_auroc", "i_f1max"))
+        print(f"\nCalibration (checkpoint step {step}; test split {config.eval.split}):\n{table}wrote {path}")
     return record
 
 

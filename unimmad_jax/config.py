@@ -33,7 +33,6 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.data = default_data_config()
     config.data.image_size = image_size
-    config.data.num_slots = 2
 
     config.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
 

@@ -2,11 +2,11 @@
 
     python -m unimmad_jax.convert prior --weights wide_resnet50_2.safetensors --out DIR
     python -m unimmad_jax.convert official --checkpoint-dir CKPT --prior FILE --image-size 256 --out DIR
-    python -m unimmad_jax.convert export --checkpoint WORKDIR|MODEL --out DIR
+    python -m unimmad_jax.convert to-reference --checkpoint WORKDIR|MODEL --out DIR
 
 Every tensor is placed by one declarative key map (`reference_key_map`), used both ways:
 checkpoints into Flax variables, and Flax variables (or gradients) back into the reference
-layout: the parity comparison and `export`, which writes the reference's checkpoint files.
+layout: the parity comparison and `to-reference`, which writes the reference's checkpoint files.
 Unknown, missing or mis-shaped keys are errors that name the file, the key and both shapes;
 the keys the reference never uses are skipped silently on the way in and written as
 placeholders on the way out (docs/model.md#reference-checkpoints).
@@ -35,7 +35,7 @@ REFERENCE_FILES = {"model": "model.safetensors", "model_1": "model_1.safetensors
 """The parts of a reference checkpoint folder: general encoder + FCM/decoder, input embedding, C-MoEs."""
 
 PRIOR_FILE = "wide_resnet50_2.safetensors"
-"""The prior's file in an exported folder (torchvision naming)."""
+"""The prior's file in a folder written by `to-reference` (torchvision naming)."""
 
 GRADIENT_PARTS = {"model": "general_multimodal_encoder", "model_1": "input_embedding", "model_2": "c_moes"}
 """The names the parity fixtures give the reference's files."""
@@ -413,7 +413,7 @@ def reference_state_dicts(cfg: ModelConfig, variables: Mapping) -> dict[str, dic
     }
 
 
-def export_reference(cfg: ModelConfig, variables: Mapping, out: str | Path) -> dict[str, Path]:
+def save_reference(cfg: ModelConfig, variables: Mapping, out: str | Path) -> dict[str, Path]:
     """Write `model.safetensors`, `model_1.safetensors`, `model_2.safetensors` and the prior as
     `wide_resnet50_2.safetensors` into `out`; returns the paths by part."""
     from safetensors.numpy import save_file
@@ -461,11 +461,13 @@ def main(argv: list[str] | None = None) -> int:
     official.add_argument("--prior", required=True, help="the prior WideResNet file")
     official.add_argument("--image-size", required=True, type=int, help="the image size the checkpoint was trained at")
     official.add_argument("--out", required=True, help="output folder (orbax)")
-    export = commands.add_parser("export", help="a trained or converted model -> the reference's checkpoint files")
-    export.add_argument(
+    to_reference = commands.add_parser(
+        "to-reference", help="a trained or converted model -> the reference's checkpoint files"
+    )
+    to_reference.add_argument(
         "--checkpoint", required=True, help="a training workdir (its latest checkpoint) or a model folder"
     )
-    export.add_argument(
+    to_reference.add_argument(
         "--out", required=True, help=f"output folder: {', '.join(REFERENCE_FILES.values())}, {PRIOR_FILE}"
     )
     args = parser.parse_args(argv)
@@ -479,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             model_io.save(args.out, cfg, variables, kind="model")
         else:
             cfg, variables = load_trained(args.checkpoint)
-            paths = export_reference(cfg, variables, args.out)
+            paths = save_reference(cfg, variables, args.out)
             print(f"wrote {', '.join(str(p) for p in paths.values())} (image size {cfg.image_size})")
             return 0
     except (ConversionError, ValueError, FileNotFoundError) as error:

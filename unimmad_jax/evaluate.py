@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections import defaultdict
 
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from unimmad_jax import anomaly_map, metrics, sharding
+from unimmad_jax import anomaly_map, metrics, report, sharding
 from unimmad_jax.config import eval_datasets
 from unimmad_jax.data import eval_loader
 from unimmad_jax.data.prepared import max_modality_count
@@ -101,14 +99,14 @@ def per_class_metrics(columns: dict[str, np.ndarray]) -> dict[str, dict[str, flo
 def evaluate(
     model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, mesh: Mesh, progress: bool = True
 ) -> dict:
-    """The metrics summary (`metrics.summarize`) over every evaluation dataset."""
+    """The metrics summary (`report.summarize_metrics`) over every evaluation dataset."""
     predict_fn = make_predict_fn(model, mesh)
     variables = jax.device_put(variables, sharding.replicated(mesh))
     results = {
         dataset: evaluate_dataset(predict_fn, variables, config, dataset, mesh, progress)
         for dataset in eval_datasets(config)
     }
-    return metrics.summarize(results)
+    return report.summarize_metrics(results)
 
 
 def flat_scalars(summary: dict) -> dict[str, float]:
@@ -116,16 +114,6 @@ def flat_scalars(summary: dict) -> dict[str, float]:
     flat = {}
     for dataset, entry in summary["datasets"].items():
         flat.update({f"{dataset}/{k}": v for k, v in entry["mean"].items()})
-    for overall in (metrics.ALL_CLASS_MEAN, metrics.ALL_DATASETS_MEAN):
+    for overall in (report.ALL_CLASS_MEAN, report.ALL_DATASETS_MEAN):
         flat.update({f"{overall}/{k}": v for k, v in summary[overall].items()})
     return flat
-
-
-def write_summary(summary: dict, directory: epath.PathLike, name: str) -> epath.Path:
-    """`<name>.json` and `<name>.md` in `directory` (local or `gs://`); returns the JSON path."""
-    directory = epath.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.json"
-    path.write_text(json.dumps(summary, indent=1))
-    (directory / f"{name}.md").write_text(metrics.to_markdown(summary))
-    return path

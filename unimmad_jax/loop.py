@@ -24,7 +24,7 @@ from etils import epath
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from unimmad_jax import calibrate, checkpoints, evaluate, metrics, sharding
+from unimmad_jax import calibrate, checkpoints, evaluate, report, sharding
 from unimmad_jax.config import loss_config, model_config
 from unimmad_jax.data import TrainLoader, ensure_prepared, first_training_images, train_loader
 from unimmad_jax.models.unimmad import UniMMAD
@@ -133,8 +133,8 @@ def run_evaluation(run: TrainRun, state: TrainState, step: int) -> dict:
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     summary = evaluate.evaluate(run.model, variables, run.config, run.mesh)
     if sharding.is_main_process():
-        print(f"\nEvaluation after epoch {epoch}:\n{metrics.to_text(summary)}")
-        evaluate.write_summary(summary, run.workdir / "eval", f"epoch_{epoch:04d}")
+        print(f"\nEvaluation after epoch {epoch}:\n{report.summary_text(summary)}")
+        report.write_summary(summary, run.workdir / "eval", f"epoch_{epoch:04d}")
         run.logger.scalars(step, {f"eval/{k}": v for k, v in evaluate.flat_scalars(summary).items()})
     return summary
 

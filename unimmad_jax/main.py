@@ -44,7 +44,7 @@ FLAGS = flags.FLAGS
 
 def run(argv) -> int:
     del argv
-    from unimmad_jax import calibrate, checkpoints, evaluate, loop, predict, protocols, sharding
+    from unimmad_jax import calibrate, checkpoints, evaluate, loop, predict, protocols, report, sharding
     from unimmad_jax.config import model_config
     from unimmad_jax.data import InvalidDataError, ensure_prepared
     from unimmad_jax.models.unimmad import UniMMAD
@@ -70,10 +70,10 @@ def run(argv) -> int:
         if FLAGS.mode == "eval":
             ensure_prepared(config.data.datasets, config.data.data_dir)
             summary = evaluate.evaluate(model, variables, config, mesh)
-            summary["paper"] = evaluate.metrics.compare_with_paper(summary)
+            summary["paper"] = report.compare_with_paper(summary)
             if sharding.is_main_process():
-                print(evaluate.metrics.to_text(summary))
-                path = evaluate.write_summary(summary, workdir / "eval", "final")
+                print(report.summary_text(summary))
+                path = report.write_summary(summary, workdir / "eval", "final")
                 print(f"wrote {path} and its .md")
         elif FLAGS.mode == "calibrate":
             ensure_prepared(config.data.datasets, config.data.data_dir)

@@ -1,37 +1,20 @@
-"""Anomaly-detection metrics of one class, and tables of many classes (docs/model.md#metrics).
+"""Anomaly-detection metrics of one class (docs/model.md#metrics); `unimmad_jax.report` tables many classes.
 
 Per class, ``compute_metrics`` returns ``i_auroc``, ``i_ap``, ``i_f1max`` over the image scores,
 ``p_auroc``, ``p_f1max``, ``p_ap`` over every pixel, and ``aupro_0.3``. A metric whose labels
-hold one class only is NaN, with an ``UndefinedMetricWarning`` naming the cause; ``summarize``
+hold one class only is NaN, with an ``UndefinedMetricWarning`` naming the cause; ``report.summarize_metrics``
 lets NaN propagate into every mean it enters, so no average is silently taken over fewer classes.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
-from importlib import resources
 
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 METRIC_NAMES = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_f1max", "aupro_0.3", "p_ap")
-DISPLAY_NAMES = {
-    "i_auroc": "I-AUROC",
-    "i_ap": "I-AP",
-    "i_f1max": "I-F1max",
-    "p_auroc": "P-AUROC",
-    "p_f1max": "P-F1max",
-    "aupro_0.3": "AUPRO@30%",
-    "p_ap": "P-AP",
-}
-ALL_CLASS_MEAN = "All_Class_Mean"
-ALL_DATASETS_MEAN = "All_Datasets_Mean"
-PAPER_RESULTS = "paper_results.json"
-"""The paper's reported results, package data of `unimmad_jax`."""
-PAPER_TITLE = f"Beside the paper's results (unimmad_jax/{PAPER_RESULTS}; difference in points):"
-
 AUPRO_FPR_LIMIT = 0.3
 AUPRO_NUM_THRESHOLDS = 99
 F1_EPSILON = 1e-8
@@ -213,147 +196,3 @@ def _both_classes_present(labels: np.ndarray, name: str, metric_names: str) -> b
         stacklevel=3,
     )
     return False
-
-
-# ----------------------------------------------------------------------------
-# Tables of many classes
-# ----------------------------------------------------------------------------
-
-
-def summarize(results: dict[str, dict[str, dict[str, float]]]) -> dict:
-    """Per-class rows, per-dataset means and the two overall means.
-
-    Args:
-      results: ``{dataset: {class: metrics}}``, each ``metrics`` holding every key
-        of ``METRIC_NAMES``.
-
-    Returns a JSON-ready dict of raw floats (NaN stays NaN and propagates into
-    every mean it enters)::
-
-      {"metric_names": [...],
-       "datasets": {dataset: {"classes": {class: metrics}, "mean": metrics}},
-       "All_Class_Mean": metrics,     # mean over all classes of all datasets
-       "All_Datasets_Mean": metrics}  # mean of the dataset means
-    """
-    if not results or not all(results.values()):
-        raise ValueError("summarize needs at least one dataset, each with at least one class")
-    datasets = {}
-    for dataset, classes in results.items():
-        rows = {name: _metric_row(metrics, f"{dataset}/{name}") for name, metrics in classes.items()}
-        datasets[dataset] = {"classes": rows, "mean": _mean_row(rows.values())}
-    all_classes = [row for entry in datasets.values() for row in entry["classes"].values()]
-    return {
-        "metric_names": list(METRIC_NAMES),
-        "datasets": datasets,
-        ALL_CLASS_MEAN: _mean_row(all_classes),
-        ALL_DATASETS_MEAN: _mean_row(entry["mean"] for entry in datasets.values()),
-    }
-
-
-def paper_results() -> list[dict]:
-    """The paper's results (`unimmad_jax/paper_results.json`): benchmark, our datasets, metric, percent, source."""
-    return json.loads(resources.files("unimmad_jax").joinpath(PAPER_RESULTS).read_text())["results"]
-
-
-def compare_with_paper(summary: dict) -> dict[str, dict]:
-    """``{benchmark: comparison}`` for each paper result whose datasets ``summary`` all holds.
-
-    Ours is the mean of those datasets' means; values are in percent, the difference
-    (ours - paper) in points.
-    """
-    comparison = {}
-    for result in paper_results():
-        datasets, metric = result["datasets"], result["metric"]
-        if not set(datasets) <= set(summary["datasets"]):
-            continue
-        ours = 100 * float(np.mean([summary["datasets"][name]["mean"][metric] for name in datasets]))
-        comparison[result["benchmark"]] = {
-            "datasets": datasets,
-            "metric": metric,
-            "ours_percent": ours,
-            "paper_percent": result["percent"],
-            "difference_points": ours - result["percent"],
-            "source": result["source"],
-        }
-    return comparison
-
-
-def to_markdown(summary: dict) -> str:
-    """A Markdown table of ``summarize``'s output, metrics in percent with 2 decimals; then, where the summary
-    holds a ``"paper"`` comparison (``compare_with_paper``), a table of it."""
-    text = _markdown_table(*_table_cells(summary))
-    if summary.get("paper"):
-        text += f"\n{PAPER_TITLE}\n\n" + _markdown_table(*_paper_cells(summary["paper"]))
-    return text
-
-
-def to_text(summary: dict) -> str:
-    """``to_markdown``'s tables for a console: aligned columns."""
-    text = _text_table(*_table_cells(summary), name_columns=2)
-    if summary.get("paper"):
-        text += f"\n{PAPER_TITLE}\n" + _text_table(*_paper_cells(summary["paper"]), name_columns=3)
-    return text
-
-
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = [header, ["---"] * len(header), *rows]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
-
-
-def _text_table(header: list[str], rows: list[list[str]], name_columns: int) -> str:
-    """Names left-aligned, numbers right-aligned."""
-    widths = [max(len(cells[i]) for cells in [header, *rows]) for i in range(len(header))]
-
-    def line(cells):
-        names = [cell.ljust(width) for cell, width in zip(cells[:name_columns], widths)]
-        numbers = [cell.rjust(width) for cell, width in zip(cells[name_columns:], widths[name_columns:])]
-        return "  ".join(names + numbers).rstrip()
-
-    rule = "-" * len(line(header))
-    return "\n".join([line(header), rule, *map(line, rows)]) + "\n"
-
-
-def _metric_row(metrics: dict[str, float], where: str) -> dict[str, float]:
-    missing = [name for name in METRIC_NAMES if name not in metrics]
-    if missing:
-        raise ValueError(f"metrics of {where} lack {missing}")
-    return {name: float(metrics[name]) for name in METRIC_NAMES}
-
-
-def _mean_row(rows) -> dict[str, float]:
-    table = np.array([[row[name] for name in METRIC_NAMES] for row in rows], dtype=np.float64)
-    return dict(zip(METRIC_NAMES, map(float, table.mean(axis=0))))
-
-
-def _table_cells(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of text cells: each class, each dataset's mean, then both overall means."""
-    names = summary["metric_names"]
-    header = ["Dataset", "Class"] + [DISPLAY_NAMES.get(name, name) for name in names]
-
-    def cells(dataset, label, metrics):
-        return [dataset, label] + [f"{100 * metrics[name]:.2f}" for name in names]
-
-    rows = []
-    for dataset, entry in summary["datasets"].items():
-        rows += [cells(dataset, name, metrics) for name, metrics in entry["classes"].items()]
-        rows.append(cells(dataset, "mean", entry["mean"]))
-    rows.append(cells(ALL_CLASS_MEAN, "", summary[ALL_CLASS_MEAN]))
-    rows.append(cells(ALL_DATASETS_MEAN, "", summary[ALL_DATASETS_MEAN]))
-    return header, rows
-
-
-def _paper_cells(comparison: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of text cells: each benchmark the paper reports, ours, the paper's and the difference."""
-    header = ["Paper's benchmark", "Our datasets", "Metric", "Ours", "Paper", "Ours - paper"]
-    rows = [
-        [
-            benchmark,
-            ", ".join(entry["datasets"]),
-            DISPLAY_NAMES.get(entry["metric"], entry["metric"]),
-            f"{entry['ours_percent']:.2f}",
-            f"{entry['paper_percent']:.2f}",
-            f"{entry['difference_points']:+.2f}",
-        ]
-        for benchmark, entry in comparison.items()
-    ]
-    return header, rows

@@ -24,7 +24,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from unimmad_jax import checkpoints, evaluate, loop, metrics, sharding
+from unimmad_jax import checkpoints, evaluate, loop, report, sharding
 from unimmad_jax.config import model_config
 from unimmad_jax.data import InvalidDataError, ensure_prepared
 from unimmad_jax.data.prepared import open_split
@@ -166,61 +166,6 @@ def continual_results(tasks: Sequence[Task], rows: Sequence[dict], joint: dict |
     return results
 
 
-def _percent(value: float) -> str:
-    return f"{100 * value:.2f}"
-
-
-def continual_markdown(results: dict) -> str:
-    """Per metric: R (rows: after task i, columns: task j), the forgetting of each earlier task, the averages."""
-    names = [" + ".join(t) for t in results["tasks"]]
-    lines = []
-    for metric in results["metrics"]:
-        matrix = results["matrix"][metric]
-        lines += [f"### {metrics.DISPLAY_NAMES.get(metric, metric)} (%)", ""]
-        lines.append("| after task | " + " | ".join(f"{j + 1}: {n}" for j, n in enumerate(names)) + " | mean |")
-        lines.append("|---" * (len(names) + 2) + "|")
-        for i, row in enumerate(matrix):
-            lines.append(f"| {i + 1} | " + " | ".join(map(_percent, row)) + f" | {_percent(np.mean(row))} |")
-        if "joint" in results:
-            joint = results["joint"][metric]
-            lines.append("| joint | " + " | ".join(map(_percent, joint)) + f" | {_percent(np.mean(joint))} |")
-        forgotten = results["forgetting"][metric]
-        cells = list(map(_percent, forgotten)) + ["-"] * (len(names) - len(forgotten))
-        lines.append("| forgetting | " + " | ".join(cells) + f" | {_percent(results['average_forgetting'][metric])} |")
-        lines.append("")
-    lines.append(
-        "Forgetting F_j = max over i < T of R[i, j] - R[T, j], T the last task; its mean over the earlier tasks "
-        "in the last column. Final average (mean of the last row): "
-        + ", ".join(f"{metrics.DISPLAY_NAMES.get(m, m)} {_percent(v)}" for m, v in results["final_average"].items())
-        + "."
-    )
-    return "\n".join(lines) + "\n"
-
-
-def plot_matrix(results: dict, path: epath.Path) -> None:
-    """The matrices as heat maps, one panel per metric, values written in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    count = len(results["tasks"])
-    figure, axes = plt.subplots(1, len(results["metrics"]), figsize=(4.2 * len(results["metrics"]), 3.8))
-    for axis, metric in zip(np.atleast_1d(axes), results["metrics"]):
-        matrix = 100 * np.array(results["matrix"][metric])
-        image = axis.imshow(matrix, cmap="viridis", vmin=min(50.0, matrix.min()), vmax=100.0)
-        for (i, j), value in np.ndenumerate(matrix):
-            axis.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if value < 85 else "black")
-        axis.set_xticks(range(count), [f"task {j + 1}" for j in range(count)])
-        axis.set_yticks(range(count), [f"after {i + 1}" for i in range(count)])
-        axis.set_title(f"{metrics.DISPLAY_NAMES.get(metric, metric)} (%)")
-        figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.tight_layout()
-    with path.open("wb") as file:
-        figure.savefig(file, format="png", dpi=110)
-    plt.close(figure)
-
-
 def _write_tensorboard(results: dict, directory: epath.Path) -> None:
     from tensorboardX import SummaryWriter
 
@@ -251,9 +196,9 @@ def run_continual(config: ml_collections.ConfigDict, workdir: epath.PathLike) ->
     results = continual_results(tasks, rows, joint)
     if sharding.is_main_process():
         (root / "results.json").write_text(json.dumps(results, indent=1))
-        markdown = continual_markdown(results)
+        markdown = report.continual_markdown(results)
         (root / "results.md").write_text(markdown)
-        plot_matrix(results, root / "results.png")
+        report.plot_continual_matrix(results, root / "results.png")
         _write_tensorboard(results, root / "tensorboard")
         print(f"\n{markdown}\nwrote {root / 'results.json'}, results.md, results.png and tensorboard/")
     return results
@@ -269,21 +214,6 @@ def unified_vs_separate_results(tasks: Sequence[Task], unified: dict, separate: 
             row[m] = {**both, "difference": both["unified"] - both["separate"]}
         rows.append(row)
     return {"metrics": list(PROTOCOL_METRICS), "tasks": rows}
-
-
-def unified_vs_separate_markdown(results: dict) -> str:
-    header = ["task"] + [
-        f"{metrics.DISPLAY_NAMES.get(m, m)} {kind}"
-        for m in results["metrics"]
-        for kind in ("unified", "separate", "diff")
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for row in results["tasks"]:
-        cells = [" + ".join(row["task"])]
-        for m in results["metrics"]:
-            cells += [_percent(row[m]["unified"]), _percent(row[m]["separate"]), f"{100 * row[m]['difference']:+.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def run_unified_vs_separate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
@@ -307,7 +237,7 @@ def run_unified_vs_separate(config: ml_collections.ConfigDict, workdir: epath.Pa
     results = unified_vs_separate_results(tasks, unified, separate)
     if sharding.is_main_process():
         (root / "results.json").write_text(json.dumps(results, indent=1))
-        markdown = unified_vs_separate_markdown(results)
+        markdown = report.unified_vs_separate_markdown(results)
         (root / "results.md").write_text(markdown)
         print(f"\n{markdown}\nwrote {root / 'results.json'} and results.md")
     return results

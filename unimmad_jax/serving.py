@@ -22,13 +22,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import PIL.Image
+
+from unimmad_jax import images
 
 FORMAT_VERSION = 1
 """Of the model folders this loader reads (`unimmad_jax.export.FORMAT_VERSION`)."""
 COLUMNS = ("path", "class", "label", "image_score", "normalized_score", "decision", "threshold")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B")
 
 
 class ServingError(ValueError):
@@ -93,23 +93,13 @@ class Model:
 
 
 def read_image(path: Path, image_size: int, resized: dict) -> np.ndarray:
-    """uint8 `[image_size, image_size, 3]` as the training data reads it (16-bit: the top 8 bits, gray
-    repeated); images of another size are resized with PIL's bilinear filter and noted in `resized`."""
-    try:
-        image = PIL.Image.open(path)
-        image.load()
-    except FileNotFoundError as error:
-        raise ServingError(f"missing image {path}") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ServingError(f"unreadable image {path}: {error}") from error
-    if image.mode in _SIXTEEN_BIT_MODES:
-        image = PIL.Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
-    elif image.mode in ("I", "F"):
-        raise ServingError(f"image {path} has mode {image.mode!r} (32-bit); expected an 8- or 16-bit image")
-    image = image.convert("RGB")
-    if image.size != (image_size, image_size):
-        resized[image.size].append(path)
-    return np.asarray(image.resize((image_size, image_size), PIL.Image.Resampling.BILINEAR))
+    """uint8 `[image_size, image_size, 3]` as the training data reads and resizes it (`unimmad_jax.images`);
+    images of another size are noted in `resized` by their (width, height)."""
+    image = images.read_rgb(path)
+    height, width = image.shape[:2]
+    if (height, width) != (image_size, image_size):
+        resized[width, height].append(path)
+    return images.resize(image, image_size)
 
 
 def samples_of(arguments: list[str]) -> list[list[Path]]:
@@ -197,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = Model(args.model)
         rows, maps = score(model, samples_of(args.inputs), args.class_name, args.batch_size)
-    except ServingError as error:
+    except (ServingError, images.ImageFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = Path(args.out)

@@ -19,7 +19,7 @@ from unimmad_jax.data.pipeline import (
     first_training_images,
     train_loader,
 )
-from unimmad_jax.data.prepared import find_prepared, summarize
+from unimmad_jax.data.prepared import find_prepared, sample_counts
 from unimmad_jax.data.preprocess import load_modality
 from unimmad_jax.data.schema import MODALITY_TYPES, InvalidDataError
 
@@ -37,6 +37,6 @@ __all__ = [
     "first_training_images",
     "load_modality",
     "prepare",
-    "summarize",
+    "sample_counts",
     "train_loader",
 ]

@@ -11,7 +11,7 @@ import json
 import sys
 
 from unimmad_jax.data.builders import BUILDERS, prepare
-from unimmad_jax.data.prepared import format_summary, summarize
+from unimmad_jax.data.prepared import format_sample_counts, sample_counts
 from unimmad_jax.data.schema import InvalidDataError
 
 
@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
             folder = prepare(args.dataset, args.data_dir, args.manual_dir)
             print(f"Prepared {args.dataset} in {folder}")
         elif args.json:
-            print(json.dumps(summarize(args.data_dir), indent=2))
+            print(json.dumps(sample_counts(args.data_dir), indent=2))
         else:
-            print(format_summary(summarize(args.data_dir)))
+            print(format_sample_counts(sample_counts(args.data_dir)))
     except InvalidDataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -27,7 +27,8 @@ size ``B``, ``S = config.num_slots`` and ``H = W = config.image_size``:
   ``('mvtec3d', 'eyecandies', 'mmad_meta/brats')``.
 - ``classes``: optional ``{dataset name: (class, ...)}``; a dataset not listed
   uses all its classes.
-- ``image_size``: H = W of every modality and mask.
+- ``image_size``: H = W of every modality and mask: a reference to the
+  model's ``config.image_size`` (`unimmad_jax.config`), set by its owner.
 - ``num_slots``: modality slots S (1..4), at least the largest modality count
   of the samples read.
 - ``loss_weights``: ``{record dataset: weight}``, keyed by the records'
@@ -76,13 +77,12 @@ DEFAULT_LOSS_WEIGHTS = {
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """`config.data` with the defaults documented in this module."""
+    """`config.data` with the defaults documented in this module; `image_size` is the caller's to set."""
     config = ml_collections.ConfigDict()
     config.data_dir = "~/tensorflow_datasets"
     config.datasets = ("synthetic",)
     config.classes = ml_collections.ConfigDict()
-    config.image_size = 256
-    config.num_slots = schema.MAX_MODALITIES
+    config.num_slots = 2
     config.loss_weights = ml_collections.ConfigDict(DEFAULT_LOSS_WEIGHTS)
     config.replay_classes = ml_collections.ConfigDict()
     config.replay_per_class = 0

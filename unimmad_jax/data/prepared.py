@@ -117,16 +117,16 @@ def max_modality_count(data_dir: str | Path, name: str, split: str) -> int:
     return max(len(types) for types in index.splits[split].modality_types)
 
 
-def summarize(data_dir: str | Path) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+def sample_counts(data_dir: str | Path) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
     """{dataset: {split: {class: {good, anomalous, modalities}}}} of data_dir."""
-    summary = {}
+    counts = {}
     for name, folder in sorted(find_prepared(data_dir).items()):
         index = read_index(folder)
-        summary[name] = {split: _summarize_split(index.splits[split]) for split in SPLITS if split in index.splits}
-    return summary
+        counts[name] = {split: _split_counts(index.splits[split]) for split in SPLITS if split in index.splits}
+    return counts
 
 
-def _summarize_split(index: SplitIndex) -> dict[str, dict[str, Any]]:
+def _split_counts(index: SplitIndex) -> dict[str, dict[str, Any]]:
     classes: dict[str, dict[str, Any]] = {}
     for class_name, label, types in zip(index.class_names, index.labels, index.modality_types):
         entry = classes.setdefault(class_name, {"good": 0, "anomalous": 0, "modalities": []})
@@ -135,12 +135,12 @@ def _summarize_split(index: SplitIndex) -> dict[str, dict[str, Any]]:
     return classes
 
 
-def format_summary(summary: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> str:
-    """The summary as an aligned text table."""
+def format_sample_counts(counts: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> str:
+    """`sample_counts` as an aligned text table."""
     header = ("dataset", "split", "class", "good", "anomalous", "modalities")
     rows = [
         (name, split, class_name, str(counts["good"]), str(counts["anomalous"]), "+".join(counts["modalities"]))
-        for name, splits in summary.items()
+        for name, splits in counts.items()
         for split, classes in splits.items()
         for class_name, counts in classes.items()
     ]

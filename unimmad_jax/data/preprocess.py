@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from unimmad_jax import images
 from unimmad_jax.data import readers
 from unimmad_jax.data.schema import IMAGE_TYPES, MODALITY_TYPES, InvalidDataError
 
@@ -32,8 +33,7 @@ DEPTH_SCALE = 100.0
 
 def preprocess_image(image: np.ndarray, image_size: int) -> np.ndarray:
     """uint8 ``[h, w, 3]`` -> ImageNet-normalised float32 ``[H, W, 3]``."""
-    resized = PIL.Image.fromarray(image).resize((image_size, image_size), PIL.Image.Resampling.BILINEAR)
-    scaled = np.asarray(resized, np.float32) / 255.0
+    scaled = images.resize(image, image_size).astype(np.float32) / 255.0
     return (scaled - IMAGENET_MEAN) / IMAGENET_STD
 
 

@@ -5,6 +5,7 @@ Every failure raises :class:`InvalidDataError` naming the file at fault.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -12,34 +13,20 @@ import numpy as np
 import PIL.Image
 import tifffile
 
+from unimmad_jax import images
 from unimmad_jax.data.schema import DEPTH_TYPES, InvalidDataError
 
-# Modes TFDS decodes correctly as they are (8-bit RGB, 8-bit gray).
-_PLAIN_MODES = ("RGB", "L")
+# Formats TFDS decodes correctly as they are (in `images.PLAIN_MODES`).
 _PLAIN_FORMATS = ("PNG", "JPEG")
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B")
 
 
-def _open_image(path: Path) -> PIL.Image.Image:
+@contextlib.contextmanager
+def _as_invalid_data():
+    """`images.ImageFileError` raised as this package's `InvalidDataError`, with its message."""
     try:
-        image = PIL.Image.open(path)
-        image.load()
-    except FileNotFoundError as error:
-        raise InvalidDataError(f"Missing image file {path}.") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise InvalidDataError(f"Corrupt or unreadable image {path}: {error}") from error
-    return image
-
-
-def _to_plain_mode(image: PIL.Image.Image, path: Path) -> PIL.Image.Image:
-    """8-bit RGB or gray; 16-bit gray keeps its top 8 bits."""
-    if image.mode in _PLAIN_MODES:
-        return image
-    if image.mode in _SIXTEEN_BIT_MODES:
-        return PIL.Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
-    if image.mode in ("I", "F"):
-        raise InvalidDataError(f"Image {path} has mode {image.mode!r} (32-bit); expected an 8- or 16-bit image.")
-    return image.convert("RGB")
+        yield
+    except images.ImageFileError as error:
+        raise InvalidDataError(str(error)) from error
 
 
 def encode_image(path: Path) -> tuple[bytes, tuple[int, int]]:
@@ -49,19 +36,20 @@ def encode_image(path: Path) -> tuple[bytes, tuple[int, int]]:
     files are stored as they are; anything else (palette, alpha, 16-bit) is
     converted to 8-bit RGB/gray and stored as PNG.
     """
-    image = _open_image(path)
-    size = (image.height, image.width)
-    if image.mode in _PLAIN_MODES and image.format in _PLAIN_FORMATS:
-        return path.read_bytes(), size
-    buffer = io.BytesIO()
-    _to_plain_mode(image, path).save(buffer, format="PNG")
+    with _as_invalid_data():
+        image = images.open_image(path)
+        size = (image.height, image.width)
+        if image.mode in images.PLAIN_MODES and image.format in _PLAIN_FORMATS:
+            return path.read_bytes(), size
+        buffer = io.BytesIO()
+        images.to_plain_mode(image, path).save(buffer, format="PNG")
     return buffer.getvalue(), size
 
 
 def read_image(path: Path) -> np.ndarray:
     """An image modality file as uint8 ``[h, w, 3]`` (gray repeated)."""
-    image = _to_plain_mode(_open_image(path), path)
-    return np.asarray(image.convert("RGB"))
+    with _as_invalid_data():
+        return images.read_rgb(path)
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -70,7 +58,8 @@ def read_mask(path: Path) -> np.ndarray:
     Defect ids are kept (clipped to 1..255); a colour mask is defective where
     any colour channel is non-zero (alpha and palettes are resolved first).
     """
-    image = _open_image(path)
+    with _as_invalid_data():
+        image = images.open_image(path)
     if image.mode in ("P", "PA", "RGBA", "LA"):
         image = image.convert("RGB")
     mask = np.asarray(image).astype(np.int64)
