@@ -2,8 +2,14 @@
 
     python -m unimmad_jax.main --config=configs/continual_demo.py --workdir=runs/continual --mode=continual
 
-The demo's model (configs/demo.py) on `synthetic_hard`, where it does not reach 100 %: forgetting
-is measurable.  `--config.continual.joint=True` adds the model trained on all tasks at once.
+The demo's model (configs/demo.py) on `synthetic_hard` (built in, prepared on the first run), where
+it does not reach 100 %: forgetting is measurable.  `--config.continual.joint=True` adds the model
+trained on all tasks at once; `--config.continual.replay_per_class=N` replays N samples of each
+earlier class.
+
+Expected (docs/performance.md#the-demo, a 2-core CPU): 11.8 minutes for the three tasks; final mean
+I-AUROC 65.86, average forgetting 36.11 points.  With `replay_per_class=8` and `joint=True`:
+11.1 minutes, final mean I-AUROC 86.46, no forgetting, the joint model 90.16.
 """
 
 import importlib.util

@@ -3,6 +3,8 @@
     python -m unimmad_jax.main --config=configs/continual_mvtec3d.py:5-5 --workdir=runs/cl_mvtec3d_5_5 --mode=continual
 
 Classes in alphabetical order; "5-5": five classes, then the other five; "9-1": nine, then tire.
+Data: the prepared `mvtec3d` (README, "Datasets").  Each task trains the full recipe
+(`train.num_epochs`); no run of these protocols is measured.
 """
 
 from unimmad_jax.config import protocol_config

@@ -4,6 +4,8 @@
 
 Classes in alphabetical order; "a-b": a first task of a classes, then one of b; "axb": b tasks of
 a classes each ("10-1x5": ten classes, then five tasks of one; "3x5": five tasks of three).
+Data: the prepared `mvtec_ad` (README, "Datasets").  Each task trains the full recipe
+(`train.num_epochs`); no run of these protocols is measured.
 """
 
 from unimmad_jax.config import protocol_config

@@ -3,7 +3,9 @@
     python -m unimmad_jax.main --config=configs/continual_visa.py:8-4 --workdir=runs/cl_visa_8_4 --mode=continual
 
 Classes in alphabetical order; "a-b": a first task of a classes, then one of b; "axb": b tasks of
-a classes each ("8-1x4": eight classes, then four tasks of one).
+a classes each ("8-1x4": eight classes, then four tasks of one).  Data: the prepared `visa` (README,
+"Datasets").  Each task trains the full recipe (`train.num_epochs`); no run of these protocols is
+measured.
 """
 
 from unimmad_jax.config import protocol_config

@@ -1,8 +1,16 @@
-"""The built-in synthetic data and a small model: trains and evaluates on a 2-core CPU in a few minutes.
+"""The built-in synthetic data and a small model: trains, evaluates and calibrates on a CPU in minutes.
 
+    python -m unimmad_jax.main --config=configs/demo.py --workdir=runs/demo
+
+Data: none to download; `synthetic` is prepared into `data/` on the first run, in seconds.
 No pretrained prior can be downloaded here, so the prior generator keeps its random weights (a fixed
 random feature extractor whose BatchNorm statistics are measured on a training batch); the method
 still has to find the defects.
+
+Expected (docs/performance.md#the-demo, 2-core Intel Xeon CPUs, 12 epochs): 3 to 4 minutes in all;
+mean over the 5 classes I-AUROC 100.00, P-AUROC 98.27, AUPRO@30% 94.21, P-AP 31.01 (float32 rounds
+differently on other CPUs: 98.24, 94.18, 30.63 on a Sapphire Rapids Xeon).  With
+`--config.data.datasets='("synthetic_hard",)'`: 5.0 minutes, I-AUROC 88.75.
 """
 
 from unimmad_jax.config import default_config

@@ -1,4 +1,11 @@
-"""A few channels of every part of the model on two synthetic classes (RGB+depth and gray): for tests."""
+"""A few channels of every part of the model on two synthetic classes (RGB+depth and gray): for tests.
+
+    python -m unimmad_jax.main --config=configs/tiny.py --workdir=runs/tiny
+
+Data: built-in `synthetic`, prepared on the first run.  It computes nothing useful: near chance
+after its 3 epochs.  On a 2-core CPU its training step traces, lowers and compiles in about 20 s
+and runs in under a second (docs/performance.md#test-suite-time).
+"""
 
 from unimmad_jax.config import default_config
 
