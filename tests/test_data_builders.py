@@ -282,7 +282,7 @@ def test_missing_manual_folder_is_named(tmp_path, capsys):
     missing = tmp_path / "not_downloaded"
     _prepare_fails("mvtec3d", missing, tmp_path / "out", r"--manual-dir .*not_downloaded does not exist")
     args = ["prepare", "--dataset", "eyecandies", "--data-dir", str(tmp_path / "out")]
-    assert main(args) == 1
+    assert main(args) == 2
     assert "eyecandies needs --manual-dir" in capsys.readouterr().err
 
 
@@ -330,6 +330,10 @@ def test_bad_meta_entry_is_named(tmp_path):
 
 def test_dataset_names_are_checked(tmp_path):
     _prepare_fails("kitti", tmp_path, tmp_path / "out", r"Unknown dataset 'kitti'")
-    _prepare_fails("mmad_meta", tmp_path, tmp_path / "out", r"mmad_meta/<dataset>")
+    _prepare_fails(
+        "mmad_meta", tmp_path, tmp_path / "out", r"mmad_meta needs the name of its dataset: mmad_meta/<name>"
+    )
+    _prepare_fails("folder", tmp_path, tmp_path / "out", r"folder needs the name of its dataset: folder/<name>")
+    _prepare_fails("folder/my-parts", tmp_path, tmp_path / "out", r"must be a Python identifier .* folder/my_parts")
     with pytest.raises(InvalidDataError, match=r"'mvtec3d' is not prepared in data_dir"):
         prepared.open_split(tmp_path, "mvtec3d", "train")

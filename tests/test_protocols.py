@@ -31,6 +31,14 @@ def test_forgetting_of_a_hand_made_matrix():
     np.testing.assert_allclose(protocols.forgetting(matrix), [0.2, 0.1])
 
 
+def test_forgetting_ignores_the_scores_before_a_task_was_trained():
+    # task 2 scores 0.9 zero-shot after task 1, its best once trained is 0.8 (after task 2)
+    matrix = np.array([[0.7, 0.9, 0.5, 0.6], [0.6, 0.8, 0.95, 0.7], [0.75, 0.7, 0.9, 0.9], [0.65, 0.6, 0.85, 0.95]])
+    # task 1: max(0.7, 0.6, 0.75) - 0.65; task 2: max(0.8, 0.7) - 0.6 (over every row: 0.9 - 0.6);
+    # task 3: 0.9 - 0.85 (over every row: 0.95 - 0.85)
+    np.testing.assert_allclose(protocols.forgetting(matrix), [0.1, 0.2, 0.05], atol=1e-12)
+
+
 def test_tasks_name_the_selection_at_fault(synthetic_data_dir):
     config = tiny_protocol_config(synthetic_data_dir, (("synthetic:tiles",), ("synthetic:tiles,teapot",)))
     with pytest.raises(InvalidDataError, match=r"continual.tasks\[1\] selects \['teapot'\] of synthetic"):

@@ -144,9 +144,13 @@ def _evaluated_run(config, task: Task, workdir: epath.Path, init_from: str, repl
 
 
 def forgetting(matrix: np.ndarray) -> np.ndarray:
-    """`F_j = max_{i < T} R[i, j] - R[T, j]` of each task j < T, T the last task (rows: after task i)."""
+    """`F_j = max_{j <= i < T} R[i, j] - R[T, j]` of each task j < T, T the last task (rows: after task i).
+
+    The maximum starts at row j: the rows before it score task j before it was trained (zero-shot)."""
     last = matrix.shape[0] - 1
-    return matrix[:last, :last].max(axis=0) - matrix[last, :last]
+    since_trained = np.tril(np.ones((last, last), dtype=bool))  # row i >= column j
+    best = np.where(since_trained, matrix[:last, :last], -np.inf).max(axis=0)
+    return best - matrix[last, :last]
 
 
 def continual_results(tasks: Sequence[Task], rows: Sequence[dict], joint: dict | None) -> dict:

@@ -1,6 +1,6 @@
 """Command line: prepare datasets and summarise what is prepared.
 
-python -m unimmad_jax.data prepare --dataset NAME [--manual-dir DIR] --data-dir OUT
+python -m unimmad_jax.data prepare --dataset NAME [--manual-dir DIR] --data-dir OUT   (folder/NAME: your own data)
 python -m unimmad_jax.data summary --data-dir OUT [--json]
 """
 
@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     prepare_parser = commands.add_parser("prepare", help="build a dataset into array_record files once")
     prepare_parser.add_argument(
-        "--dataset", required=True, help=f"one of {', '.join(sorted(BUILDERS))}; mmad_meta as mmad_meta/<dataset>"
+        "--dataset",
+        required=True,
+        help=f"one of {', '.join(sorted(BUILDERS))}; mmad_meta and folder as mmad_meta/<dataset>, folder/<name>",
     )
     prepare_parser.add_argument("--manual-dir", help="the downloaded dataset folder (not for the built-in ones)")
     prepare_parser.add_argument("--data-dir", required=True, help="where prepared datasets live")
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_sample_counts(sample_counts(args.data_dir)))
     except InvalidDataError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

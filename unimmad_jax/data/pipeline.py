@@ -24,7 +24,7 @@ size ``B``, ``S = config.num_slots`` and ``H = W = config.image_size``:
 
 - ``data_dir``: where prepared datasets live (``prepare --data-dir``).
 - ``datasets``: names of the prepared datasets to train on, e.g.
-  ``('mvtec3d', 'eyecandies', 'mmad_meta/brats')``.
+  ``('mvtec3d', 'eyecandies', 'mmad_meta/brats', 'folder/my_parts')``.
 - ``classes``: optional ``{dataset name: (class, ...)}``; a dataset not listed
   uses all its classes.
 - ``image_size``: H = W of every modality and mask: a reference to the
@@ -32,7 +32,9 @@ size ``B``, ``S = config.num_slots`` and ``H = W = config.image_size``:
 - ``num_slots``: modality slots S (1..4), at least the largest modality count
   of the samples read.
 - ``loss_weights``: ``{record dataset: weight}``, keyed by the records'
-  ``dataset`` field (``brats`` for ``mmad_meta/brats``); the release's weights by default.
+  ``dataset`` field (``brats`` for ``mmad_meta/brats``, the full name for
+  ``folder/<name>``); the release's weights by default, 1 for a dataset not
+  listed (a folder dataset unless you list it).
 - ``replay_classes``: optional ``{dataset name: (class, ...)}`` of earlier
   tasks (continual learning) of which training draws only the first
   ``replay_per_class`` records of each class, beside ``datasets``.

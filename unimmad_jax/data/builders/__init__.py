@@ -14,8 +14,9 @@ from pathlib import Path
 import jax
 import tensorflow_datasets as tfds
 
-from unimmad_jax.data.builders.base import ExampleBuilder, FolderBuilder, check_manual_dir
+from unimmad_jax.data.builders.base import ExampleBuilder, FolderBuilder, NamedFolderBuilder, check_manual_dir
 from unimmad_jax.data.builders.eyecandies import Eyecandies
+from unimmad_jax.data.builders.folder import Folder
 from unimmad_jax.data.builders.mmad_meta import MmadMeta
 from unimmad_jax.data.builders.mulsen_ad import MulsenAd
 from unimmad_jax.data.builders.mvtec3d import Mvtec3d
@@ -28,33 +29,36 @@ BUILT_IN = ("synthetic", "synthetic_hard")
 """Datasets that need no download: prepared on the fly when missing."""
 
 BUILDERS: dict[str, type[ExampleBuilder]] = {
-    cls.name: cls for cls in (Mvtec3d, Eyecandies, MulsenAd, MvtecAd, Visa, MmadMeta, Synthetic, SyntheticHard)
+    cls.name: cls for cls in (Mvtec3d, Eyecandies, MulsenAd, MvtecAd, Visa, MmadMeta, Folder, Synthetic, SyntheticHard)
 }
 
 
 def make_builder(name: str, data_dir: str | Path) -> ExampleBuilder:
-    """The builder of `name` ('mvtec3d', ..., 'mmad_meta/<dataset>')."""
+    """The builder of `name` ('mvtec3d', ..., 'mmad_meta/<dataset>', 'folder/<name>')."""
     base_name, _, sub_name = name.partition("/")
     if base_name not in BUILDERS:
         raise InvalidDataError(
-            f"Unknown dataset {name!r} (--dataset); expected one of {sorted(BUILDERS)} or mmad_meta/<dataset>."
+            f"Unknown dataset {name!r} (--dataset); expected one of {sorted(BUILDERS)}, "
+            "with a name after mmad_meta/ and folder/."
         )
-    if base_name == MmadMeta.name:
+    builder_class = BUILDERS[base_name]
+    if issubclass(builder_class, NamedFolderBuilder):
         if not sub_name:
             raise InvalidDataError(
-                "--dataset mmad_meta needs the dataset it holds: mmad_meta/<dataset>, e.g. mmad_meta/brats."
+                f"--dataset {base_name} needs the name of its dataset: {base_name}/<name>, "
+                f"e.g. {base_name}/{builder_class.NAME_EXAMPLE}."
             )
-        return MmadMeta.for_dataset(sub_name, data_dir=data_dir)
+        return builder_class.named(sub_name, data_dir=data_dir)
     if sub_name:
         raise InvalidDataError(f"Dataset {base_name!r} has no sub-datasets ({name!r}).")
-    return BUILDERS[base_name](data_dir=data_dir)
+    return builder_class(data_dir=data_dir)
 
 
 def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = None) -> Path:
     """Builds dataset `name` into `data_dir` (array_record) once.
 
     Args:
-      name: a key of BUILDERS, or 'mmad_meta/<dataset>'.
+      name: a key of BUILDERS, 'mmad_meta/<dataset>' or 'folder/<name>'.
       data_dir: where prepared datasets live (`config.data.data_dir`).
       manual_dir: the downloaded dataset's folder (not used by the built-in datasets).
 

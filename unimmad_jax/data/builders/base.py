@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import PIL.Image
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -168,6 +169,39 @@ class FolderBuilder(ExampleBuilder):
             "defect_type": sample.defect_type,
             "path": sample.source,
         }
+
+
+class NamedFolderBuilder(FolderBuilder):
+    """A builder of several datasets, one per name: ``<builder>/<name>`` in ``<data_dir>/<builder>/<name>/``."""
+
+    NAME_EXAMPLE = ""  # a name to show in messages, e.g. 'brats'
+
+    @classmethod
+    def named(cls, dataset: str, **kwargs) -> NamedFolderBuilder:
+        """The builder of dataset ``<cls.name>/<dataset>``."""
+        if not dataset.isidentifier():
+            raise InvalidDataError(
+                f"{cls.name}/{dataset}: the dataset name must be a Python identifier "
+                f"(letters, digits, underscores), e.g. {cls.name}/{cls.NAME_EXAMPLE}."
+            )
+        config = tfds.core.BuilderConfig(name=dataset, description=f"{cls.name}/{dataset}")
+        return cls(config=config, **kwargs)
+
+
+def read_sixteen_bit_png(path: Path) -> np.ndarray:
+    """The uint16 ``[h, w]`` values of a 16-bit gray PNG (a depth map)."""
+    try:
+        with PIL.Image.open(path) as image:
+            raw = np.asarray(image)
+    except FileNotFoundError as error:
+        raise InvalidDataError(f"Missing depth image {path}.") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InvalidDataError(f"Corrupt or unreadable depth image {path}: {error}") from error
+    if raw.dtype != np.uint16 or raw.ndim != 2:
+        raise InvalidDataError(
+            f"Depth image {path} is {raw.dtype} {list(raw.shape)}; expected a 16-bit one-channel PNG."
+        )
+    return raw
 
 
 def check_manual_dir(manual_dir: Path | None, name: str, instructions: str) -> Path:

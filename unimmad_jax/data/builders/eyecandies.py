@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import yaml
 
 from unimmad_jax.data import readers
@@ -90,15 +89,7 @@ def _label(data_dir: Path, sample_id: str, mask: Path) -> tuple[int, str]:
 
 def read_depth(png: Path, info: Path) -> np.ndarray:
     """A 16-bit Eyecandies depth PNG in metres, with an all-ones foreground."""
-    try:
-        with PIL.Image.open(png) as image:
-            raw = np.asarray(image)
-    except FileNotFoundError as error:
-        raise InvalidDataError(f"Missing depth image {png}.") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise InvalidDataError(f"Corrupt or unreadable depth image {png}: {error}") from error
-    if raw.dtype != np.uint16:
-        raise InvalidDataError(f"Depth image {png} is {raw.dtype}; Eyecandies depth is a 16-bit PNG.")
+    raw = base.read_sixteen_bit_png(png)
     low, high = _normalization(info)
     depth = low + raw.astype(np.float32) / 65535.0 * (high - low)
     return readers.with_foreground(depth, np.ones_like(depth))

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from unimmad_jax.data import readers
 from unimmad_jax.data.builders import base
@@ -42,26 +41,17 @@ from unimmad_jax.data.schema import (
 META_FILE = "meta.json"
 
 
-class MmadMeta(base.FolderBuilder):
+class MmadMeta(base.NamedFolderBuilder):
     """A dataset of the authors' preprocessed release (see module docstring)."""
 
     name = "mmad_meta"
+    NAME_EXAMPLE = "brats"
     HOMEPAGE = "https://arxiv.org/abs/2509.25934"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
     Download the authors' preprocessed data (links in the UniMMAD release),
     extract it, and prepare each dataset folder holding a {META_FILE} as
     --dataset mmad_meta/<name> --manual-dir <that folder>, e.g. mmad_meta/brats.
     """
-
-    @classmethod
-    def for_dataset(cls, dataset: str, **kwargs) -> MmadMeta:
-        if not dataset.isidentifier():
-            raise InvalidDataError(
-                f"mmad_meta/{dataset}: the dataset name must be a Python identifier "
-                "(letters, digits, underscores), e.g. mmad_meta/brats."
-            )
-        config = tfds.core.BuilderConfig(name=dataset, description=f"{dataset} from the authors' release.")
-        return cls(config=config, **kwargs)
 
     @property
     def dataset_name(self) -> str:

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -417,3 +418,47 @@ class SyntheticHard(Synthetic):
 
     name = "synthetic_hard"
     difficulty = HARD
+
+
+def write_folder(
+    root: Path,
+    class_names: Sequence[str] = ("tiles", "plate"),
+    num_train: int = 8,
+    num_validation: int = 2,
+    num_test: int = 4,
+    difficulty: Difficulty = EASY,
+) -> Path:
+    """Synthetic samples written in the layout of a `folder` dataset (`builders.folder`), to try it out.
+
+    Each class gets `num_train` good training samples and, in validation and test, that many good
+    samples and as many anomalous ones (the class's defects in turn): images as PNG (rgb or gray),
+    depth as a 16-bit PNG in millimetres (0 off the object), masks as PNG. Validation samples are
+    drawn after the test samples, so the two splits share none.
+    """
+    counts = {"train": (num_train, 0), "validation": (num_validation, num_validation), "test": (num_test, num_test)}
+    first_index = {"train": 0, "validation": 2 * num_test, "test": 0}
+    for class_name in class_names:
+        class_index = [spec.name for spec in CLASSES].index(class_name)
+        spec = CLASSES[class_index]
+        for split, (good, anomalous) in counts.items():
+            defects = ["good"] * good + [spec.defects[i % len(spec.defects)] for i in range(anomalous)]
+            for offset, defect in enumerate(defects):
+                index = first_index[split] + offset
+                sample = SyntheticSample(
+                    class_index, "train" if split == "train" else "test", index, defect, difficulty
+                )
+                images, depth, mask = render(sample)
+                folder = root / class_name / split / defect
+                stem = f"{index:03d}.png"
+                _save(folder / sample.modality_types[0] / stem, images[0])
+                if depth is not None:
+                    millimetres = np.round(depth[..., 0] * 1000.0) * depth[..., 1]
+                    _save(folder / "depth" / stem, millimetres.astype(np.uint16))
+                if defect != "good":
+                    _save(folder / "mask" / stem, mask.astype(np.uint8) * 255)
+    return root
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.fromarray(array).save(path)
