@@ -93,7 +93,7 @@ def placed(abstract, shardings):
 
 def traced_on(mesh: Mesh, fn):
     """`fn` traced with `mesh` in context: model code that splits its own work over the data axis
-    (`cmoe.per_sample_conv`) finds it with `jax.sharding.get_abstract_mesh()`; without it, none."""
+    (`layers.per_sample_conv`) finds it with `jax.sharding.get_abstract_mesh()`; without it, none."""
 
     @functools.wraps(fn)
     def on_mesh(*args, **kwargs):

@@ -95,19 +95,12 @@ class PointwiseConv(nn.Module):
 
 
 def conv_pointwise_as_matmul(
-    features: int,
-    kernel: int,
-    *,
-    stride: int = 1,
-    padding: int | None = None,
-    use_bias: bool = False,
-    dtype: Dtype = None,
-    name: str | None = None,
+    features: int, kernel: int, *, stride: int = 1, padding: int | None = None, **options
 ) -> nn.Module:
-    """`conv`'s CPU form: unpadded 1x1 kernels as a `PointwiseConv`, the others as `conv`."""
+    """`conv`'s CPU form: unpadded 1x1 kernels as a `PointwiseConv`; `options`: `use_bias`, `dtype`, `name`."""
     if kernel == 1 and not padding:
-        return PointwiseConv(features, stride, use_bias, dtype, name=name)
-    return conv(features, kernel, stride=stride, padding=padding, use_bias=use_bias, dtype=dtype, name=name)
+        return PointwiseConv(features, stride, **options)
+    return conv(features, kernel, stride=stride, padding=padding, **options)
 
 
 class ConvTranspose(nn.Module):
@@ -358,6 +351,7 @@ class LayerForms:
     """
 
     dtype: Dtype
+    """The compute dtype, also of the parts' own arithmetic (the C-MoE's experts, the input embedding)."""
     conv: ModuleDef
     """`conv(features, kernel, *, stride=1, padding=None, use_bias=False, name=None)`: a PyTorch `Conv2d`."""
     conv_transpose: ModuleDef
