@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import PARITY, load_config
 
-from unimmad_jax import checkpoints, convert, model_io, train
+from unimmad_jax import checkpoints, convert, model_io, train, weights
 from unimmad_jax.models.unimmad import ModelConfig, abstract_variables
 
 
@@ -187,7 +187,7 @@ def test_to_reference_reads_the_latest_checkpoint_of_a_workdir(tmp_path, tiny_co
     )
     with checkpoints.checkpoint_manager(tmp_path, config) as manager:
         checkpoints.save(manager, state, {"step": 1, "config": config.to_dict()}, None)
-    cfg, loaded = convert.load_trained(tmp_path)
+    cfg, loaded = weights.recorded_model(tmp_path)
     assert cfg == tiny_config
     for (path, ours), theirs in zip(jax.tree_util.tree_leaves_with_path(loaded), jax.tree_util.tree_leaves(variables)):
         np.testing.assert_array_equal(ours, theirs, err_msg=jax.tree_util.keystr(path))

@@ -13,7 +13,7 @@ import pytest
 from helpers import REPO, load_config, run_main, subprocess_env
 from jax.sharding import Mesh
 
-from unimmad_jax import calibrate, checkpoints, evaluate, export, predict, serving, sharding
+from unimmad_jax import calibrate, evaluate, export, predict, serving, sharding, weights
 from unimmad_jax.config import model_config
 from unimmad_jax.data.prepared import open_split
 from unimmad_jax.models.unimmad import UniMMAD
@@ -95,7 +95,7 @@ def in_framework(workdir, synthetic_data_dir, folder, batch_size: int) -> dict[s
     config = load_config("tiny")
     config.data.data_dir = str(synthetic_data_dir)
     mesh = Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
-    variables = checkpoints.trained_variables(config, workdir, mesh)
+    variables = weights.evaluated_variables(config, workdir, mesh)
     predict_fn = evaluate.make_predict_fn(UniMMAD(model_config(config)), mesh)
     stats = scan_statistics(workdir)
     batches = predict.folder_batches(folder, "gray", config.image_size, config.data.num_slots, batch_size)

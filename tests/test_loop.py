@@ -11,7 +11,7 @@ from helpers import load_config
 from jax.experimental import io_callback
 from jax.sharding import Mesh
 
-from unimmad_jax import loop, sharding, train
+from unimmad_jax import loop, sharding, train, weights
 from unimmad_jax.config import loss_config, model_config
 from unimmad_jax.data import first_training_images, train_loader
 from unimmad_jax.models.unimmad import UniMMAD
@@ -75,7 +75,9 @@ def test_steady_state_steps_never_wait(synthetic_data_dir, tmp_path):
     )
     images = first_training_images(config.data, seed=config.seed, batch_size=config.train.batch_size)
     state = jax.device_put(
-        train.create_train_state(model, config, loader.steps_per_epoch, train.initial_variables(model, config, images)),
+        train.create_train_state(
+            model, config, loader.steps_per_epoch, weights.random_variables(model, config, images)
+        ),
         sharding.replicated(mesh),
     )
     batches = loop.device_batches(run, config.train.prefetch_batches)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import REPO, kill_when, load_config, main_command, run_main, subprocess_env
 
-from unimmad_jax import checkpoints, loop, protocols, sharding
+from unimmad_jax import loop, protocols, sharding, weights
 from unimmad_jax.config import model_config
 from unimmad_jax.data import InvalidDataError
 from unimmad_jax.models.unimmad import UniMMAD
@@ -98,7 +98,7 @@ def test_a_task_starts_from_the_previous_ones_weights_with_a_fresh_optimizer(con
     model = UniMMAD(model_config(config))
     mesh = sharding.data_mesh()
     state = loop.initial_state(model, config, 6, mesh)
-    trained = checkpoints.trained_variables(config, config.train.init_from, mesh)
+    trained = weights.evaluated_variables(config, config.train.init_from, mesh)
     for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(trained["params"])):
         np.testing.assert_array_equal(a, b)
     assert int(state.step) == 0

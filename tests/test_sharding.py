@@ -30,7 +30,7 @@ def test_fsdp_state_holds_each_array_once_over_the_devices():
 
     def held_per_device(fsdp: bool) -> int:
         config.train.fsdp = fsdp
-        shardings = jax.tree_util.tree_leaves(train.state_sharding(abstract, config, mesh))
+        shardings = jax.tree_util.tree_leaves(sharding.state_sharding(abstract, mesh, fsdp))
         assert len(shardings) == len(leaves)
         return sum(np.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, shardings))
 

@@ -10,7 +10,7 @@ import numpy as np
 from helpers import kill_when, load_config, main_command, run_main
 from jax.sharding import Mesh
 
-from unimmad_jax import checkpoints, sharding, train
+from unimmad_jax import sharding, train, weights
 from unimmad_jax.config import loss_config, model_config
 from unimmad_jax.data import first_training_images, train_loader
 from unimmad_jax.models.unimmad import UniMMAD
@@ -28,7 +28,7 @@ def tiny_config(data_dir):
 
 
 def final_params(workdir, data_dir):
-    return checkpoints.trained_variables(tiny_config(data_dir), workdir, mesh_of(1))["params"]
+    return weights.evaluated_variables(tiny_config(data_dir), workdir, mesh_of(1))["params"]
 
 
 def test_train_eval_predict_write_their_files(trained_workdir, synthetic_data_dir):
@@ -97,7 +97,7 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
     config = tiny_config(synthetic_data_dir)
     # float32 variables, as every run of the tiny config starts from (the compiled initialisation is shared)
     images = first_training_images(config.data, seed=0, batch_size=8)
-    variables = train.initial_variables(UniMMAD(model_config(config)), config, images)
+    variables = weights.random_variables(UniMMAD(model_config(config)), config, images)
     config.model.dtype = "float64"
     model = UniMMAD(model_config(config))
     loader = train_loader(config.data, seed=0, batch_size=8)
@@ -113,7 +113,7 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
             state = train.create_train_state(model, config, loader.steps_per_epoch, variables)
             params = to64(state.params)
             state = state.replace(params=params, batch_stats=to64(state.batch_stats), opt_state=state.tx.init(params))
-            state_sharding = train.state_sharding(state, config, mesh)
+            state_sharding = sharding.state_sharding(state, mesh, fsdp)
             state = jax.device_put(state, state_sharding)
             step = train.make_train_step(model, loss_config(config), mesh, state_sharding)
             losses = []

@@ -1,25 +1,20 @@
-"""Orbax checkpoints of a training run: write, resume, and the variables to evaluate or predict with.
+"""Orbax checkpoints of a training run: the train state's writes and restores, and its variables alone.
 
-A checkpoint `<workdir>/checkpoints/<step>/` holds the train state (step, parameters, BatchNorm
-statistics, optimizer state) and a JSON record (epoch, step, steps per epoch, seed, config,
-metrics).  The data position is the step itself (`TrainLoader.seek`), so a checkpoint resumes
-on any number of processes and devices: arrays are restored into the mesh the run configures.
-The workdir may be local or on a cloud file system (`gs://...`, through `etils.epath`).
+A checkpoint `<workdir>/checkpoints/<step>/` holds two items: `state`, the train state (`step`,
+`params`, `batch_stats`, `opt_state`), and `meta`, a JSON record (epoch, step, steps per epoch,
+seed, config, metrics).  The data position is the step itself (`TrainLoader.seek`), so a
+checkpoint resumes on any number of processes and devices: arrays are restored into the mesh the
+caller gives.  The workdir may be local or on a cloud file system (`gs://...`, through `etils.epath`).
 """
 
 from __future__ import annotations
 
-import jax
+from typing import Any
+
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import Mesh
 from orbax.checkpoint.checkpoint_managers import preservation_policy
-
-from unimmad_jax import model_io, sharding
-from unimmad_jax.config import model_config
-from unimmad_jax.models.unimmad import UniMMAD, abstract_variables
-from unimmad_jax.train import TrainState, abstract_train_state
 
 ITEMS = ("state", "meta")
 
@@ -45,11 +40,9 @@ def checkpoint_manager(workdir: epath.PathLike, config: ml_collections.ConfigDic
     return ocp.CheckpointManager(workdir_path(workdir) / "checkpoints", item_names=ITEMS, options=options)
 
 
-def _restore(manager: ocp.CheckpointManager, step: int, target: TrainState) -> dict:
+def _restore(manager: ocp.CheckpointManager, step: int, **items: ocp.args.CheckpointArgs) -> dict:
     try:
-        return manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
-        )
+        return manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError) as error:
         raise ValueError(
             f"checkpoint {manager.directory / str(step)} does not fit the configured model "
@@ -57,7 +50,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, target: TrainState) -> d
         ) from error
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> tuple[TrainState, dict] | None:
+def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, dict] | None:
     """The latest complete checkpoint's state and JSON record, or None.
 
     `target` gives the structure, shapes, dtypes and shardings (`ShapeDtypeStruct`s, `sharding.placed`):
@@ -65,11 +58,11 @@ def restore_latest(manager: ocp.CheckpointManager, target: TrainState) -> tuple[
     step = manager.latest_step()
     if step is None:
         return None
-    restored = _restore(manager, step, target)
+    restored = _restore(manager, step, state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
     return restored["state"], restored["meta"]
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict, metrics: dict | None) -> None:
+def save(manager: ocp.CheckpointManager, state: Any, meta: dict, metrics: dict | None) -> None:
     """Checkpoint `state` at step `meta["step"]` (a host value: saving never waits for the device)."""
     manager.save(
         meta["step"],
@@ -83,32 +76,17 @@ def is_training_workdir(path: epath.PathLike) -> bool:
     return (workdir_path(path) / "checkpoints").is_dir()
 
 
-def trained_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh: Mesh) -> dict:
-    """The variables to evaluate or predict with, on `mesh` (whatever mesh wrote them): the latest
-    checkpoint in `workdir`, else `train.init_from` (a training workdir or a complete model)."""
-    checkpoints = workdir_path(workdir) / "checkpoints"
-    model = UniMMAD(model_config(config))
-    if checkpoints.is_dir():
-        with ocp.CheckpointManager(checkpoints, item_names=ITEMS) as manager:
-            step = manager.latest_step()
-            if step is not None:
-                abstract = abstract_train_state(model, config, steps_per_epoch=1)
-                target = sharding.placed(abstract, sharding.state_sharding(abstract, mesh, fsdp=False))
-                state = _restore(manager, step, target)["state"]
-                return {"params": state.params, "batch_stats": state.batch_stats}
-    source = config.train.init_from
-    if source and workdir_path(source) != workdir_path(workdir) and is_training_workdir(source):
-        return trained_variables(config, source, mesh)
-    if source:
-        kind, _, variables = model_io.load(source)
-        if kind == "model":
-            expected = abstract_variables(model.config, slots=config.data.num_slots)
-            model_io.check_compatible(variables, expected, f"train.init_from={source}")
-            return jax.device_put(variables, sharding.replicated(mesh))
-    raise FileNotFoundError(
-        f"no checkpoint in {checkpoints} and no complete model or training workdir in train.init_from: "
-        f"train first, or convert a released model with `python -m unimmad_jax.convert`"
+def restore_variables(workdir: epath.PathLike, step: int, target: dict) -> dict:
+    """`params` and `batch_stats` of the train state checkpointed at `step` in `workdir`, and nothing else:
+    the optimizer state and step stay unread (a partial restore).
+
+    `target` (`{"params": ..., "batch_stats": ...}` of `ShapeDtypeStruct`s with shardings, `sharding.placed`)
+    gives the shapes, dtypes and placement, whatever mesh and sharding wrote the checkpoint."""
+    state = ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
     )
+    with ocp.CheckpointManager(workdir_path(workdir) / "checkpoints", item_names=ITEMS) as manager:
+        return _restore(manager, step, state=state)["state"]
 
 
 def latest_record(workdir: epath.PathLike) -> tuple[int, dict] | None:

@@ -19,15 +19,12 @@ import dataclasses
 import re
 import sys
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
+from etils import epath
 
-from unimmad_jax import checkpoints, model_io, sharding
-from unimmad_jax.config import model_config
+from unimmad_jax import model_io, weights
 from unimmad_jax.models.unimmad import ModelConfig, abstract_variables
 from unimmad_jax.models.wide_resnet import EXPANSION
 
@@ -204,18 +201,18 @@ class ConversionError(ValueError):
     """A checkpoint does not fit the model: the message names the file, the key and the shapes."""
 
 
-def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+def read_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
     """A PyTorch state dict as numpy arrays: `.safetensors`, or `.pth`/`.pt` when torch is installed.
 
     A `.pth` is read with `weights_only=True`: it never unpickles arbitrary objects.
     """
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+        import safetensors.numpy
 
-        return load_file(path)
+        return safetensors.numpy.load(path.read_bytes())
     if path.suffix in (".pth", ".pt", ".bin"):
         try:
             import torch
@@ -224,7 +221,8 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
                 f"{path}: reading a PyTorch pickle needs torch, which is not installed; "
                 f"convert it to .safetensors, or install torch"
             ) from error
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as file:
+            state = torch.load(file, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
     raise ConversionError(f"{path}: unknown weight format {path.suffix!r} (expected .safetensors or .pth)")
@@ -294,18 +292,19 @@ def _select(tree: Mapping, roots: tuple[str, ...]) -> dict:
     return {c: {r: tree[c][r] for r in roots if r in tree[c]} for c in tree}
 
 
-def convert_prior(weights: str | Path, cfg: ModelConfig | None = None) -> dict:
+def convert_prior(weights_file: epath.PathLike, cfg: ModelConfig | None = None) -> dict:
     """A torchvision/timm WideResNet state dict -> the prior's variables (`params`/`batch_stats` under `prior`)."""
     cfg = cfg or ModelConfig()
     expected = _select(abstract_variables(cfg), ("prior",))
-    return to_variables(prior_key_map(cfg), {"prior": read_state_dict(weights)}, expected, {"prior": str(weights)})
+    state_dicts, sources = {"prior": read_state_dict(weights_file)}, {"prior": str(weights_file)}
+    return to_variables(prior_key_map(cfg), state_dicts, expected, sources)
 
 
 def convert_official(
-    checkpoint_dir: str | Path, prior: str | Path, image_size: int, cfg: ModelConfig | None = None
+    checkpoint_dir: epath.PathLike, prior: epath.PathLike, image_size: int, cfg: ModelConfig | None = None
 ) -> tuple[ModelConfig, dict]:
     """A reference checkpoint folder and its prior file -> (model config, all variables)."""
-    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir = epath.Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise ConversionError(
             f"{checkpoint_dir}: not a folder (expected a reference checkpoint folder "
@@ -413,41 +412,18 @@ def reference_state_dicts(cfg: ModelConfig, variables: Mapping) -> dict[str, dic
     }
 
 
-def save_reference(cfg: ModelConfig, variables: Mapping, out: str | Path) -> dict[str, Path]:
+def save_reference(cfg: ModelConfig, variables: Mapping, out: epath.PathLike) -> dict[str, epath.Path]:
     """Write `model.safetensors`, `model_1.safetensors`, `model_2.safetensors` and the prior as
     `wide_resnet50_2.safetensors` into `out`; returns the paths by part."""
-    from safetensors.numpy import save_file
+    import safetensors.numpy
 
     state = reference_state_dicts(cfg, variables)
-    out = Path(out)
+    out = epath.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {part: out / name for part, name in {**REFERENCE_FILES, "prior": PRIOR_FILE}.items()}
     for part, path in paths.items():
-        save_file(state[part], str(path))
+        path.write_bytes(safetensors.numpy.save(state[part]))
     return paths
-
-
-def _run_config(workdir: Path) -> ml_collections.ConfigDict:
-    """The config a training run recorded with its latest checkpoint."""
-    with ocp.CheckpointManager(workdir / "checkpoints", item_names=checkpoints.ITEMS) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise ConversionError(f"{workdir / 'checkpoints'}: no complete checkpoint to export")
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    return ml_collections.ConfigDict(meta["config"])
-
-
-def load_trained(path: str | Path) -> tuple[ModelConfig, dict]:
-    """(model config, variables as numpy arrays) of a training workdir (its latest checkpoint) or a model folder."""
-    path = Path(path).absolute()
-    if (path / "checkpoints").is_dir():
-        config = _run_config(path)
-        variables = checkpoints.trained_variables(config, path, sharding.data_mesh())
-        return model_config(config), jax.tree_util.tree_map(np.asarray, variables)
-    kind, cfg, variables = model_io.load(path)
-    if kind != "model":
-        raise ConversionError(f"{path} holds a {kind}, not a complete model: there is nothing to export")
-    return cfg, variables
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg, variables = convert_official(args.checkpoint_dir, args.prior, args.image_size)
             model_io.save(args.out, cfg, variables, kind="model")
         else:
-            cfg, variables = load_trained(args.checkpoint)
+            cfg, variables = weights.recorded_model(args.checkpoint)
             paths = save_reference(cfg, variables, args.out)
             print(f"wrote {', '.join(str(p) for p in paths.values())} (image size {cfg.image_size})")
             return 0

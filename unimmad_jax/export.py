@@ -28,14 +28,13 @@ import argparse
 import importlib.metadata
 import json
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
+from etils import epath
 
-from unimmad_jax import calibrate, checkpoints, evaluate, sharding
+from unimmad_jax import calibrate, checkpoints, evaluate, weights
 from unimmad_jax.config import model_config
 from unimmad_jax.data import InvalidDataError
 from unimmad_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -82,16 +81,14 @@ def inference_fn(model: UniMMAD, variables: dict, rows: list[dict]):
     return serve
 
 
-def export_workdir(workdir: str | Path, out: str | Path, platforms=PLATFORMS) -> Path:
+def export_workdir(workdir: epath.PathLike, out: epath.PathLike, platforms=PLATFORMS) -> epath.Path:
     """Write `model.jax` and `metadata.json` of the latest checkpoint of `workdir` and its calibration to `out`."""
-    latest = checkpoints.latest_record(workdir)
+    latest = weights.recorded_checkpoint(workdir)
     if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}: train first")
-    step, meta = latest
+        raise FileNotFoundError(f"no checkpoint in {checkpoints.workdir_path(workdir) / 'checkpoints'}: train first")
+    step, meta, variables = latest
     record = calibrate.load(workdir, step)
     config = ml_collections.ConfigDict(meta["config"])
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
-    variables = jax.device_get(checkpoints.trained_variables(config, workdir, mesh))
     model = UniMMAD(model_config(config))
     rows = statistics_rows(record)
     size, slots = config.image_size, config.data.num_slots
@@ -101,7 +98,7 @@ def export_workdir(workdir: str | Path, out: str | Path, platforms=PLATFORMS) ->
         jax.ShapeDtypeStruct((batch, slots), jnp.bool_),
         jax.ShapeDtypeStruct((batch,), jnp.int32),
     )
-    out = Path(out)
+    out = epath.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_FILE).write_bytes(exported.serialize())
     metadata = {

@@ -6,10 +6,9 @@ pipeline's dependencies (tfds, grain).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import PIL.Image
+from etils import epath
 
 PLAIN_MODES = ("RGB", "L")
 """8-bit RGB and gray: the modes every decoder reads as they are."""
@@ -20,11 +19,12 @@ class ImageFileError(ValueError):
     """An image file that is missing, unreadable or of a mode no model input has; the message names the file."""
 
 
-def open_image(path: Path) -> PIL.Image.Image:
-    """The image at `path`, decoded (so that a corrupt file fails here)."""
+def open_image(path: epath.PathLike) -> PIL.Image.Image:
+    """The image at `path` (local or a cloud path such as `gs://...`), decoded (so that a corrupt file fails here)."""
     try:
-        image = PIL.Image.open(path)
-        image.load()
+        with epath.Path(path).open("rb") as file:
+            image = PIL.Image.open(file)
+            image.load()
     except FileNotFoundError as error:
         raise ImageFileError(f"Missing image file {path}.") from error
     except (OSError, SyntaxError, ValueError) as error:
@@ -32,7 +32,7 @@ def open_image(path: Path) -> PIL.Image.Image:
     return image
 
 
-def to_plain_mode(image: PIL.Image.Image, path: Path) -> PIL.Image.Image:
+def to_plain_mode(image: PIL.Image.Image, path: epath.PathLike) -> PIL.Image.Image:
     """8-bit RGB or gray; 16-bit gray keeps its top 8 bits."""
     if image.mode in PLAIN_MODES:
         return image
@@ -43,7 +43,7 @@ def to_plain_mode(image: PIL.Image.Image, path: Path) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: epath.PathLike) -> np.ndarray:
     """An image file as uint8 ``[h, w, 3]`` (gray repeated)."""
     return np.asarray(to_plain_mode(open_image(path), path).convert("RGB"))
 

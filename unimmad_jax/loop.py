@@ -24,18 +24,16 @@ from etils import epath
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from unimmad_jax import calibrate, checkpoints, evaluate, report, sharding
+from unimmad_jax import calibrate, checkpoints, evaluate, report, sharding, weights
 from unimmad_jax.config import loss_config, model_config
-from unimmad_jax.data import TrainLoader, ensure_prepared, first_training_images, train_loader
+from unimmad_jax.data import TrainLoader, ensure_prepared, train_loader
 from unimmad_jax.models.unimmad import UniMMAD
 from unimmad_jax.train import (
     TrainState,
     abstract_train_state,
     create_train_state,
-    initial_variables,
     learning_rate_schedule,
     make_train_step,
-    state_sharding,
 )
 
 
@@ -158,50 +156,30 @@ def _save(run: TrainRun, manager: ocp.CheckpointManager, state: TrainState, step
 
 
 def initial_state(model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int, mesh: Mesh) -> TrainState:
-    """The state a new run starts from, placed on `mesh` as `train.state_sharding` says: step 0, a fresh
-    optimizer and schedule.
-
-    The weights are the latest checkpoint of `train.init_from` when it names a training workdir
-    (training goes on from another run, on new data), else `train.initial_variables`: a function of
-    the config alone, the same whatever the number of processes and devices (the prior's statistics
-    come from the first global batch, read whole by every process).
-    """
-    source = config.train.init_from
-    if source and checkpoints.is_training_workdir(source):
-        variables = checkpoints.trained_variables(config, source, mesh)
-    else:
-        prior_images = first_training_images(config.data, seed=config.seed, batch_size=config.train.batch_size)
-        variables = initial_variables(model, config, prior_images)
-    state = create_train_state(model, config, steps_per_epoch, variables)
-    return jax.device_put(state, state_sharding(state, config, mesh))
+    """Step 0 of a new run at `weights.starting_variables`, with a fresh optimizer and schedule, placed on
+    `mesh` as `sharding.state_sharding` says (`train.fsdp`)."""
+    state = create_train_state(model, config, steps_per_epoch, weights.starting_variables(model, config, mesh))
+    return jax.device_put(state, sharding.state_sharding(state, mesh, config.train.fsdp))
 
 
 def _start(
     model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int, mesh: Mesh, manager: ocp.CheckpointManager
 ) -> tuple[TrainState, int]:
-    """The state and global step to start from: the latest checkpoint, else the initial weights."""
+    """The state and global step to start from: the latest checkpoint, else `initial_state`."""
     abstract = abstract_train_state(model, config, steps_per_epoch)
-    restored = checkpoints.restore_latest(manager, sharding.placed(abstract, state_sharding(abstract, config, mesh)))
-    if restored is not None:
-        state, meta = restored
-        if meta["steps_per_epoch"] != steps_per_epoch:
-            raise ValueError(
-                f"the checkpoints in {manager.directory} were written with {meta['steps_per_epoch']} steps per "
-                f"epoch, the configured data gives {steps_per_epoch}: resume with the same data config"
-            )
-        if sharding.is_main_process():
-            print(f"Resumed from step {meta['step']} (epoch {meta['epoch']}) in {manager.directory}")
-        return state, meta["step"]
+    target = sharding.placed(abstract, sharding.state_sharding(abstract, mesh, config.train.fsdp))
+    restored = checkpoints.restore_latest(manager, target)
+    if restored is None:
+        return initial_state(model, config, steps_per_epoch, mesh), 0
+    state, meta = restored
+    if meta["steps_per_epoch"] != steps_per_epoch:
+        raise ValueError(
+            f"the checkpoints in {manager.directory} were written with {meta['steps_per_epoch']} steps per "
+            f"epoch, the configured data gives {steps_per_epoch}: resume with the same data config"
+        )
     if sharding.is_main_process():
-        if config.train.init_from:
-            print(f"Starting from the weights of {config.train.init_from} (train.init_from)")
-        else:
-            print(
-                "Training from randomly initialised weights, the prior too (its BatchNorm statistics measured "
-                "on a training batch): without pretrained prior weights (train.init_from) the features are not "
-                "ImageNet features."
-            )
-    return initial_state(model, config, steps_per_epoch, mesh), 0
+        print(f"Resumed from step {meta['step']} (epoch {meta['epoch']}) in {manager.directory}")
+    return state, meta["step"]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> TrainState:
@@ -226,7 +204,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         model=model,
         mesh=mesh,
         loader=loader,
-        step_fn=make_train_step(model, loss_config(config), mesh, state_sharding(state, config, mesh)),
+        step_fn=make_train_step(
+            model, loss_config(config), mesh, sharding.state_sharding(state, mesh, config.train.fsdp)
+        ),
         schedule=learning_rate_schedule(config, loader.steps_per_epoch),
         logger=Logger(workdir),
         workdir=workdir,

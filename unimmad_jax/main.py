@@ -44,7 +44,7 @@ FLAGS = flags.FLAGS
 
 def run(argv) -> int:
     del argv
-    from unimmad_jax import calibrate, checkpoints, evaluate, loop, predict, protocols, report, sharding
+    from unimmad_jax import calibrate, checkpoints, evaluate, loop, predict, protocols, report, sharding, weights
     from unimmad_jax.config import model_config
     from unimmad_jax.data import InvalidDataError, ensure_prepared
     from unimmad_jax.models.unimmad import UniMMAD
@@ -65,7 +65,7 @@ def run(argv) -> int:
             protocols.run_unified_vs_separate(config, workdir)
             return 0
         mesh = sharding.data_mesh()
-        variables = checkpoints.trained_variables(config, workdir, mesh)
+        variables = weights.evaluated_variables(config, workdir, mesh)
         model = UniMMAD(model_config(config))
         if FLAGS.mode == "eval":
             ensure_prepared(config.data.datasets, config.data.data_dir)

@@ -2,38 +2,45 @@
 
 A folder holds `model_config` (JSON: the `ModelConfig` fields and what the folder is) and
 `variables` (`params` and `batch_stats`).  `kind` is "model" for a complete model and
-"prior" for the prior generator alone (the other parts are initialised from scratch).
+"prior" for the prior generator alone (the other parts are initialised from scratch).  The folder
+may be local or on a cloud file system (`gs://...`, through `etils.epath`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from unimmad_jax.models.unimmad import ModelConfig
 
 KINDS = ("model", "prior")
 
 
-def save(directory: str | Path, cfg: ModelConfig, variables: dict, kind: str = "model") -> None:
+def _absolute(directory: epath.PathLike) -> epath.Path:
+    """`directory` as orbax takes it: absolute (a cloud path is; `epath.Path.absolute` would prefix it)."""
+    path = epath.Path(directory)
+    return path if path.is_absolute() else path.absolute()
+
+
+def save(directory: epath.PathLike, cfg: ModelConfig, variables: dict, kind: str = "model") -> None:
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
     meta = {"kind": kind, "model": dataclasses.asdict(cfg)}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         checkpointer.save(
-            Path(directory).absolute(),
+            _absolute(directory),
             ocp.args.Composite(model_config=ocp.args.JsonSave(meta), variables=ocp.args.StandardSave(variables)),
             force=True,
         )
 
 
-def load(directory: str | Path) -> tuple[str, ModelConfig, dict]:
+def load(directory: epath.PathLike) -> tuple[str, ModelConfig, dict]:
     """(kind, model config, variables as numpy arrays) of a folder written by `save`."""
-    directory = Path(directory).absolute()
+    directory = _absolute(directory)
     if not (directory / "model_config").is_dir():
         raise FileNotFoundError(
             f"{directory}: not a model checkpoint (no model_config inside); "

@@ -18,7 +18,6 @@ import csv
 import dataclasses
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import jax
 import matplotlib
@@ -40,7 +39,7 @@ from unimmad_jax.serving import COLUMNS, IMAGE_SUFFIXES  # noqa: E402  (serving'
 
 
 def folder_batches(
-    folder: Path, modality_type: str, image_size: int, num_slots: int, batch_size: int
+    folder: epath.Path, modality_type: str, image_size: int, num_slots: int, batch_size: int
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's batches of the images in `folder`, each a one-modality sample.
 
@@ -122,11 +121,12 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
         raise ValueError("config.predict.input is empty: give a folder of images or <dataset>:<split>")
     mesh = sharding.data_mesh()
     batch_size = sharding.per_host_batch_size(config.predict.batch_size, mesh, "config.predict.batch_size")
-    if Path(source).is_dir():
+    folder = epath.Path(source)
+    if folder.is_dir():
         batches = folder_batches(
-            Path(source), config.predict.modality_type, config.image_size, config.data.num_slots, batch_size
+            folder, config.predict.modality_type, config.image_size, config.data.num_slots, batch_size
         )
-        name = Path(source).name
+        name = folder.name
     else:
         dataset, _, split = source.partition(":")
         if not split:
@@ -135,7 +135,7 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
         name = f"{dataset.replace('/', '_')}_{split}"
     out_dir = epath.Path(workdir) / "predictions" / name
     main_process = sharding.is_main_process()
-    statistics = _statistics_lookup(config, workdir, None if Path(source).is_dir() else dataset)
+    statistics = _statistics_lookup(config, workdir, None if folder.is_dir() else dataset)
 
     predict_fn = evaluate.make_predict_fn(model, mesh)
     rows, overlays = [], []
@@ -174,7 +174,7 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
         writer.writerows(rows)
     (out_dir / "scores.json").write_text(json.dumps(rows, indent=1))
     for index, (image, normalized_map, gt) in enumerate(overlays):
-        name = Path(rows[index]["path"]).with_suffix("").as_posix().strip("/").replace("/", "_")
+        name = epath.Path(rows[index]["path"]).with_suffix("").as_posix().strip("/").replace("/", "_")
         save_overlay(out_dir / "overlays" / f"{index:04d}_{name}.png", image, normalized_map, rows[index], gt)
     print(
         f"wrote {len(rows)} scores to {out_dir / 'scores.csv'} and {len(overlays)} overlays to {out_dir / 'overlays'}"

@@ -18,10 +18,10 @@ import csv
 import json
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 
 from unimmad_jax import images
 
@@ -38,8 +38,8 @@ class ServingError(ValueError):
 class Model:
     """An exported model folder: the deserialised function and its metadata."""
 
-    def __init__(self, folder: str | Path):
-        folder = Path(folder)
+    def __init__(self, folder: epath.PathLike):
+        folder = epath.Path(folder)
         metadata_path = folder / "metadata.json"
         try:
             self.metadata = json.loads(metadata_path.read_text())
@@ -92,7 +92,7 @@ class Model:
         return jax.tree_util.tree_map(np.asarray, self.exported.call(images, mask, rows))
 
 
-def read_image(path: Path, image_size: int, resized: dict) -> np.ndarray:
+def read_image(path: epath.Path, image_size: int, resized: dict) -> np.ndarray:
     """uint8 `[image_size, image_size, 3]` as the training data reads and resizes it (`unimmad_jax.images`);
     images of another size are noted in `resized` by their (width, height)."""
     image = images.read_rgb(path)
@@ -102,23 +102,23 @@ def read_image(path: Path, image_size: int, resized: dict) -> np.ndarray:
     return images.resize(image, image_size)
 
 
-def samples_of(arguments: list[str]) -> list[list[Path]]:
+def samples_of(arguments: list[str]) -> list[list[epath.Path]]:
     """The files of each sample: '+'-joined files, or one sample per image of a folder."""
     samples = []
     for argument in arguments:
-        path = Path(argument)
+        path = epath.Path(argument)
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 raise ServingError(f"folder {path} holds no image ({', '.join(IMAGE_SUFFIXES)})")
             samples += [[file] for file in files]
         else:
-            samples.append([Path(part) for part in argument.split("+")])
+            samples.append([epath.Path(part) for part in argument.split("+")])
     return samples
 
 
 def check_modalities(
-    sample: list[Path], class_name: str, types: list[str] | None, slots: int, image_types: list[str]
+    sample: list[epath.Path], class_name: str, types: list[str] | None, slots: int, image_types: list[str]
 ) -> None:
     """A sample must have its class's image modalities, and fit the model's slots."""
     label = "+".join(map(str, sample))
@@ -138,7 +138,7 @@ def check_modalities(
         )
 
 
-def score(model: Model, samples: list[list[Path]], class_name: str, batch_size: int):
+def score(model: Model, samples: list[list[epath.Path]], class_name: str, batch_size: int):
     """`scores.csv` rows and the maps of every sample, in order."""
     row_index, name, types = model.statistics_row(class_name)
     for sample in samples:
@@ -190,14 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ServingError, images.ImageFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = epath.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "scores.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    with (out / "scores.csv").open("w") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     if args.maps:
-        np.savez(out / "maps.npz", **maps)
+        with (out / "maps.npz").open("wb") as file:
+            np.savez(file, **maps)
     print(f"wrote {len(rows)} scores to {out / 'scores.csv'}")
     return 0
 

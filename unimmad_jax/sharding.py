@@ -73,9 +73,10 @@ def fsdp_split(shape: tuple[int, ...], devices: int) -> PartitionSpec:
 
 
 def state_sharding(abstract_state, mesh: Mesh, fsdp: bool):
-    """The sharding of each array of a train state (any pytree of arrays or `ShapeDtypeStruct`s):
-    replicated, or with `fsdp` split along its largest evenly divisible axis (`fsdp_split`) when it
-    holds at least `FSDP_MIN_BYTES`."""
+    """The sharding of each array of a train state (any pytree of arrays or `ShapeDtypeStruct`s, its
+    static fields kept, so the result fits it as a jit argument): replicated, or with `fsdp`
+    (`train.fsdp`) split along its largest evenly divisible axis (`fsdp_split`) when it holds at
+    least `FSDP_MIN_BYTES`."""
     devices = mesh.devices.size
 
     def place(a) -> NamedSharding:

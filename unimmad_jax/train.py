@@ -1,8 +1,7 @@
-"""The train state and the jitted training step: optimizer, schedule and initial weights.
+"""The train state and the jitted training step: optimizer and schedule.
 
-All randomness derives from `config.seed`: the initial parameters here, the data draws in
-`unimmad_jax.data.pipeline`.  The loop that runs the step is `unimmad_jax.loop`, its
-checkpoints `unimmad_jax.checkpoints`.
+The variables a run starts from come from `unimmad_jax.weights`; the loop that runs the step is
+`unimmad_jax.loop`, its checkpoints `unimmad_jax.checkpoints`.
 """
 
 from __future__ import annotations
@@ -14,14 +13,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from unimmad_jax import model_io, sharding
+from unimmad_jax import sharding
 from unimmad_jax.losses import LossConfig, total_loss
-from unimmad_jax.models.layers import BATCH_NORM_MOMENTUM
-from unimmad_jax.models.unimmad import FROZEN, UniMMAD, abstract_variables, init_variables
+from unimmad_jax.models.unimmad import FROZEN, UniMMAD, abstract_variables
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -59,46 +56,6 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, para
     return optax.multi_transform({"trained": adam, "frozen": optax.set_to_zero()}, labels)
 
 
-def prior_statistics(model: UniMMAD, variables: dict, images: np.ndarray) -> dict:
-    """The prior's BatchNorm statistics measured on `images [n, H, W, 3]`.
-
-    A random prior's BatchNorm layers hold mean 0, variance 1 and no shift, so they map an all-zero
-    input (the normalised depth of a background) to all-zero features, whose direction the L2
-    normalisation leaves undefined.  Statistics of real images make it a well-posed feature
-    extractor; its weights stay random.
-    """
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"]["prior"])
-    start = {"params": variables["params"], "batch_stats": {**variables["batch_stats"], "prior": zeros}}
-    _, updates = jax.jit(lambda v, x: model.apply(v, x, method=UniMMAD.prior_statistics, mutable=["batch_stats"]))(
-        start, images
-    )
-    # One update from zero running statistics leaves (1 - momentum) times the batch's.
-    return jax.tree_util.tree_map(lambda s: s / (1 - BATCH_NORM_MOMENTUM), updates["batch_stats"]["prior"])
-
-
-def initial_variables(model: UniMMAD, config: ml_collections.ConfigDict, prior_images: np.ndarray) -> dict:
-    """The variables training starts from.
-
-    `train.init_from` names a whole model (all of it is loaded) or a prior; otherwise the prior has
-    random weights (from the seed) and BatchNorm statistics measured on `prior_images`.  The
-    general encoder starts as a copy of the prior (docs/model.md#prior-and-general-encoder); the other parts are random.
-    """
-    variables = init_variables(model, config.seed, slots=config.data.num_slots)
-    source = config.train.init_from
-    if source:
-        kind, _, loaded = model_io.load(source)
-        if kind == "model":
-            model_io.check_compatible(loaded, variables, f"train.init_from={source}")
-            return loaded
-        model_io.check_compatible(
-            loaded, {c: {"prior": variables[c]["prior"]} for c in variables}, f"train.init_from={source}"
-        )
-        variables = {c: {**variables[c], "prior": loaded[c]["prior"]} for c in variables}
-    else:
-        variables["batch_stats"]["prior"] = prior_statistics(model, variables, prior_images)
-    return {c: {**variables[c], "encoder": jax.tree_util.tree_map(jnp.copy, variables[c]["prior"])} for c in variables}
-
-
 def create_train_state(
     model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int, variables: dict
 ) -> TrainState:
@@ -116,7 +73,7 @@ def create_train_state(
 
 def abstract_train_state(model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int) -> TrainState:
     """The shapes and dtypes of `create_train_state`'s result, computing and reading nothing: what a
-    restore needs, so that resuming skips initialising, loading `train.init_from` and measuring the prior."""
+    restore needs, so that resuming skips the starting variables (`weights.starting_variables`)."""
     variables = abstract_variables(model.config, slots=config.data.num_slots)
     params = variables["params"]
     tx = make_optimizer(config, steps_per_epoch, params)
@@ -152,15 +109,9 @@ def train_step(
     return state.apply_gradients(grads, batch_stats), {"loss": loss, **parts}
 
 
-def state_sharding(state: TrainState, config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
-    """Where each array of `state` (arrays or `ShapeDtypeStruct`s) lives on `mesh`: replicated, or split
-    with `train.fsdp`.  The shardings carry `state`'s optimizer, so they fit `state` alone as a jit argument."""
-    return sharding.state_sharding(state, mesh, config.train.fsdp)
-
-
 def make_train_step(model: UniMMAD, loss_cfg: LossConfig, mesh: Mesh, placement: TrainState | None = None):
-    """`train_step` compiled for the mesh: the state placed as `placement` says (`state_sharding`; None:
-    replicated), the batch split over the devices."""
+    """`train_step` compiled for the mesh: the state placed as `placement` says (`sharding.state_sharding`;
+    None: replicated), the batch split over the devices."""
     replicated, split = sharding.replicated(mesh), sharding.batch_split(mesh)
     placement = replicated if placement is None else placement
     return jax.jit(

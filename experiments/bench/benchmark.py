@@ -57,7 +57,7 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
     import jax.numpy as jnp
     import numpy as np
 
-    from unimmad_jax import evaluate, sharding, train
+    from unimmad_jax import evaluate, sharding, train, weights
     from unimmad_jax.config import loss_config, model_config
     from unimmad_jax.models.unimmad import UniMMAD, init_variables
 
@@ -78,8 +78,8 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
     else:
         config.data.num_slots = modalities
         images = np.asarray(batch["specific_images"]).reshape(-1, image_size, image_size, 3)
-        state = train.create_train_state(model, config, 1, train.initial_variables(model, config, images))
-        state_sharding = train.state_sharding(state, config, mesh)  # as the loop places it (`train.fsdp`)
+        state = train.create_train_state(model, config, 1, weights.random_variables(model, config, images))
+        state_sharding = sharding.state_sharding(state, mesh, config.train.fsdp)  # as the loop places it
         state = jax.device_put(state, state_sharding)
         step = train.make_train_step(model, loss_config(config), mesh, state_sharding)
         args = (state, batch, jnp.int32(0))

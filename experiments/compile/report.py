@@ -212,7 +212,7 @@ def abstract_inputs(config, mode: str, mesh, model, global_batch: int):
     if mode == "eval":
         return shard(abstract_variables(model.config, slots), replicated), images, mask
     abstract = train.abstract_train_state(model, config, steps_per_epoch=1)
-    state = sharding.placed(abstract, train.state_sharding(abstract, config, mesh))
+    state = sharding.placed(abstract, sharding.state_sharding(abstract, mesh, config.train.fsdp))
     batch = {
         "specific_images": images,
         "modality_mask": mask,
@@ -246,14 +246,15 @@ def topology_mesh(topology):
 
 def lower_step(config, mode: str, mesh, global_batch: int):
     """The step `unimmad_jax.main` runs (train) or evaluation's predict step (eval), lowered from shapes alone."""
-    from unimmad_jax import evaluate, train
+    from unimmad_jax import evaluate, sharding, train
     from unimmad_jax.config import loss_config, model_config
     from unimmad_jax.models.unimmad import UniMMAD
 
     model = UniMMAD(model_config(config))
     inputs = abstract_inputs(config, mode, mesh, model, global_batch)
     if mode == "train":
-        step = train.make_train_step(model, loss_config(config), mesh, train.state_sharding(inputs[0], config, mesh))
+        placement = sharding.state_sharding(inputs[0], mesh, config.train.fsdp)
+        step = train.make_train_step(model, loss_config(config), mesh, placement)
     else:
         step = evaluate.make_predict_fn(model, mesh)
     return step.trace(*inputs).lower()

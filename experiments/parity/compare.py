@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from unimmad_jax import anomaly_map, convert, model_io, sharding, train
+from unimmad_jax import anomaly_map, convert, sharding, train, weights
 from unimmad_jax.config import default_config, loss_config
 from unimmad_jax.losses import LossConfig, total_loss
 from unimmad_jax.models.layers import CONV_IMPLS
@@ -322,9 +322,7 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    kind, cfg, variables = model_io.load(args.checkpoint)
-    if kind != "model":
-        raise SystemExit(f"{args.checkpoint} holds a {kind!r}, not a complete model")
+    cfg, variables = weights.complete_model(args.checkpoint)
     case = np.load(args.case)
     trajectory = "train_losses" in case.files
     if args.float32 and not trajectory:

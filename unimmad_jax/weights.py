@@ -1,0 +1,161 @@
+"""Where a run's variables (`params` and `batch_stats`) come from: every source of weights, in one place.
+
+Training starts from (`starting_variables`; step 0, a fresh optimizer, `loop.initial_state`):
+  1. `train.init_from` names a training workdir: its latest checkpoint's variables (training goes
+     on from another run, on new data);
+  2. `train.init_from` names a complete model (`convert official`, `model_io`): all of it;
+  3. `train.init_from` names a prior (`convert prior`, `model_io`): the prior, copied into the
+     general encoder; the other parts random from `seed`;
+  4. no `train.init_from`: random from `seed`, the prior's BatchNorm statistics measured on the
+     first training batch (`random_variables`).
+Cases 1 to 3 are `train.init_from`'s sources, read by `init_from_variables`: a new kind of
+source is one more case there.
+
+Evaluation, calibration, prediction, `jax.export` and `convert to-reference` use
+(`evaluated_variables`): the latest checkpoint in the workdir, else a complete model of
+`train.init_from` (cases 1 and 2).
+
+A checkpoint's variables are read without its optimizer state (`checkpoints.restore_variables`)
+and placed on the caller's mesh, whatever mesh wrote them.  Folders may be local or `gs://...`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from jax.sharding import Mesh
+
+from unimmad_jax import checkpoints, model_io, sharding
+from unimmad_jax.config import model_config
+from unimmad_jax.data import first_training_images
+from unimmad_jax.models.layers import BATCH_NORM_MOMENTUM
+from unimmad_jax.models.unimmad import ModelConfig, UniMMAD, abstract_variables, init_variables
+
+
+def starting_variables(model: UniMMAD, config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
+    """The variables a new run trains from (the cases of the module docstring): a function of the config alone,
+    the same whatever the number of processes and devices (the first global batch is read whole by every process)."""
+    main = sharding.is_main_process()
+    if not config.train.init_from:
+        if main:
+            print(
+                "Training from randomly initialised weights, the prior too (its BatchNorm statistics measured "
+                "on a training batch): without pretrained prior weights (train.init_from) the features are not "
+                "ImageNet features."
+            )
+        images = first_training_images(config.data, seed=config.seed, batch_size=config.train.batch_size)
+        return random_variables(model, config, images)
+    if main:
+        print(f"Starting from the weights of {config.train.init_from} (train.init_from)")
+    kind, loaded = init_from_variables(config, mesh)
+    if kind == "model":
+        return loaded
+    variables = init_variables(model, config.seed, slots=config.data.num_slots)
+    return with_encoder_from_prior({c: {**variables[c], "prior": loaded[c]["prior"]} for c in variables})
+
+
+def evaluated_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh: Mesh) -> dict:
+    """The variables to evaluate, calibrate, predict or export with, replicated on `mesh`: the latest checkpoint
+    in `workdir`, else a complete model of `train.init_from` (a training workdir or a `convert official` folder)."""
+    latest = checkpoints.latest_record(workdir)
+    if latest is not None:
+        return checkpoint_variables(config, workdir, latest[0], mesh)
+    if config.train.init_from:
+        kind, variables = init_from_variables(config, mesh)
+        if kind == "model":
+            return jax.device_put(variables, sharding.replicated(mesh))
+    raise FileNotFoundError(
+        f"no checkpoint in {checkpoints.workdir_path(workdir) / 'checkpoints'} and no complete model or training "
+        "workdir in train.init_from: train first, or convert a released model with `python -m unimmad_jax.convert`"
+    )
+
+
+def init_from_variables(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[str, dict]:
+    """(kind, variables) of `train.init_from`: kind "model" (all variables) or "prior" (the prior's alone)."""
+    source = config.train.init_from
+    where = f"train.init_from={source}"
+    # 1. A training workdir: its latest checkpoint, on `mesh`.
+    if checkpoints.is_training_workdir(source):
+        latest = checkpoints.latest_record(source)
+        if latest is None:
+            raise FileNotFoundError(f"{where}: no complete checkpoint in {epath.Path(source) / 'checkpoints'}")
+        return "model", checkpoint_variables(config, source, latest[0], mesh)
+    # 2. and 3. A folder of `python -m unimmad_jax.convert official` (a model) or `convert prior` (a prior).
+    kind, _, variables = model_io.load(source)
+    expected = abstract_variables(model_config(config), slots=config.data.num_slots)
+    if kind == "prior":
+        expected = {collection: {"prior": expected[collection]["prior"]} for collection in expected}
+    model_io.check_compatible(variables, expected, where)
+    return kind, variables
+
+
+def checkpoint_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: int, mesh: Mesh) -> dict:
+    """The variables of the checkpoint at `step` in `workdir`, replicated on `mesh`; its optimizer state unread."""
+    abstract = abstract_variables(model_config(config), slots=config.data.num_slots)
+    target = sharding.placed(abstract, sharding.state_sharding(abstract, mesh, fsdp=False))
+    return checkpoints.restore_variables(workdir, step, target)
+
+
+def random_variables(model: UniMMAD, config: ml_collections.ConfigDict, prior_images: np.ndarray) -> dict:
+    """Random variables from `seed`, the prior's BatchNorm statistics measured on `prior_images [n, H, W, 3]`."""
+    variables = init_variables(model, config.seed, slots=config.data.num_slots)
+    variables["batch_stats"]["prior"] = prior_statistics(model, variables, prior_images)
+    return with_encoder_from_prior(variables)
+
+
+def prior_statistics(model: UniMMAD, variables: dict, images: np.ndarray) -> dict:
+    """The prior's BatchNorm statistics measured on `images [n, H, W, 3]`.
+
+    A random prior's BatchNorm layers hold mean 0, variance 1 and no shift, so they map an all-zero
+    input (the normalised depth of a background) to all-zero features, whose direction the L2
+    normalisation leaves undefined.  Statistics of real images make it a well-posed feature
+    extractor; its weights stay random.
+    """
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"]["prior"])
+    start = {"params": variables["params"], "batch_stats": {**variables["batch_stats"], "prior": zeros}}
+    _, updates = jax.jit(lambda v, x: model.apply(v, x, method=UniMMAD.prior_statistics, mutable=["batch_stats"]))(
+        start, images
+    )
+    # One update from zero running statistics leaves (1 - momentum) times the batch's.
+    return jax.tree_util.tree_map(lambda s: s / (1 - BATCH_NORM_MOMENTUM), updates["batch_stats"]["prior"])
+
+
+def with_encoder_from_prior(variables: dict) -> dict:
+    """`variables` with the general encoder a copy of the prior, as training starts it
+    (docs/model.md#prior-and-general-encoder)."""
+    return {c: {**variables[c], "encoder": jax.tree_util.tree_map(jnp.copy, variables[c]["prior"])} for c in variables}
+
+
+def recorded_model(path: epath.PathLike) -> tuple[ModelConfig, dict]:
+    """(model config, numpy variables) of a folder that records its own config: a training workdir (its latest
+    checkpoint and the config recorded with it) or a complete model folder (`convert official`)."""
+    latest = recorded_checkpoint(path)
+    if latest is not None:
+        _, record, variables = latest
+        return model_config(ml_collections.ConfigDict(record["config"])), variables
+    if checkpoints.is_training_workdir(path):
+        raise FileNotFoundError(f"{checkpoints.workdir_path(path) / 'checkpoints'}: no complete checkpoint")
+    return complete_model(path)
+
+
+def recorded_checkpoint(workdir: epath.PathLike) -> tuple[int, dict, dict] | None:
+    """(step, JSON record, numpy variables) of the latest checkpoint in `workdir`, its variables read for the
+    config recorded with it; None without a checkpoint."""
+    latest = checkpoints.latest_record(workdir)
+    if latest is None:
+        return None
+    step, record = latest
+    mesh = Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
+    variables = checkpoint_variables(ml_collections.ConfigDict(record["config"]), workdir, step, mesh)
+    return step, record, jax.tree_util.tree_map(np.asarray, variables)
+
+
+def complete_model(path: epath.PathLike) -> tuple[ModelConfig, dict]:
+    """(model config, numpy variables) of a complete model folder (`convert official`); a prior is an error."""
+    kind, cfg, variables = model_io.load(path)
+    if kind != "model":
+        raise ValueError(f"{path} holds a {kind}, not a complete model")
+    return cfg, variables
