@@ -118,7 +118,7 @@ def per_class_metrics(scored: ScoredSplit) -> dict[str, dict[str, float]]:
     the devices, only scalars coming back.
     """
     columns = scored.columns
-    on_host = jax.process_count() == 1 and scored.mesh.devices.flat[0].platform == "cpu"
+    on_host = _metrics_on_host(scored.mesh)
     results = {}
     for name in dict.fromkeys(columns["class_name"]):  # classes in dataset order
         labels, scores = (columns[key][columns["class_name"] == name] for key in ("label", "image_score"))
@@ -144,6 +144,10 @@ def per_class_metrics(scored: ScoredSplit) -> dict[str, dict[str, float]]:
             on_devices,
         )
     return results
+
+
+def _metrics_on_host(mesh: Mesh) -> bool:
+    return jax.process_count() == 1 and mesh.devices.flat[0].platform == "cpu"
 
 
 def evaluate(
