@@ -4,6 +4,10 @@ Per class, ``compute_metrics`` returns ``i_auroc``, ``i_ap``, ``i_f1max`` over t
 ``p_auroc``, ``p_f1max``, ``p_ap`` over every pixel, and ``aupro_0.3``. A metric whose labels
 hold one class only is NaN, with an ``UndefinedMetricWarning`` naming the cause; ``summarize``
 lets NaN propagate into every mean it enters, so no average is silently taken over fewer classes.
+
+The curves' metrics are computed once from counts at each distinct threshold (``threshold_metrics``):
+on the host from numpy's sorts (``compute_metrics``), or where the maps lie from one jitted sort
+(``metrics_on_devices``, for maps split over a mesh); the ground truth's regions are labelled on the host.
 """
 
 from __future__ import annotations
@@ -79,11 +83,9 @@ def compute_metrics(image_labels, image_scores, masks, anomaly_maps) -> dict[str
 def image_metrics(image_labels: np.ndarray, image_scores: np.ndarray) -> dict[str, float]:
     """``METRIC_NAMES`` with I-AUROC, I-AP and I-F1max of binary ``image_labels`` filled in, the rest NaN."""
     metrics = dict.fromkeys(METRIC_NAMES, float("nan"))
-    image_labels = np.asarray(image_labels, dtype=bool)
-    labels_text = "image_labels"
-    if _both_classes_present(int(np.count_nonzero(image_labels)), image_labels.size, labels_text, IMAGE_METRICS_TEXT):
-        scores = np.asarray(image_scores)
-        counts = _tie_counts(np.sort(scores[image_labels]), np.sort(scores[~image_labels]))
+    labels, scores = np.asarray(image_labels, dtype=bool), np.asarray(image_scores)
+    if _both_classes_present(int(np.count_nonzero(labels)), labels.size, "image_labels", IMAGE_METRICS_TEXT):
+        counts = _tie_counts(np.sort(scores[labels]), np.sort(scores[~labels]))
         metrics["i_auroc"], metrics["i_ap"], metrics["i_f1max"] = map(float, threshold_metrics(*counts))
     return metrics
 
