@@ -96,12 +96,12 @@ def in_framework(workdir, synthetic_data_dir, folder, batch_size: int) -> dict[s
     config.data.data_dir = str(synthetic_data_dir)
     mesh = Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
     variables = weights.evaluated_variables(config, workdir, mesh)
-    predict_fn = evaluate.make_predict_fn(UniMMAD(model_config(config)), mesh)
+    score_fn = evaluate.make_score_fn(UniMMAD(model_config(config)), mesh)
     stats = scan_statistics(workdir)
     batches = predict.folder_batches(folder, "gray", config.image_size, config.data.num_slots, batch_size)
     maps, scores = [], []
     for batch in batches:
-        out = sharding.gather(predict_fn(variables, batch["specific_images"], batch["modality_mask"]))
+        out = sharding.gather(score_fn(variables, batch["specific_images"], batch["modality_mask"]))
         maps.append(out["anomaly_map"][batch["valid"]])
         scores.append(out["image_score"][batch["valid"]])
     maps, scores = np.concatenate(maps), np.concatenate(scores)

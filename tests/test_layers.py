@@ -180,7 +180,7 @@ def test_per_sample_conv_exports_for_any_batch_size(conv_impl):
 
 
 def test_native_per_sample_conv_on_a_mesh_convolves_each_devices_own_samples():
-    """Traced on a mesh of 8 devices (`sharding.traced_on`, as the train and predict steps are), the
+    """Traced on a mesh of 8 devices (`sharding.traced_on`, as the train and score steps are), the
     native per-sample convolution and its gradients are those computed without a mesh, and no device
     gathers the batch, which XLA's partitioner does for the convolution left to itself."""
     from jax.sharding import Mesh

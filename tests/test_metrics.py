@@ -2,13 +2,22 @@
 
 from collections import deque
 
+import jax.numpy as jnp
+import metrics_oracle
 import numpy as np
 import pytest
 from helpers import PARITY
 from scipy import ndimage
 from sklearn.metrics import average_precision_score
 
-from unimmad_jax.metrics import METRIC_NAMES, UndefinedMetricWarning, aupro, compute_metrics
+from unimmad_jax.metrics import (
+    METRIC_NAMES,
+    UndefinedMetricWarning,
+    aupro,
+    compute_metrics,
+    metrics_on_devices,
+    region_ids_per_image,
+)
 
 FIXTURE = PARITY / "cases" / "metrics_official.npz"
 # docs/parity.md#tolerances: metrics 1e-6 absolute, AUPRO 1e-4.
@@ -257,3 +266,82 @@ def test_single_class_labels_give_nan_with_a_warning():
         metrics = compute_metrics(labels, scores, np.zeros_like(masks), maps)
     assert all(np.isnan(metrics[name]) for name in ("p_auroc", "p_f1max", "aupro_0.3", "p_ap"))
     assert np.isfinite(metrics["i_auroc"])
+
+
+# ----------------------------------------------------------------------------
+# The host and device forms against the frozen scikit-learn implementation
+# ----------------------------------------------------------------------------
+
+
+def _on_devices(labels, scores, masks, maps):
+    """`metrics_on_devices` of one class, its maps split into two batches with a padding row between them."""
+    region_ids, region_counts = region_ids_per_image(masks)
+    half = len(labels) // 2
+    padded = [np.concatenate([part, np.zeros_like(part[:1])]) for part in (maps, region_ids, region_counts)]
+    rows = np.concatenate([np.ones(len(labels), bool), [False]])
+    batches = [[jnp.asarray(array[:half]), jnp.asarray(array[half:])] for array in (*padded, rows)]
+    return metrics_on_devices(np.asarray(labels, bool), scores, *batches)
+
+
+def _random_case(seed=0, num_images=12, size=32):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(num_images) % 2
+    masks = np.zeros((num_images, size, size), np.uint8)
+    for image in np.flatnonzero(labels):
+        row, col = rng.integers(0, size - 8, 2)
+        masks[image, row : row + rng.integers(1, 8), col : col + rng.integers(1, 8)] = 1
+    maps = (rng.random(masks.shape) + 0.6 * masks * rng.random()).astype(np.float32)
+    return labels, rng.random(num_images).astype(np.float32), masks, maps
+
+
+def _adversarial_cases():
+    labels, scores, masks, maps = _random_case()
+    cases = {"random": (labels, scores, masks, maps), "structured": _structured_case(seed=5)}
+    cases["larger"] = _random_case(seed=2, num_images=32, size=128)
+    cases["ties"] = (labels, np.round(scores * 3) / 3, masks, np.round(maps * 4) / 4)
+    cases["constant maps"] = (labels, np.full_like(scores, 0.5), masks, np.full_like(maps, 0.25))
+    one_region = np.zeros_like(masks)
+    one_region[1, 3:9, 4:7] = 1
+    cases["one region"] = (labels, scores, one_region, maps)
+    many = np.zeros_like(masks)
+    many[1::2, ::2, ::2] = 1  # isolated pixels: 256 regions an anomalous image
+    cases["many regions"] = (labels, scores, many, maps + many)
+    cases["signed zeros"] = (labels, scores, masks, np.where(maps > 0.5, 0.0, -0.0).astype(np.float32))
+    return cases
+
+
+@pytest.mark.parametrize("name", list(_adversarial_cases()))
+def test_host_and_device_forms_match_the_oracle(name):
+    case = _adversarial_cases()[name]
+    expected = metrics_oracle.compute_metrics(*case)
+    for form in (compute_metrics, _on_devices):
+        values = form(*case)
+        for metric in METRIC_NAMES:
+            assert abs(values[metric] - expected[metric]) <= TOLERANCE[metric], (form.__name__, metric)
+    # The host form is float64 throughout: the oracle's values to rounding.
+    assert compute_metrics(*case) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.skipif(not FIXTURE.exists(), reason=f"fixture {FIXTURE} not present")
+def test_device_form_matches_reference_fixture():
+    case = np.load(FIXTURE)
+    values = _on_devices(case["image_labels"], case["image_scores"], case["masks"], case["anomaly_maps"])
+    for name in METRIC_NAMES:
+        assert abs(values[name] - float(case[name])) <= TOLERANCE[name], name
+
+
+@pytest.mark.parametrize("form", [compute_metrics, _on_devices])
+def test_undefined_metrics_are_nan_with_the_oracles_warning(form):
+    labels, scores, masks, maps = _random_case(seed=1)
+    for case, message in [
+        ((labels, scores, np.zeros_like(masks), maps), "masks holds only 0 \\(normal\\)"),
+        ((labels[1::2], scores[1::2], masks[1::2], maps[1::2]), "image_labels holds only 1 \\(anomalous\\)"),
+    ]:
+        with pytest.warns(UndefinedMetricWarning, match=message):
+            expected = metrics_oracle.compute_metrics(*case)
+        with pytest.warns(UndefinedMetricWarning, match=message):
+            values = form(*case)
+        for name in METRIC_NAMES:
+            assert np.isnan(values[name]) == np.isnan(expected[name]), name
+            if not np.isnan(expected[name]):
+                assert abs(values[name] - expected[name]) <= TOLERANCE[name], name

@@ -48,3 +48,26 @@ def test_tiny_train_step_compiles_for_v5e_2x4(tmp_path):
     assert 0 < report["instruction_hbm_bytes"] < report["instruction_bytes"]
     assert report["roofline_hbm"]["memory_s"] <= report["roofline"]["memory_s"]
     assert report["top_layers"] and report["top_instructions"]
+
+
+def test_tiny_eval_step_and_metrics_compile_for_v5e_2x4(tmp_path):
+    report_path = tmp_path / "report.json"
+    command = [
+        sys.executable,
+        "experiments/tpu_compile.py",
+        "--config=configs/tiny.py",
+        "--mode=eval",
+        "--global-batch=16",
+        "--metrics-images=100",
+        f"--json={report_path}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    metrics = json.loads(report_path.read_text())["metrics"]
+    assert (metrics["images"], metrics["rows"], metrics["image_size"]) == (100, 104, 64)  # padded to the 8 devices
+    assert metrics["fits"] and 0 < metrics["peak_memory_bytes_per_device"] < 2**30
+    # The maps and region ids come in split over the devices: each holds an eighth of them.
+    assert metrics["argument_bytes_per_device"] < 104 * 64 * 64 * (4 + 2) / 4
+    assert "pixel metrics of one class of 100 images at 64 px" in result.stdout

@@ -201,7 +201,7 @@ def override(statistics: Statistics, threshold: float | None, sensitivity: float
 
 def calibrate(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, mesh: Mesh, step: int | None) -> dict:
     """The calibration record of `variables` (checkpoint step `step`) over every evaluation dataset."""
-    predict_fn = evaluate.make_predict_fn(model, mesh)
+    score_fn = evaluate.make_score_fn(model, mesh)
     variables = jax.device_put(variables, sharding.replicated(mesh))
     record = {
         "format_version": FORMAT_VERSION,
@@ -212,11 +212,11 @@ def calibrate(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict
     }
     for dataset in eval_datasets(config):
         split = calibration_split(config, dataset)
-        columns = evaluate.predict_split(predict_fn, variables, config, dataset, split, mesh)
+        columns = evaluate.score_split(score_fn, variables, config, dataset, split, mesh).columns
         types = class_modality_types(config, dataset, split)
         record["datasets"][dataset] = calibrate_dataset(columns, split, types, config)
-        test = evaluate.predict_split(predict_fn, variables, config, dataset, config.eval.split, mesh)
-        threshold_free = evaluate.per_class_metrics(test)
+        scored_test = evaluate.score_split(score_fn, variables, config, dataset, config.eval.split, mesh)
+        threshold_free, test = evaluate.per_class_metrics(scored_test), scored_test.columns
         report = {}
         for name, metrics in threshold_free.items():
             rows = test["class_name"] == name

@@ -65,7 +65,7 @@ def inference_fn(model: UniMMAD, variables: dict, rows: list[dict]):
     def serve(images: jax.Array, modality_mask: jax.Array, statistics_row: jax.Array) -> dict[str, jax.Array]:
         scaled = images.astype(jnp.float32) / 255.0
         inputs = jnp.where(modality_mask[..., None, None, None], (scaled - IMAGENET_MEAN) / IMAGENET_STD, 0.0)
-        out = evaluate.predict_step(model, variables, inputs, modality_mask)
+        out = evaluate.score_step(model, variables, inputs, modality_mask)
         score, maps = out["image_score"], out["anomaly_map"]
         threshold, minimum, maximum = table[statistics_row].T
         per_map = [v[:, None, None] for v in (threshold, minimum, maximum)]

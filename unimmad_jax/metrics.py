@@ -4,20 +4,28 @@ Per class, ``compute_metrics`` returns ``i_auroc``, ``i_ap``, ``i_f1max`` over t
 ``p_auroc``, ``p_f1max``, ``p_ap`` over every pixel, and ``aupro_0.3``. A metric whose labels
 hold one class only is NaN, with an ``UndefinedMetricWarning`` naming the cause; ``report.summarize_metrics``
 lets NaN propagate into every mean it enters, so no average is silently taken over fewer classes.
+
+The curves' metrics are computed once from counts at each distinct threshold (``threshold_metrics``):
+on the host from numpy's sorts (``compute_metrics``), or where the maps lie from one jitted sort
+(``metrics_on_devices``, for maps split over a mesh); the ground truth's regions are labelled on the host.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 METRIC_NAMES = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_f1max", "aupro_0.3", "p_ap")
 AUPRO_FPR_LIMIT = 0.3
 AUPRO_NUM_THRESHOLDS = 99
 F1_EPSILON = 1e-8
+IMAGE_METRICS_TEXT = "I-AUROC, I-AP and I-F1max"
+PIXEL_METRICS_TEXT = "P-AUROC, P-F1max, AUPRO@30% and P-AP"
 # Two pixels belong to one ground-truth region when they touch by a side or a corner.
 EIGHT_CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
@@ -32,7 +40,7 @@ class UndefinedMetricWarning(UserWarning):
 
 
 def compute_metrics(image_labels, image_scores, masks, anomaly_maps) -> dict[str, float]:
-    """All seven metrics of one class, as python floats keyed by ``METRIC_NAMES``.
+    """All seven metrics of one class, as python floats keyed by ``METRIC_NAMES``, computed on the host.
 
     Args:
       image_labels: ``[N]``, 1 for an anomalous image, 0 for a normal one.
@@ -45,30 +53,57 @@ def compute_metrics(image_labels, image_scores, masks, anomaly_maps) -> dict[str
         not binary, or scores and maps that are not finite.
     """
     image_labels, image_scores, masks, anomaly_maps = _validated(image_labels, image_scores, masks, anomaly_maps)
-    metrics = dict.fromkeys(METRIC_NAMES, float("nan"))
-    if _both_classes_present(image_labels, "image_labels", "I-AUROC, I-AP and I-F1max"):
-        metrics["i_auroc"] = float(roc_auc_score(image_labels, image_scores))
-        image_ap_f1 = average_precision_and_f1_max(image_labels, image_scores)
-        metrics["i_ap"], metrics["i_f1max"] = image_ap_f1
-    if _both_classes_present(masks, "masks", "P-AUROC, P-F1max, AUPRO@30% and P-AP"):
-        pixel_labels, pixel_scores = masks.ravel(), anomaly_maps.ravel()
-        metrics["p_auroc"] = float(roc_auc_score(pixel_labels, pixel_scores))
-        pixel_ap_f1 = average_precision_and_f1_max(pixel_labels, pixel_scores)
-        metrics["p_ap"], metrics["p_f1max"] = pixel_ap_f1
-        metrics["aupro_0.3"] = aupro(masks, anomaly_maps)
+    metrics = image_metrics(image_labels, image_scores)
+    if _both_classes_present(int(np.count_nonzero(masks)), masks.size, "masks", PIXEL_METRICS_TEXT):
+        positive_scores = np.sort(anomaly_maps[masks], axis=None)
+        normal_scores = np.sort(anomaly_maps[~masks], axis=None)
+        curve = threshold_metrics(*_tie_counts(positive_scores, normal_scores))
+        metrics["p_auroc"], metrics["p_ap"], metrics["p_f1max"] = map(float, curve)
+        metrics["aupro_0.3"] = _aupro_of_sorted(masks, anomaly_maps, normal_scores)
     return metrics
 
 
-def average_precision_and_f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """AP and F1max of binary ``labels`` (both classes present) from one PR curve.
+def image_metrics(image_labels: np.ndarray, image_scores: np.ndarray) -> dict[str, float]:
+    """``METRIC_NAMES`` with I-AUROC, I-AP and I-F1max of binary ``image_labels`` filled in, the rest NaN."""
+    metrics = dict.fromkeys(METRIC_NAMES, float("nan"))
+    labels, scores = np.asarray(image_labels, dtype=bool), np.asarray(image_scores)
+    if _both_classes_present(int(np.count_nonzero(labels)), labels.size, "image_labels", IMAGE_METRICS_TEXT):
+        counts = _tie_counts(np.sort(scores[labels]), np.sort(scores[~labels]))
+        metrics["i_auroc"], metrics["i_ap"], metrics["i_f1max"] = map(float, threshold_metrics(*counts))
+    return metrics
 
-    AP = ``-sum(diff(R) * P[:-1])``, F1max = ``max 2 P R / (P + R + 1e-8)``, over
-    the points of scikit-learn's ``precision_recall_curve``.
+
+def _tie_counts(positive_scores: np.ndarray, negative_scores: np.ndarray):
+    """``threshold_metrics``' counts at each distinct score of the positives, from both classes' scores sorted.
+
+    Thresholds that only negatives score change neither recall nor AUROC's rank sum, and lower the
+    precision below that of the next positive score above them: they are left out.
     """
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    average_precision = -np.sum(np.diff(recall) * precision[:-1])
-    f1 = 2 * precision * recall / (precision + recall + F1_EPSILON)
-    return float(average_precision), float(np.max(f1))
+    num_positive, num_negative = positive_scores.size, negative_scores.size
+    starts = np.flatnonzero(np.concatenate([[True], positive_scores[1:] != positive_scores[:-1]]))
+    values = positive_scores[starts]
+    negatives_below = np.searchsorted(negative_scores, values, side="left")
+    negatives_at = np.searchsorted(negative_scores, values, side="right") - negatives_below
+    positives_at = np.diff(np.append(starts, num_positive))
+    return positives_at, negatives_at, num_positive - starts, num_negative - negatives_below, num_positive, num_negative
+
+
+def threshold_metrics(positives_at, negatives_at, true_positives, false_positives, num_positive, num_negative):
+    """AUROC, AP and F1max of a binary problem from counts at each distinct threshold ``score >= t``.
+
+    Each entry is one threshold (a group of tied scores): ``positives_at``/``negatives_at`` score
+    exactly ``t``, ``true_positives``/``false_positives`` at least ``t``; entries without positives
+    add nothing. AUROC is the ROC curve's trapezoids (the rank sum with ties counted half), AP
+    scikit-learn's ``sum (R_k - R_k-1) P_k``, F1max ``max 2 P R / (P + R + 1e-8)``. Written with
+    array operators only, so numpy (float64) and jax (in a jitted form) arrays share it.
+    """
+    recall = true_positives / num_positive
+    predicted = true_positives + false_positives
+    precision = true_positives / (predicted + (predicted == 0))
+    share = positives_at / num_positive
+    auroc_terms = share * ((num_negative - false_positives) + negatives_at / 2) / num_negative
+    f1 = 2 * precision * recall / (precision + recall + F1_EPSILON) * (positives_at > 0)
+    return auroc_terms.sum(), (share * precision).sum(), f1.max()
 
 
 def aupro(
@@ -87,16 +122,24 @@ def aupro(
     anomaly_maps = np.asarray(anomaly_maps)
     if masks.all() or not masks.any():
         raise ValueError("aupro needs masks holding both anomalous and normal pixels")
-    region_ids, num_regions = _label_regions(masks)
-    thresholds, fprs = _normal_pixel_thresholds(anomaly_maps[~masks], num_thresholds)
-    pros = _per_region_overlap(region_ids[masks] - 1, anomaly_maps[masks], num_regions, thresholds)
-    fprs = np.concatenate([[1.0], fprs])
-    pros = np.concatenate([[1.0], pros])
-    order = np.argsort(fprs, kind="stable")
-    return _partial_area(fprs[order], pros[order], fpr_limit) / fpr_limit
+    normal_scores = np.sort(anomaly_maps[~masks], axis=None)
+    return _aupro_of_sorted(masks, anomaly_maps, normal_scores, fpr_limit, num_thresholds)
 
 
-def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
+def _aupro_of_sorted(
+    masks, anomaly_maps, normal_scores, fpr_limit=AUPRO_FPR_LIMIT, num_thresholds=AUPRO_NUM_THRESHOLDS
+):
+    region_ids, num_regions = label_regions(masks)
+    positions, fprs = threshold_positions(normal_scores.size, num_thresholds)
+    bins = np.searchsorted(normal_scores[positions], anomaly_maps[masks], side="left")
+    counts = np.bincount(
+        (region_ids[masks] - 1) * (num_thresholds + 1) + bins, minlength=num_regions * (num_thresholds + 1)
+    )
+    pros = per_region_overlap(counts.reshape(num_regions, num_thresholds + 1))
+    return aupro_area(fprs, pros, fpr_limit)
+
+
+def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """Ids 1..R of the 8-connected regions of every image in one pass; 0 off the masks.
 
     The 3-D structuring element only links pixels within the same image, so the
@@ -107,31 +150,28 @@ def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     return ndimage.label(masks, structure=within_image)
 
 
-def _normal_pixel_thresholds(normal_scores: np.ndarray, num_thresholds: int):
-    """The ``num_thresholds`` thresholds (ascending) and their FPRs (docs/model.md#metrics)."""
-    sorted_scores = np.sort(normal_scores, axis=None)
-    num_normal = sorted_scores.size
+def threshold_positions(num_normal: int, num_thresholds: int = AUPRO_NUM_THRESHOLDS) -> tuple[np.ndarray, np.ndarray]:
+    """Where the ``num_thresholds`` thresholds lie among the ascending normal scores, and their FPRs."""
     positions = np.linspace(0, num_normal - 1, num_thresholds).astype(np.int64)
-    return sorted_scores[positions], 1.0 - (positions + 1) / num_normal
+    return positions, 1.0 - (positions + 1) / num_normal
 
 
-def _per_region_overlap(
-    region_index: np.ndarray, scores: np.ndarray, num_regions: int, thresholds: np.ndarray
-) -> np.ndarray:
-    """PRO at each threshold: mean over regions of the fraction of pixels ``> t``.
+def per_region_overlap(counts):
+    """PRO at each threshold from ``counts [R, T + 1]``: region r's pixels with ``j`` thresholds strictly
+    below their score. A pixel is above threshold ``j`` when its count is > ``j``, so a reversed
+    cumulative sum gives every region's pixels above every threshold; rows of no pixels (padding)
+    are left out of the mean over regions."""
+    above = counts[:, ::-1].cumsum(axis=1)[:, ::-1][:, 1:]
+    sizes = counts.sum(axis=1, keepdims=True)
+    return (above / (sizes + (sizes == 0))).sum(axis=0) / (sizes > 0).sum()
 
-    Each anomalous pixel is binned by how many thresholds lie strictly below its
-    score (a binary search in the ascending thresholds); a pixel is above
-    threshold ``j`` exactly when its bin is > ``j``, so a reversed cumulative sum of
-    the per-region bin counts gives every region's count above every threshold.
-    """
-    num_thresholds = thresholds.size
-    bins = np.searchsorted(thresholds, scores, side="left")
-    counts = np.bincount(
-        region_index * (num_thresholds + 1) + bins, minlength=num_regions * (num_thresholds + 1)
-    ).reshape(num_regions, num_thresholds + 1)
-    above = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1][:, 1:]
-    return np.mean(above / counts.sum(axis=1, keepdims=True), axis=0)
+
+def aupro_area(fprs: np.ndarray, pros: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
+    """The PRO curve's normalised area on FPR [0, fpr_limit], the point (1, 1) added, as docs/model.md#metrics."""
+    fprs = np.concatenate([[1.0], fprs])
+    pros = np.concatenate([[1.0], np.asarray(pros, dtype=np.float64)])
+    order = np.argsort(fprs, kind="stable")
+    return _partial_area(fprs[order], pros[order], fpr_limit) / fpr_limit
 
 
 def _partial_area(x: np.ndarray, y: np.ndarray, x_limit: float) -> float:
@@ -172,7 +212,7 @@ def _validated(image_labels, image_scores, masks, anomaly_maps):
 
 
 def _binary(values: np.ndarray, name: str) -> np.ndarray:
-    if not np.isin(values, (0, 1)).all():
+    if not ((values == 0) | (values == 1)).all():
         found = np.unique(values[~np.isin(values, (0, 1))])[:5]
         raise ValueError(f"{name} must hold only 0 and 1; found other values such as {found}")
     return values.astype(bool)
@@ -184,10 +224,10 @@ def _finite(values: np.ndarray, name: str) -> np.ndarray:
     return values
 
 
-def _both_classes_present(labels: np.ndarray, name: str, metric_names: str) -> bool:
-    """Whether ``labels`` holds both 0 and 1; warns and returns False otherwise."""
-    num_positive = int(np.count_nonzero(labels))
-    if 0 < num_positive < labels.size:
+def _both_classes_present(num_positive: int, size: int, name: str, metric_names: str) -> bool:
+    """Whether ``name``'s ``size`` labels hold both 0 and 1 (``num_positive`` ones); warns and returns False
+    otherwise."""
+    if 0 < num_positive < size:
         return True
     only = "1 (anomalous)" if num_positive else "0 (normal)"
     warnings.warn(
@@ -196,3 +236,104 @@ def _both_classes_present(labels: np.ndarray, name: str, metric_names: str) -> b
         stacklevel=3,
     )
     return False
+
+
+# ----------------------------------------------------------------------------
+# One class whose maps lie on the devices
+# ----------------------------------------------------------------------------
+
+
+def region_ids_per_image(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ids 1..r_i of each image's 8-connected regions ``[N, h, w]`` (0 off the masks; int16 where they fit)
+    and each r_i ``[N]``: computed where the masks are read, so that the maps' devices need only these."""
+    masks = np.asarray(masks, dtype=bool)
+    # An image of h x w pixels holds at most ceil(h / 2) * ceil(w / 2) regions: 16 bits up to 256 x 256.
+    most_regions = -(-masks.shape[1] // 2) * -(-masks.shape[2] // 2)
+    ids = np.zeros(masks.shape, dtype=np.int16 if most_regions < 2**15 else np.int32)
+    counts = np.zeros(masks.shape[0], dtype=np.int32)
+    for image, mask in enumerate(masks):
+        if mask.any():
+            counts[image] = ndimage.label(mask, structure=EIGHT_CONNECTIVITY, output=ids[image])
+    return ids, counts
+
+
+def metrics_on_devices(image_labels, image_scores, anomaly_maps, region_ids, region_counts, rows) -> dict[str, float]:
+    """``compute_metrics`` of the rows ``rows`` of maps that lie on the devices; only scalars come back.
+
+    Args:
+      image_labels, image_scores: ``[n]`` of the class's images, on the host.
+      anomaly_maps: ``[N, h, w]`` float32 jax arrays (or a list of them, concatenated), any sharding.
+      region_ids, region_counts: ``region_ids_per_image`` of the masks, as jax arrays like ``anomaly_maps``.
+      rows: ``[N]`` bool jax arrays like ``anomaly_maps``: the ``n`` rows of the class (others are other
+        classes or padding).
+    """
+    metrics = image_metrics(image_labels, image_scores)
+    pixels = (anomaly_maps, region_ids, region_counts, rows)
+    num_anomalous, num_normal, num_regions = map(int, device_pixel_counts(*pixels))
+    if _both_classes_present(num_anomalous, num_anomalous + num_normal, "masks", PIXEL_METRICS_TEXT):
+        positions, fprs = threshold_positions(num_normal)
+        region_slots = 1 << (num_regions - 1).bit_length()  # a few compiled forms, not one a count
+        auroc, ap, f1, pros = device_pixel_metrics(*pixels, positions, region_slots)
+        metrics["p_auroc"], metrics["p_ap"], metrics["p_f1max"] = float(auroc), float(ap), float(f1)
+        metrics["aupro_0.3"] = aupro_area(fprs, np.asarray(pros))
+    return metrics
+
+
+def _class_pixels(anomaly_maps, region_ids, region_counts, rows):
+    """The arrays concatenated; each pixel's score (-0 as +0), global region index (-1 off the masks) and kind:
+    1 anomalous, 2 normal, 0 outside the class."""
+    concat = functools.partial(jnp.concatenate, axis=0)
+    maps, ids, counts, rows = (
+        concat(x) if isinstance(x, list | tuple) else x for x in (anomaly_maps, region_ids, region_counts, rows)
+    )
+    in_class = jnp.broadcast_to(rows[:, None, None], maps.shape)
+    kind = jnp.where(in_class, jnp.where(ids > 0, 1, 2), 0).astype(jnp.int8)
+    class_counts = jnp.where(rows, counts, 0)
+    first_region = jnp.cumsum(class_counts) - class_counts
+    region = jnp.where(kind == 1, first_region[:, None, None] + ids - 1, -1)
+    return (maps + 0.0).ravel(), region.ravel(), kind.ravel(), class_counts.sum()
+
+
+@jax.jit
+def device_pixel_counts(anomaly_maps, region_ids, region_counts, rows):
+    """Anomalous and normal pixels and regions of the class."""
+    _, _, kind, num_regions = _class_pixels(anomaly_maps, region_ids, region_counts, rows)
+    return (kind == 1).sum(), (kind == 2).sum(), num_regions
+
+
+@functools.partial(jax.jit, static_argnames="region_slots")
+def device_pixel_metrics(anomaly_maps, region_ids, region_counts, rows, positions, region_slots: int):
+    """P-AUROC, P-AP, P-F1max and the PRO at each AUPRO threshold, from one sort of the pixels.
+
+    Scores sorted ascending fall in groups of ties; a group's counts are the differences of the
+    cumulative counts at its ends, and the counts at least its score those above its start.
+    """
+    pixel_scores, region, pixel_kind, _ = _class_pixels(anomaly_maps, region_ids, region_counts, rows)
+    scores, kind = jax.lax.sort((pixel_scores, pixel_kind), num_keys=1)
+    index = jnp.arange(scores.size)
+    starts = jnp.concatenate([jnp.ones(1, bool), scores[1:] != scores[:-1]])
+    ends = jnp.concatenate([starts[1:], jnp.ones(1, bool)])
+    start = jax.lax.cummax(jnp.where(starts, index, 0))
+    positives, negatives = jnp.cumsum(kind == 1), jnp.cumsum(kind == 2)
+    positives_before = jnp.where(start > 0, positives[start - 1], 0)
+    negatives_before = jnp.where(start > 0, negatives[start - 1], 0)
+    num_positive, num_negative = positives[-1], negatives[-1]
+    auroc, ap, f1 = threshold_metrics(
+        jnp.where(ends, positives - positives_before, 0),
+        jnp.where(ends, negatives - negatives_before, 0),
+        num_positive - positives_before,
+        num_negative - negatives_before,
+        num_positive,
+        num_negative,
+    )
+    # The k-th normal score is where the cumulative count of normal pixels first reaches k + 1.
+    thresholds = scores[jnp.searchsorted(negatives, positions + 1, side="left")]
+    num_thresholds = positions.size
+    bins = jnp.searchsorted(thresholds, pixel_scores, side="left")
+    slot = jnp.where(pixel_kind == 1, region, region_slots)
+    counts = jax.ops.segment_sum(
+        jnp.ones_like(bins), slot * (num_thresholds + 1) + bins, num_segments=(region_slots + 1) * (num_thresholds + 1)
+    )
+    pros = per_region_overlap(counts.reshape(region_slots + 1, num_thresholds + 1)[:region_slots])
+    return auroc, ap, f1, pros
+

@@ -137,11 +137,11 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
     main_process = sharding.is_main_process()
     statistics = _statistics_lookup(config, workdir, None if folder.is_dir() else dataset)
 
-    predict_fn = evaluate.make_predict_fn(model, mesh)
+    score_fn = evaluate.make_score_fn(model, mesh)
     rows, overlays = [], []
     for batch in tqdm(batches, desc=f"predict {name}", disable=not (main_process and config.predict.max_overlays)):
         inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
-        out = predict_fn(variables, inputs["specific_images"], inputs["modality_mask"])
+        out = score_fn(variables, inputs["specific_images"], inputs["modality_mask"])
         # Every process holds the same rows, so all agree on whether to gather the overlay inputs.
         columns = _gathered_rows(batch, out, with_overlays=len(overlays) < config.predict.max_overlays)
         for row in np.flatnonzero(columns["valid"]):

@@ -104,10 +104,10 @@ def evaluate_tasks(
     Every class of every task is evaluated once, with one compiled evaluation step."""
     everything = union(tasks)
     eval_config = everything.data_config(config)
-    predict_fn = evaluate.make_predict_fn(model, mesh)
+    score_fn = evaluate.make_score_fn(model, mesh)
     variables = jax.device_put(variables, sharding.replicated(mesh))
     per_class = {
-        dataset: evaluate.evaluate_dataset(predict_fn, variables, eval_config, dataset, mesh)
+        dataset: evaluate.evaluate_dataset(score_fn, variables, eval_config, dataset, mesh)
         for dataset in everything.classes
     }
     return {

@@ -73,7 +73,7 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
     batch = sharding.to_global(batch, mesh)
     if mode == "infer":
         variables = jax.device_put(init_variables(model, config.seed, modalities), sharding.replicated(mesh))
-        step = evaluate.make_predict_fn(model, mesh)
+        step = evaluate.make_score_fn(model, mesh)
         args = (variables, batch["specific_images"], batch["modality_mask"])
     else:
         config.data.num_slots = modalities

@@ -47,7 +47,7 @@ NO_TRAFFIC |= {f"{c}-done" for c in COLLECTIVES} | {"copy-done", "slice-done", "
 CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 FUSION_KIND = re.compile(r'"fusion_backend_config":\{"kind":"([^"]+)"')
 NOT_LAYERS = {"UniMMAD", "checkpoint", "remat", "rematted_computation", "shard_map"}
-NOT_LAYERS |= {"train_step", "predict_step", "loss_fn"}
+NOT_LAYERS |= {"train_step", "score_step", "loss_fn"}
 
 
 def arrays(text: str) -> list[tuple[int, int]]:
@@ -245,7 +245,7 @@ def topology_mesh(topology):
 
 
 def lower_step(config, mode: str, mesh, global_batch: int):
-    """The step `unimmad_jax.main` runs (train) or evaluation's predict step (eval), lowered from shapes alone."""
+    """The step `unimmad_jax.main` runs (train) or evaluation's scoring step (eval), lowered from shapes alone."""
     from unimmad_jax import evaluate, sharding, train
     from unimmad_jax.config import loss_config, model_config
     from unimmad_jax.models.unimmad import UniMMAD
@@ -256,7 +256,7 @@ def lower_step(config, mode: str, mesh, global_batch: int):
         placement = sharding.state_sharding(inputs[0], mesh, config.train.fsdp)
         step = train.make_train_step(model, loss_config(config), mesh, placement)
     else:
-        step = evaluate.make_predict_fn(model, mesh)
+        step = evaluate.make_score_fn(model, mesh)
     return step.trace(*inputs).lower()
 
 

@@ -5,10 +5,12 @@
         --topology=v5e:16x16 --global-batch=2048 --json=v5e_16x16.json
     python -m experiments.compile.tpu_compile --config=configs/unified.py --topology=v4:2x2x2 --chip-config=megacore \\
         --find-max-batch
+    python -m experiments.compile.tpu_compile --config=configs/unified.py --mode=eval --metrics-images=3700
 
-The step is the one `unimmad_jax.main` runs: `train.make_train_step` (or `evaluate.make_predict_fn`
-with `--mode=eval`) over a data mesh of the topology's devices, traced from shapes alone and
-compiled ahead of time by libtpu's compiler ("deviceless"): nothing is computed.  Reported per
+The step is the one `unimmad_jax.main` runs: `train.make_train_step` (or `evaluate.make_score_fn`
+with `--mode=eval`, and with `--metrics-images` the pixel metrics of one class as well) over a data
+mesh of the topology's devices, traced from shapes alone and compiled ahead of time by libtpu's
+compiler ("deviceless"): nothing is computed.  Reported per
 device: the peak HBM (arguments, outputs, code), XLA's FLOPs and bytes accessed, the share of
 those bytes that HBM serves (XLA's count includes the chip's on-chip memory, where the compiled
 layouts keep many buffers), the collectives of the compiled HLO with their bytes, roofline step
@@ -44,6 +46,7 @@ from experiments.compile.report import (
 
 compile_for_tpu_here()
 
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -51,11 +54,18 @@ config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).",
 flags.DEFINE_string("topology", "v5e:2x4", "A TPU topology, e.g. v5e:2x4, v5e:16x16, v4:2x2x2, v5p:2x2x1.")
 flags.DEFINE_string("chip-config", None, "libtpu's chip config, e.g. 'megacore' for v4 and v5p (one device a chip).")
 flags.DEFINE_integer("global-batch", None, "Images per step over all devices; default: 8 per device.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "The training step or the evaluation (predict) step.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "The training step or the evaluation (scoring) step.")
 flags.DEFINE_string("json", None, "Write the report here.")
 flags.DEFINE_bool("find-max-batch", False, "Also search the largest per-device batch that fits.")
 flags.DEFINE_integer("top", 12, "How many instructions and layers to list by bytes accessed.")
 flags.DEFINE_string("hlo", None, "Write the compiled HLO text here.")
+flags.DEFINE_integer(
+    "metrics-images",
+    0,
+    "With --mode=eval, also compile the pixel metrics of one class of this many images of the config's size "
+    "(unimmad_jax.metrics.device_pixel_metrics), e.g. 3700, the largest class of the unified splits.",
+)
+flags.DEFINE_integer("metrics-regions", 2**14, "With --metrics-images: the class's ground-truth regions, at most.")
 FLAGS = flags.FLAGS
 
 DEFAULT_PER_DEVICE_BATCH = 8
@@ -176,6 +186,68 @@ def find_max_batch(config, mode, topology, chip_config, first: dict) -> tuple[in
     return low, tried
 
 
+def metrics_report(config, topology: str, chip_config: str | None, images: int, regions: int) -> dict:
+    """Compile the pixel metrics of one class of `images` maps, split over the topology's devices as the
+    evaluation leaves them (padded to a multiple of the devices), for the HBM and time they take."""
+    import jax
+    import jax.numpy as jnp
+
+    from unimmad_jax import metrics, sharding
+
+    topo = tpu_topology(topology, chip_config)
+    mesh = topology_mesh(topo)
+    devices = len(topo.devices)
+    rows = -(-images // devices) * devices
+    size = config.image_size
+    split, replicated = sharding.batch_split(mesh), sharding.replicated(mesh)
+    region_ids, _ = metrics.region_ids_per_image(np.zeros((1, size, size), bool))
+    arguments = (
+        jax.ShapeDtypeStruct((rows, size, size), jnp.float32, sharding=split),
+        jax.ShapeDtypeStruct((rows, size, size), region_ids.dtype, sharding=split),
+        jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=split),
+        jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=split),
+        jax.ShapeDtypeStruct((metrics.AUPRO_NUM_THRESHOLDS,), jnp.int32, sharding=replicated),
+    )
+    region_slots = 1 << (regions - 1).bit_length()
+    start = time.perf_counter()
+    try:
+        compiled = metrics.device_pixel_metrics.trace(*arguments, region_slots=region_slots).lower().compile()
+    except jax.errors.JaxRuntimeError as error:
+        return {"images": images, "rows": rows, "image_size": size, "fits": False, "error": str(error)}
+    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    chip = CHIPS.get(topo.devices[0].device_kind)
+    result = {
+        "images": images,
+        "rows": rows,
+        "image_size": size,
+        "region_slots": region_slots,
+        "compile_s": round(time.perf_counter() - start, 1),
+        "peak_memory_bytes_per_device": memory.peak_memory_in_bytes,
+        "argument_bytes_per_device": memory.argument_size_in_bytes,
+        "flops_per_device": float(cost["flops"]),
+        "bytes_accessed_per_device": float(cost["bytes accessed"]),
+        "fits": chip is None or memory.peak_memory_in_bytes <= chip.hbm_bytes,
+    }
+    if chip is not None:
+        result["memory_bound_s"] = result["bytes_accessed_per_device"] / chip.hbm_bytes_per_s
+    return result
+
+
+def print_metrics_report(result: dict) -> None:
+    gib = 2**30
+    print(f"pixel metrics of one class of {result['images']} images at {result['image_size']} px:", end=" ")
+    if "error" in result:
+        print(f"does NOT compile/fit: {result['error'][:2000]}")
+        return
+    print(
+        f"peak HBM per device {result['peak_memory_bytes_per_device'] / gib:.2f} GiB (arguments "
+        f"{result['argument_bytes_per_device'] / gib:.2f}){'' if result['fits'] else '  -- over the chip HBM'}, "
+        f"{result['bytes_accessed_per_device'] / 1e9:.1f} GB accessed per device"
+        + (f" (>= {result['memory_bound_s']:.2f} s at HBM bandwidth)" if "memory_bound_s" in result else "")
+        + f", compiled in {result['compile_s']} s"
+    )
+
+
 def print_report(result: dict) -> None:
     gib = 2**30
     print(
@@ -228,6 +300,14 @@ def main(argv) -> int:
         global_batch = DEFAULT_PER_DEVICE_BATCH * len(tpu_topology(topology, chip_config).devices)
     result = report(config, mode, topology, chip_config, global_batch, FLAGS.top, FLAGS.hlo)
     print_report(result)
+    metrics_images = FLAGS["metrics-images"].value
+    if metrics_images:
+        if mode != "eval":
+            raise app.UsageError("--metrics-images compiles the evaluation's metrics: it needs --mode=eval")
+        result["metrics"] = metrics_report(
+            config, topology, chip_config, metrics_images, FLAGS["metrics-regions"].value
+        )
+        print_metrics_report(result["metrics"])
     if FLAGS["find-max-batch"].value:
         print("largest batch per device that fits:", flush=True)
         result["max_batch_per_device"], result["max_batch_tries"] = find_max_batch(
@@ -237,7 +317,7 @@ def main(argv) -> int:
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(result, f, indent=1)
-    return 0 if result["fits"] else 1
+    return 0 if result["fits"] and result.get("metrics", {}).get("fits", True) else 1
 
 
 if __name__ == "__main__":
