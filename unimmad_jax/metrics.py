@@ -336,4 +336,3 @@ def device_pixel_metrics(anomaly_maps, region_ids, region_counts, rows, position
     )
     pros = per_region_overlap(counts.reshape(region_slots + 1, num_thresholds + 1)[:region_slots])
     return auroc, ap, f1, pros
-
