@@ -43,9 +43,7 @@ def write_checkpoint(workdir, config, variables: dict, opt_state, step: int = 12
 
 @pytest.fixture
 def config():
-    config = load_config("tiny")
-    config.train.init_from = ""
-    return config
+    return load_config("tiny")
 
 
 def test_checkpoint_variables_leave_the_optimizer_state_unread(tmp_path, config):
