@@ -17,10 +17,9 @@ image_size``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import PIL.Image
+from etils import epath
 
 from unimmad_jax import images
 from unimmad_jax.data import readers
@@ -95,7 +94,7 @@ def preprocess_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
     return (np.asarray(resized) > 0).astype(np.float32)
 
 
-def load_modality(path: str | Path, modality_type: str, image_size: int) -> np.ndarray:
+def load_modality(path: epath.PathLike, modality_type: str, image_size: int) -> np.ndarray:
     """Reads and preprocesses one modality file as the batches do.
 
     Args:
@@ -109,7 +108,7 @@ def load_modality(path: str | Path, modality_type: str, image_size: int) -> np.n
       float32 ``[image_size, image_size, 3]``, the content of one slot of
       ``specific_images``.
     """
-    path = Path(path)
+    path = epath.Path(path)
     if modality_type not in MODALITY_TYPES:
         raise InvalidDataError(f"Unknown modality type {modality_type!r} for {path}; expected one of {MODALITY_TYPES}.")
     if modality_type in IMAGE_TYPES:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import tifffile
+from etils import epath
 
 from unimmad_jax import images
 from unimmad_jax.data.schema import DEPTH_TYPES, InvalidDataError
@@ -29,7 +29,7 @@ def _as_invalid_data():
         raise InvalidDataError(str(error)) from error
 
 
-def encode_image(path: Path) -> tuple[bytes, tuple[int, int]]:
+def encode_image(path: epath.Path) -> tuple[bytes, tuple[int, int]]:
     """The encoded bytes TFDS stores for an image modality, and its (h, w).
 
     The file is decoded once to catch corrupt files. 8-bit RGB/gray PNG and JPEG
@@ -46,13 +46,13 @@ def encode_image(path: Path) -> tuple[bytes, tuple[int, int]]:
     return buffer.getvalue(), size
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: epath.Path) -> np.ndarray:
     """An image modality file as uint8 ``[h, w, 3]`` (gray repeated)."""
     with _as_invalid_data():
         return images.read_rgb(path)
 
 
-def read_mask(path: Path) -> np.ndarray:
+def read_mask(path: epath.Path) -> np.ndarray:
     """A ground-truth file as uint8 ``[h, w]``: 0 good, non-zero defective.
 
     Defect ids are kept (clipped to 1..255); a colour mask is defective where
@@ -75,7 +75,7 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def check_depth(depth: np.ndarray, modality_type: str, path: Path) -> None:
+def check_depth(depth: np.ndarray, modality_type: str, path: epath.Path) -> None:
     """Raises unless ``depth`` is a usable ``[h, w, 2]`` depth + foreground."""
     if depth.ndim != 3 or depth.shape[-1] != 2:
         raise InvalidDataError(f"Depth from {path} has shape {depth.shape}; expected [h, w, 2].")
@@ -89,14 +89,15 @@ def with_foreground(depth: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     return np.stack([depth, foreground], axis=-1).astype(np.float32)
 
 
-def read_xyz_depth(path: Path) -> np.ndarray:
+def read_xyz_depth(path: epath.Path) -> np.ndarray:
     """An organised point cloud TIFF (float ``[h, w, 3]``) as depth + foreground.
 
     Depth is the z channel; the foreground is every point with a non-zero
     coordinate (MVTec 3D-AD marks missing points as (0, 0, 0)).
     """
     try:
-        xyz = np.asarray(tifffile.imread(path), dtype=np.float32)
+        with epath.Path(path).open("rb") as file:
+            xyz = np.asarray(tifffile.imread(file), dtype=np.float32)
     except FileNotFoundError as error:
         raise InvalidDataError(f"Missing point cloud file {path}.") from error
     except (OSError, ValueError, tifffile.TiffFileError) as error:
@@ -108,7 +109,7 @@ def read_xyz_depth(path: Path) -> np.ndarray:
     return with_foreground(xyz[..., 2], np.any(xyz != 0, axis=-1))
 
 
-def read_npy_depth(path: Path, modality_type: str) -> np.ndarray:
+def read_npy_depth(path: epath.Path, modality_type: str) -> np.ndarray:
     """A ``.npy`` depth of the authors' release as depth + foreground.
 
     ``depth``: ``[h, w, C>=2]``, depth in ``[..., 0]``, foreground in
@@ -116,7 +117,8 @@ def read_npy_depth(path: Path, modality_type: str) -> np.ndarray:
     ``[..., 0]``; its foreground is all ones.
     """
     try:
-        array = np.load(path, allow_pickle=False).astype(np.float32)
+        with epath.Path(path).open("rb") as file:
+            array = np.load(file, allow_pickle=False).astype(np.float32)
     except FileNotFoundError as error:
         raise InvalidDataError(f"Missing depth file {path}.") from error
     except (OSError, ValueError, EOFError) as error:
@@ -135,7 +137,7 @@ def read_npy_depth(path: Path, modality_type: str) -> np.ndarray:
     return depth
 
 
-def read_depth_file(path: Path, modality_type: str) -> np.ndarray:
+def read_depth_file(path: epath.Path, modality_type: str) -> np.ndarray:
     """A checked depth file (``.tif``/``.tiff`` point cloud or ``.npy``)."""
     if modality_type not in DEPTH_TYPES:
         raise InvalidDataError(f"{modality_type!r} is not a depth type {DEPTH_TYPES}.")
