@@ -111,7 +111,9 @@ def test_slots_follow_rgb_gray_infrared_depth_and_tiffs_are_read(tmp_path):
                 tifffile.imwrite(folder / "depth" / depth_file, plane)
             if defect != "good":
                 fakes.save_png(folder / "mask" / "000.png", fakes.defect_mask(1))
-    assert _prepare(root, tmp_path / "out", "folder/tiffs") == 0
+    # The spelling, `--dataset folder --name NAME`, is the same dataset as `--dataset folder/NAME`.
+    arguments = ["prepare", "--dataset", "folder", "--name", "tiffs", "--manual-dir", str(root)]
+    assert main([*arguments, "--data-dir", str(tmp_path / "out")]) == 0
     split = prepared.open_split(tmp_path / "out", "folder/tiffs", "test")
     assert split.index.modality_types == (("gray", "depth"),) * 2 + (("gray", "infrared", "depth"),) * 2
     (from_xyz,) = split.records[2]["depths"]

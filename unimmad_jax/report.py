@@ -245,7 +245,7 @@ def continual_markdown(results: dict) -> str:
         text += f"### {display_name(metric)} (%)\n\n" + markdown_table(header, rows) + "\n"
     final = ", ".join(f"{display_name(m)} {percent(v)}" for m, v in results["final_average"].items())
     return text + (
-        "Forgetting F_j = max over i < T of R[i, j] - R[T, j], T the last task; its mean over the earlier tasks "
+        "Forgetting F_j = max over j <= i < T of R[i, j] - R[T, j], T the last task; its mean over the earlier tasks "
         f"in the last column. Final average (mean of the last row): {final}.\n"
     )
 

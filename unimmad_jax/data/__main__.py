@@ -1,6 +1,7 @@
 """Command line: prepare datasets and summarise what is prepared.
 
-python -m unimmad_jax.data prepare --dataset NAME [--manual-dir DIR] --data-dir OUT   (folder/NAME: your own data)
+python -m unimmad_jax.data prepare --dataset NAME [--manual-dir DIR] --data-dir OUT
+python -m unimmad_jax.data prepare --dataset folder --name NAME --manual-dir DIR --data-dir OUT   (your own data)
 python -m unimmad_jax.data summary --data-dir OUT [--json]
 """
 
@@ -26,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help=f"one of {', '.join(sorted(BUILDERS))}; mmad_meta and folder as mmad_meta/<dataset>, folder/<name>",
     )
+    prepare_parser.add_argument(
+        "--name", help="with --dataset folder or mmad_meta: the dataset's name (the same as --dataset folder/<name>)"
+    )
     prepare_parser.add_argument("--manual-dir", help="the downloaded dataset folder (not for the built-in ones)")
     prepare_parser.add_argument("--data-dir", required=True, help="where prepared datasets live")
     summary_parser = commands.add_parser("summary", help="samples per dataset, split and class")
@@ -38,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "prepare":
-            folder = prepare(args.dataset, args.data_dir, args.manual_dir)
-            print(f"Prepared {args.dataset} in {folder}")
+            dataset = f"{args.dataset}/{args.name}" if args.name else args.dataset
+            folder = prepare(dataset, args.data_dir, args.manual_dir)
+            print(f"Prepared {dataset} in {folder}")
         elif args.json:
             print(json.dumps(sample_counts(args.data_dir), indent=2))
         else:
