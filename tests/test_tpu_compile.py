@@ -54,7 +54,8 @@ def test_tiny_eval_step_and_metrics_compile_for_v5e_2x4(tmp_path):
     report_path = tmp_path / "report.json"
     command = [
         sys.executable,
-        "experiments/tpu_compile.py",
+        "-m",
+        "experiments.compile.tpu_compile",
         "--config=configs/tiny.py",
         "--mode=eval",
         "--global-batch=16",
