@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_tiny_train_step_compiles_for_v5e_2x4(tmp_path):
+def compile_tiny(tmp_path, *flags: str) -> tuple[dict, str]:
+    """`tpu_compile` of the tiny config for v5e:2x4 at a global batch of 16: its JSON report and its output."""
     report_path = tmp_path / "report.json"
     command = [
         sys.executable,
@@ -28,14 +29,17 @@ def test_tiny_train_step_compiles_for_v5e_2x4(tmp_path):
         "--config=configs/tiny.py",
         "--topology=v5e:2x4",
         "--global-batch=16",
-        "--config.model.conv_impl=auto",
         f"--json={report_path}",
+        *flags,
     ]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no simulated CPU devices
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(report_path.read_text()), result.stdout
 
-    report = json.loads(report_path.read_text())
+
+def test_tiny_train_step_compiles_for_v5e_2x4(tmp_path):
+    report, _ = compile_tiny(tmp_path, "--config.model.conv_impl=auto")
     assert (report["topology"], report["devices"], report["device_kind"]) == ("v5e:2x4", 8, "TPU v5 lite")
     assert (report["global_batch"], report["batch_per_device"]) == (16, 2)
     assert report["fits"] and report["conv_impl"] == "native"  # "auto" means the TPU's forms
@@ -51,25 +55,11 @@ def test_tiny_train_step_compiles_for_v5e_2x4(tmp_path):
 
 
 def test_tiny_eval_step_and_metrics_compile_for_v5e_2x4(tmp_path):
-    report_path = tmp_path / "report.json"
-    command = [
-        sys.executable,
-        "-m",
-        "experiments.compile.tpu_compile",
-        "--config=configs/tiny.py",
-        "--mode=eval",
-        "--global-batch=16",
-        "--metrics-images=100",
-        f"--json={report_path}",
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-    metrics = json.loads(report_path.read_text())["metrics"]
+    report, stdout = compile_tiny(tmp_path, "--mode=eval", "--metrics-images=100")
+    metrics = report["metrics"]
     assert (metrics["images"], metrics["rows"], metrics["image_size"]) == (100, 104, 64)  # padded to the 8 devices
     assert metrics["fits"] and 0 < metrics["peak_memory_bytes_per_device"] < 2**30
     # The maps (float32) and region ids (int16) come in split over the devices: each holds an eighth of them,
     # twice that as the TPU's tiles pad rows of 64 pixels to 128 lanes (at 256 px, exactly an eighth).
     assert metrics["argument_bytes_per_device"] <= 2 * 104 * 64 * 64 * (4 + 2) / 8 + 2**12
-    assert "pixel metrics of one class of 100 images at 64 px" in result.stdout
+    assert "pixel metrics of one class of 100 images at 64 px" in stdout
