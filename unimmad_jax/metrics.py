@@ -6,8 +6,8 @@ hold one class only is NaN, with an ``UndefinedMetricWarning`` naming the cause;
 lets NaN propagate into every mean it enters, so no average is silently taken over fewer classes.
 
 The curves' metrics are computed once from counts at each distinct threshold (``threshold_metrics``):
-on the host from numpy's sorts (``compute_metrics``), or where the maps lie from one jitted sort
-(``metrics_on_devices``, for maps split over a mesh); the ground truth's regions are labelled on the host.
+on the host from numpy's sorts (``compute_metrics``), or where the maps lie, each device counting its own
+pixels (``metrics_on_devices``, for maps split over a mesh); the ground truth's regions are labelled on the host.
 """
 
 from __future__ import annotations
@@ -334,10 +334,6 @@ def _order_key(scores):
     return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
-def _score_of_key(keys):
-    return jax.lax.bitcast_convert_type(jnp.where(keys < 0, keys ^ 0x7FFFFFFF, keys), jnp.float32)
-
-
 def _on_data_axis(mesh: Mesh, function, num_outputs: int):
     """``function`` of the four pixel arrays' local blocks (and replicated extras) on each device of ``mesh``,
     its outputs reduced over the devices by ``function`` itself and so replicated."""
@@ -359,7 +355,7 @@ def _on_data_axis(mesh: Mesh, function, num_outputs: int):
 @functools.partial(jax.jit, static_argnames="mesh")
 def device_pixel_counts(anomaly_maps, region_ids, region_counts, rows, *, mesh: Mesh):
     """Anomalous and normal pixels and regions of the class, and the most anomalous pixels and the most regions
-    of the class on one device."""
+    of the class on one device; the arguments are lists as ``device_pixel_metrics``'."""
 
     def counts(*pixels):
         _, _, kind, num_regions = _local_pixels(*pixels)
@@ -376,6 +372,7 @@ def device_pixel_metrics(
 ):
     """P-AUROC, P-AP, P-F1max and the PRO at each AUPRO threshold, each device holding its own pixels.
 
+    The four pixel arguments are lists of ``metrics_on_devices``' arrays, their rows split over the data axis.
     ``anomalous_slots`` and ``region_slots`` are at least the class's anomalous pixels and regions on any
     one device. The anomalous scores of all devices are gathered and sorted; every device counts its
     normal pixels at and above each of them from one local sort, and the counts are summed over the
@@ -403,7 +400,7 @@ def device_pixel_metrics(
         num_positive, num_negative = total(anomalous.sum()), total((kind == 2).sum())
         index = jnp.arange(positive_keys.size)
         starts = (index < num_positive) & jnp.concatenate([jnp.ones(1, bool), positive_keys[1:] != positive_keys[:-1]])
-        ends = (index < num_positive) & jnp.concatenate([starts[1:], jnp.ones(1, bool)]) | (index == num_positive - 1)
+        ends = (index < num_positive) & ((index == num_positive - 1) | jnp.append(starts[1:], True))
         start = jax.lax.cummax(jnp.where(starts, index, 0))
         negatives_below = normals_below(positive_keys, "left")
         negatives_at = normals_below(positive_keys, "right") - negatives_below
