@@ -314,9 +314,9 @@ def _mesh_of(array: jax.Array) -> Mesh:
 
 
 def _local_pixels(anomaly_maps, region_ids, region_counts, rows):
-    """This device's blocks concatenated: each pixel's order key, its region index among this device's
-    regions of the class (-1 off the masks), its kind (1 anomalous, 2 normal, 0 outside the class), and the
-    device's region count."""
+    """This device's blocks concatenated: each pixel's order key, region id in its image (0 off the masks)
+    and kind (1 anomalous, 2 normal, 0 outside the class), flat; and per row the index of its first region
+    among this device's regions of the class, and the device's region count."""
     maps, ids, counts, rows = (
         jnp.concatenate(blocks, axis=0) for blocks in (anomaly_maps, region_ids, region_counts, rows)
     )
@@ -324,8 +324,7 @@ def _local_pixels(anomaly_maps, region_ids, region_counts, rows):
     kind = jnp.where(in_class, jnp.where(ids > 0, 1, 2), 0).astype(jnp.int8)
     class_counts = jnp.where(rows, counts, 0)
     first_region = jnp.cumsum(class_counts) - class_counts
-    region = jnp.where(kind == 1, first_region[:, None, None] + ids - 1, -1)
-    return _order_key(maps.astype(jnp.float32)).ravel(), region.ravel(), kind.ravel(), class_counts.sum()
+    return _order_key(maps.astype(jnp.float32)).ravel(), ids.ravel(), kind.ravel(), first_region, class_counts.sum()
 
 
 def _order_key(scores):
@@ -358,7 +357,7 @@ def device_pixel_counts(anomaly_maps, region_ids, region_counts, rows, *, mesh: 
     of the class on one device; the arguments are lists as ``device_pixel_metrics``'."""
 
     def counts(*pixels):
-        _, _, kind, num_regions = _local_pixels(*pixels)
+        _, _, kind, _, num_regions = _local_pixels(*pixels)
         num_anomalous, num_normal = (kind == 1).sum(), (kind == 2).sum()
         total = jax.lax.psum((num_anomalous, num_normal, num_regions), sharding.DATA_AXIS)
         return *total, *jax.lax.pmax((num_anomalous, num_regions), sharding.DATA_AXIS)
@@ -382,12 +381,12 @@ def device_pixel_metrics(
     """
 
     def metrics(anomaly_maps, region_ids, region_counts, rows, positions):
-        keys, region, kind, _ = _local_pixels(anomaly_maps, region_ids, region_counts, rows)
+        keys, ids, kind, first_region, _ = _local_pixels(anomaly_maps, region_ids, region_counts, rows)
         largest = jnp.iinfo(jnp.int32).max
         normal_keys = jnp.sort(jnp.where(kind == 2, keys, largest))
         anomalous = kind == 1
         (local_anomalous,) = jnp.nonzero(anomalous, size=anomalous_slots, fill_value=keys.size)
-        local_keys = jnp.append(keys, largest)[local_anomalous]
+        local_keys = keys.at[local_anomalous].get(mode="fill", fill_value=largest)
 
         def total(values):
             return jax.lax.psum(values, sharding.DATA_AXIS)
@@ -426,8 +425,10 @@ def device_pixel_metrics(
         bounds = (jnp.full(positions.shape, lowest), jnp.full(positions.shape, highest))
         thresholds, _ = jax.lax.fori_loop(0, 32, bisect, bounds)
         num_thresholds = positions.size
-        bins = jnp.searchsorted(thresholds, keys, side="left")
-        slot = jnp.where(anomalous, region, region_slots)
+        bins = jnp.searchsorted(thresholds, local_keys, side="left")
+        image = jnp.minimum(local_anomalous // (keys.size // first_region.size), first_region.size - 1)
+        region = first_region[image] + ids.at[local_anomalous].get(mode="fill", fill_value=0) - 1
+        slot = jnp.where(local_anomalous < keys.size, region, region_slots)
         counts = jax.ops.segment_sum(
             jnp.ones_like(bins),
             slot * (num_thresholds + 1) + bins,
