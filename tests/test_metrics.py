@@ -1,20 +1,24 @@
 """Tests of unimmad_jax.metrics against the reference fixture, a slow reference, and properties."""
 
+import re
 from collections import deque
 
-import jax.numpy as jnp
+import jax
 import metrics_oracle
 import numpy as np
 import pytest
 from helpers import PARITY
+from jax.sharding import Mesh
 from scipy import ndimage
 from sklearn.metrics import average_precision_score
 
+from unimmad_jax import sharding
 from unimmad_jax.metrics import (
     METRIC_NAMES,
     UndefinedMetricWarning,
     aupro,
     compute_metrics,
+    device_pixel_metrics,
     metrics_on_devices,
     region_ids_per_image,
 )
@@ -273,14 +277,24 @@ def test_single_class_labels_give_nan_with_a_warning():
 # ----------------------------------------------------------------------------
 
 
-def _on_devices(labels, scores, masks, maps):
-    """`metrics_on_devices` of one class, its maps split into two batches with a padding row between them."""
+def _on_devices(labels, scores, masks, maps, num_devices=1):
+    """`metrics_on_devices` of one class, its maps split into two batches with padding rows after each, their
+    rows split over `num_devices` devices."""
     region_ids, region_counts = region_ids_per_image(masks)
+    mesh = Mesh(np.asarray(jax.devices()[:num_devices]), (sharding.DATA_AXIS,))
     half = len(labels) // 2
-    padded = [np.concatenate([part, np.zeros_like(part[:1])]) for part in (maps, region_ids, region_counts)]
-    rows = np.concatenate([np.ones(len(labels), bool), [False]])
-    batches = [[jnp.asarray(array[:half]), jnp.asarray(array[half:])] for array in (*padded, rows)]
+    batches = [[], [], [], []]
+    for part in (slice(0, half), slice(half, None)):
+        arrays = (maps[part], region_ids[part], region_counts[part], np.ones(len(labels[part]), bool))
+        padding = -(-(len(labels[part]) + 1) // num_devices) * num_devices - len(labels[part])
+        for batch, array in zip(batches, arrays):
+            padded = np.concatenate([array, np.zeros((padding, *array.shape[1:]), array.dtype)])
+            batch.append(jax.device_put(padded, sharding.batch_split(mesh)))
     return metrics_on_devices(np.asarray(labels, bool), scores, *batches)
+
+
+def _on_eight_devices(labels, scores, masks, maps):
+    return _on_devices(labels, scores, masks, maps, num_devices=8)
 
 
 def _random_case(seed=0, num_images=12, size=32):
@@ -314,7 +328,7 @@ def _adversarial_cases():
 def test_host_and_device_forms_match_the_oracle(name):
     case = _adversarial_cases()[name]
     expected = metrics_oracle.compute_metrics(*case)
-    for form in (compute_metrics, _on_devices):
+    for form in (compute_metrics, _on_devices, _on_eight_devices):
         values = form(*case)
         for metric in METRIC_NAMES:
             assert abs(values[metric] - expected[metric]) <= TOLERANCE[metric], (form.__name__, metric)
@@ -330,7 +344,7 @@ def test_device_form_matches_reference_fixture():
         assert abs(values[name] - float(case[name])) <= TOLERANCE[name], name
 
 
-@pytest.mark.parametrize("form", [compute_metrics, _on_devices])
+@pytest.mark.parametrize("form", [compute_metrics, _on_devices, _on_eight_devices])
 def test_undefined_metrics_are_nan_with_the_oracles_warning(form):
     labels, scores, masks, maps = _random_case(seed=1)
     for case, message in [
@@ -345,3 +359,27 @@ def test_undefined_metrics_are_nan_with_the_oracles_warning(form):
             assert np.isnan(values[name]) == np.isnan(expected[name]), name
             if not np.isnan(expected[name]):
                 assert abs(values[name] - expected[name]) <= TOLERANCE[name], name
+
+
+def test_device_form_gathers_only_the_anomalous_scores():
+    """On 8 devices the only all-gather is of the padded anomalous scores: no device holds another's maps."""
+    mesh = sharding.data_mesh()
+    split = sharding.batch_split(mesh)
+    rows, size, anomalous_slots = 16, 32, 64
+    pixels = [
+        [jax.ShapeDtypeStruct(shape, dtype, sharding=split)]
+        for shape, dtype in [
+            ((rows, size, size), np.float32),
+            ((rows, size, size), np.int16),
+            ((rows,), np.int32),
+            ((rows,), np.bool_),
+        ]
+    ]
+    positions = jax.ShapeDtypeStruct((99,), np.int32, sharding=sharding.replicated(mesh))
+    compiled = (
+        device_pixel_metrics.trace(*pixels, positions, mesh=mesh, anomalous_slots=anomalous_slots, region_slots=8)
+        .lower()
+        .compile()
+    )
+    gathered = re.findall(r"= (\w+)\[([\d,]*)\]\S* all-gather\(", compiled.as_text())
+    assert gathered == [("s32", str(mesh.size * anomalous_slots))]

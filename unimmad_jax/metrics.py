@@ -6,8 +6,8 @@ hold one class only is NaN, with an ``UndefinedMetricWarning`` naming the cause;
 lets NaN propagate into every mean it enters, so no average is silently taken over fewer classes.
 
 The curves' metrics are computed once from counts at each distinct threshold (``threshold_metrics``):
-on the host from numpy's sorts (``compute_metrics``), or where the maps lie from one jitted sort
-(``metrics_on_devices``, for maps split over a mesh); the ground truth's regions are labelled on the host.
+on the host from numpy's sorts (``compute_metrics``), or where the maps lie, each device counting its own
+pixels (``metrics_on_devices``, for maps split over a mesh); the ground truth's regions are labelled on the host.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy import ndimage
+
+from unimmad_jax import sharding
 
 METRIC_NAMES = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_f1max", "aupro_0.3", "p_ap")
 AUPRO_FPR_LIMIT = 0.3
@@ -158,12 +161,19 @@ def threshold_positions(num_normal: int, num_thresholds: int = AUPRO_NUM_THRESHO
 
 def per_region_overlap(counts):
     """PRO at each threshold from ``counts [R, T + 1]``: region r's pixels with ``j`` thresholds strictly
-    below their score. A pixel is above threshold ``j`` when its count is > ``j``, so a reversed
-    cumulative sum gives every region's pixels above every threshold; rows of no pixels (padding)
-    are left out of the mean over regions."""
+    below their score; rows of no pixels (padding) are left out of the mean over regions."""
+    overlaps, num_regions = region_overlap_sums(counts)
+    return overlaps / num_regions
+
+
+def region_overlap_sums(counts):
+    """``per_region_overlap``'s sum over the regions of each threshold's overlap, and the regions summed.
+
+    A pixel is above threshold ``j`` when its count is > ``j``, so a reversed cumulative sum gives
+    every region's pixels above every threshold."""
     above = counts[:, ::-1].cumsum(axis=1)[:, ::-1][:, 1:]
     sizes = counts.sum(axis=1, keepdims=True)
-    return (above / (sizes + (sizes == 0))).sum(axis=0) / (sizes > 0).sum()
+    return (above / (sizes + (sizes == 0))).sum(axis=0), (sizes > 0).sum()
 
 
 def aupro_area(fprs: np.ndarray, pros: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
@@ -260,79 +270,171 @@ def region_ids_per_image(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def metrics_on_devices(image_labels, image_scores, anomaly_maps, region_ids, region_counts, rows) -> dict[str, float]:
     """``compute_metrics`` of the rows ``rows`` of maps that lie on the devices; only scalars come back.
 
+    Each device keeps its own pixels: only the class's anomalous pixel scores are gathered (few), the
+    normal pixels are counted where they lie.
+
     Args:
       image_labels, image_scores: ``[n]`` of the class's images, on the host.
-      anomaly_maps: ``[N, h, w]`` float32 jax arrays (or a list of them, concatenated), any sharding.
+      anomaly_maps: ``[N, h, w]`` float32 jax arrays (or a list of them), their rows split over the data axis
+        of one mesh (or on one device).
       region_ids, region_counts: ``region_ids_per_image`` of the masks, as jax arrays like ``anomaly_maps``.
       rows: ``[N]`` bool jax arrays like ``anomaly_maps``: the ``n`` rows of the class (others are other
         classes or padding).
     """
     metrics = image_metrics(image_labels, image_scores)
-    pixels = (anomaly_maps, region_ids, region_counts, rows)
-    num_anomalous, num_normal, num_regions = map(int, device_pixel_counts(*pixels))
+    pixels = tuple(
+        list(x) if isinstance(x, list | tuple) else [x] for x in (anomaly_maps, region_ids, region_counts, rows)
+    )
+    mesh = _mesh_of(pixels[0][0])
+    counts = map(int, device_pixel_counts(*pixels, mesh=mesh))
+    num_anomalous, num_normal, _, most_anomalous, most_regions = counts
     if _both_classes_present(num_anomalous, num_anomalous + num_normal, "masks", PIXEL_METRICS_TEXT):
         positions, fprs = threshold_positions(num_normal)
-        region_slots = 1 << (num_regions - 1).bit_length()  # a few compiled forms, not one a count
-        auroc, ap, f1, pros = device_pixel_metrics(*pixels, positions, region_slots)
+        auroc, ap, f1, pros = device_pixel_metrics(
+            *pixels,
+            positions.astype(np.int32),
+            mesh=mesh,
+            anomalous_slots=_power_of_two(most_anomalous),  # a few compiled forms, not one a count
+            region_slots=_power_of_two(most_regions),
+        )
         metrics["p_auroc"], metrics["p_ap"], metrics["p_f1max"] = float(auroc), float(ap), float(f1)
         metrics["aupro_0.3"] = aupro_area(fprs, np.asarray(pros))
     return metrics
 
 
-def _class_pixels(anomaly_maps, region_ids, region_counts, rows):
-    """The arrays concatenated; each pixel's score (-0 as +0), global region index (-1 off the masks) and kind:
-    1 anomalous, 2 normal, 0 outside the class."""
-    concat = functools.partial(jnp.concatenate, axis=0)
+def _power_of_two(count: int) -> int:
+    return 1 << max(count - 1, 0).bit_length()
+
+
+def _mesh_of(array: jax.Array) -> Mesh:
+    """The mesh ``array`` is split over; a one-device mesh for an array on one device."""
+    if isinstance(array.sharding, NamedSharding):
+        return array.sharding.mesh
+    return Mesh(np.asarray(list(array.sharding.device_set)), (sharding.DATA_AXIS,))
+
+
+def _local_pixels(anomaly_maps, region_ids, region_counts, rows):
+    """This device's blocks concatenated: each pixel's order key, region id in its image (0 off the masks)
+    and kind (1 anomalous, 2 normal, 0 outside the class), flat; and per row the index of its first region
+    among this device's regions of the class, and the device's region count."""
     maps, ids, counts, rows = (
-        concat(x) if isinstance(x, list | tuple) else x for x in (anomaly_maps, region_ids, region_counts, rows)
+        jnp.concatenate(blocks, axis=0) for blocks in (anomaly_maps, region_ids, region_counts, rows)
     )
     in_class = jnp.broadcast_to(rows[:, None, None], maps.shape)
     kind = jnp.where(in_class, jnp.where(ids > 0, 1, 2), 0).astype(jnp.int8)
     class_counts = jnp.where(rows, counts, 0)
     first_region = jnp.cumsum(class_counts) - class_counts
-    region = jnp.where(kind == 1, first_region[:, None, None] + ids - 1, -1)
-    return (maps + 0.0).ravel(), region.ravel(), kind.ravel(), class_counts.sum()
+    return _order_key(maps.astype(jnp.float32)).ravel(), ids.ravel(), kind.ravel(), first_region, class_counts.sum()
 
 
-@jax.jit
-def device_pixel_counts(anomaly_maps, region_ids, region_counts, rows):
-    """Anomalous and normal pixels and regions of the class."""
-    _, _, kind, num_regions = _class_pixels(anomaly_maps, region_ids, region_counts, rows)
-    return (kind == 1).sum(), (kind == 2).sum(), num_regions
+def _order_key(scores):
+    """int32 keys ordered as the float32 ``scores`` (-0 as +0): the bit patterns, negatives' magnitudes reversed."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(scores == 0, 0.0, scores), jnp.int32)
+    return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
-@functools.partial(jax.jit, static_argnames="region_slots")
-def device_pixel_metrics(anomaly_maps, region_ids, region_counts, rows, positions, region_slots: int):
-    """P-AUROC, P-AP, P-F1max and the PRO at each AUPRO threshold, from one sort of the pixels.
+def _on_data_axis(mesh: Mesh, function, num_outputs: int):
+    """``function`` of the four pixel arrays' local blocks (and replicated extras) on each device of ``mesh``,
+    its outputs reduced over the devices by ``function`` itself and so replicated."""
+    split = PartitionSpec(sharding.DATA_AXIS)
 
-    Scores sorted ascending fall in groups of ties; a group's counts are the differences of the
-    cumulative counts at its ends, and the counts at least its score those above its start.
+    def run(*arrays):
+        num_extra = len(arrays) - 4
+        return jax.shard_map(
+            function,
+            mesh=mesh,
+            in_specs=(split,) * 4 + (PartitionSpec(),) * num_extra,
+            out_specs=(PartitionSpec(),) * num_outputs,
+            check_vma=False,  # the outputs are sums over the devices or of gathered values: replicated
+        )(*arrays)
+
+    return run
+
+
+@functools.partial(jax.jit, static_argnames="mesh")
+def device_pixel_counts(anomaly_maps, region_ids, region_counts, rows, *, mesh: Mesh):
+    """Anomalous and normal pixels and regions of the class, and the most anomalous pixels and the most regions
+    of the class on one device; the arguments are lists as ``device_pixel_metrics``'."""
+
+    def counts(*pixels):
+        _, _, kind, _, num_regions = _local_pixels(*pixels)
+        num_anomalous, num_normal = (kind == 1).sum(), (kind == 2).sum()
+        total = jax.lax.psum((num_anomalous, num_normal, num_regions), sharding.DATA_AXIS)
+        return *total, *jax.lax.pmax((num_anomalous, num_regions), sharding.DATA_AXIS)
+
+    return _on_data_axis(mesh, counts, 5)(anomaly_maps, region_ids, region_counts, rows)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "anomalous_slots", "region_slots"))
+def device_pixel_metrics(
+    anomaly_maps, region_ids, region_counts, rows, positions, *, mesh: Mesh, anomalous_slots: int, region_slots: int
+):
+    """P-AUROC, P-AP, P-F1max and the PRO at each AUPRO threshold, each device holding its own pixels.
+
+    The four pixel arguments are lists of ``metrics_on_devices``' arrays, their rows split over the data axis.
+    ``anomalous_slots`` and ``region_slots`` are at least the class's anomalous pixels and regions on any
+    one device. The anomalous scores of all devices are gathered and sorted; every device counts its
+    normal pixels at and above each of them from one local sort, and the counts are summed over the
+    devices. The AUPRO thresholds, the normal scores at global sorted ``positions``, are found by
+    bisection over the scores' order keys, counting the normal pixels at or below each candidate the
+    same way. A region lies in one image, so on one device: each device sums its regions' PROs.
     """
-    pixel_scores, region, pixel_kind, _ = _class_pixels(anomaly_maps, region_ids, region_counts, rows)
-    scores, kind = jax.lax.sort((pixel_scores, pixel_kind), num_keys=1)
-    index = jnp.arange(scores.size)
-    starts = jnp.concatenate([jnp.ones(1, bool), scores[1:] != scores[:-1]])
-    ends = jnp.concatenate([starts[1:], jnp.ones(1, bool)])
-    start = jax.lax.cummax(jnp.where(starts, index, 0))
-    positives, negatives = jnp.cumsum(kind == 1), jnp.cumsum(kind == 2)
-    positives_before = jnp.where(start > 0, positives[start - 1], 0)
-    negatives_before = jnp.where(start > 0, negatives[start - 1], 0)
-    num_positive, num_negative = positives[-1], negatives[-1]
-    auroc, ap, f1 = threshold_metrics(
-        jnp.where(ends, positives - positives_before, 0),
-        jnp.where(ends, negatives - negatives_before, 0),
-        num_positive - positives_before,
-        num_negative - negatives_before,
-        num_positive,
-        num_negative,
-    )
-    # The k-th normal score is where the cumulative count of normal pixels first reaches k + 1.
-    thresholds = scores[jnp.searchsorted(negatives, positions + 1, side="left")]
-    num_thresholds = positions.size
-    bins = jnp.searchsorted(thresholds, pixel_scores, side="left")
-    slot = jnp.where(pixel_kind == 1, region, region_slots)
-    counts = jax.ops.segment_sum(
-        jnp.ones_like(bins), slot * (num_thresholds + 1) + bins, num_segments=(region_slots + 1) * (num_thresholds + 1)
-    )
-    pros = per_region_overlap(counts.reshape(region_slots + 1, num_thresholds + 1)[:region_slots])
-    return auroc, ap, f1, pros
+
+    def metrics(anomaly_maps, region_ids, region_counts, rows, positions):
+        keys, ids, kind, first_region, _ = _local_pixels(anomaly_maps, region_ids, region_counts, rows)
+        largest = jnp.iinfo(jnp.int32).max
+        normal_keys = jnp.sort(jnp.where(kind == 2, keys, largest))
+        anomalous = kind == 1
+        (local_anomalous,) = jnp.nonzero(anomalous, size=anomalous_slots, fill_value=keys.size)
+        local_keys = keys.at[local_anomalous].get(mode="fill", fill_value=largest)
+
+        def total(values):
+            return jax.lax.psum(values, sharding.DATA_AXIS)
+
+        def normals_below(candidates, side):
+            return total(jnp.searchsorted(normal_keys, candidates, side=side).astype(jnp.int32))
+
+        # AUROC, AP, F1max: thresholds at the positives' distinct scores, as `_tie_counts`.
+        positive_keys = jnp.sort(jax.lax.all_gather(local_keys, sharding.DATA_AXIS, tiled=True))
+        num_positive, num_negative = total(anomalous.sum()), total((kind == 2).sum())
+        index = jnp.arange(positive_keys.size)
+        starts = (index < num_positive) & jnp.concatenate([jnp.ones(1, bool), positive_keys[1:] != positive_keys[:-1]])
+        ends = (index < num_positive) & ((index == num_positive - 1) | jnp.append(starts[1:], True))
+        start = jax.lax.cummax(jnp.where(starts, index, 0))
+        negatives_below = normals_below(positive_keys, "left")
+        negatives_at = normals_below(positive_keys, "right") - negatives_below
+        auroc, ap, f1 = threshold_metrics(
+            jnp.where(ends, index + 1 - start, 0),
+            jnp.where(ends, negatives_at, 0),
+            num_positive - start,
+            num_negative - negatives_below,
+            num_positive,
+            num_negative,
+        )
+
+        # AUPRO: the k-th normal score is the smallest key with more than k normal keys at or below it.
+        def bisect(_, bounds):
+            low, high = bounds
+            middle = (low & high) + ((low ^ high) >> 1)  # floor((low + high) / 2) without overflow
+            enough = normals_below(middle, "right") > positions
+            return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+
+        num_local = (kind == 2).sum()
+        lowest = jax.lax.pmin(jnp.where(num_local > 0, normal_keys[0], largest), sharding.DATA_AXIS)
+        highest = jax.lax.pmax(jnp.where(num_local > 0, normal_keys[num_local - 1], -largest), sharding.DATA_AXIS)
+        bounds = (jnp.full(positions.shape, lowest), jnp.full(positions.shape, highest))
+        thresholds, _ = jax.lax.fori_loop(0, 32, bisect, bounds)
+        num_thresholds = positions.size
+        bins = jnp.searchsorted(thresholds, local_keys, side="left")
+        image = jnp.minimum(local_anomalous // (keys.size // first_region.size), first_region.size - 1)
+        region = first_region[image] + ids.at[local_anomalous].get(mode="fill", fill_value=0) - 1
+        slot = jnp.where(local_anomalous < keys.size, region, region_slots)
+        counts = jax.ops.segment_sum(
+            jnp.ones_like(bins),
+            slot * (num_thresholds + 1) + bins,
+            num_segments=(region_slots + 1) * (num_thresholds + 1),
+        )
+        overlaps, num_regions = region_overlap_sums(counts.reshape(region_slots + 1, num_thresholds + 1)[:region_slots])
+        return auroc, ap, f1, total(overlaps) / total(num_regions)
+
+    return _on_data_axis(mesh, metrics, 4)(anomaly_maps, region_ids, region_counts, rows, positions)

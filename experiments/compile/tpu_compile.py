@@ -65,7 +65,12 @@ flags.DEFINE_integer(
     "With --mode=eval, also compile the pixel metrics of one class of this many images of the config's size "
     "(unimmad_jax.metrics.device_pixel_metrics), e.g. 3700, the largest class of the unified splits.",
 )
-flags.DEFINE_integer("metrics-regions", 2**14, "With --metrics-images: the class's ground-truth regions, at most.")
+flags.DEFINE_integer(
+    "metrics-regions", 2**14, "With --metrics-images: the class's ground-truth regions on one device, at most."
+)
+flags.DEFINE_integer(
+    "metrics-anomalous-pixels", 2**21, "With --metrics-images: the class's anomalous pixels on one device, at most."
+)
 FLAGS = flags.FLAGS
 
 DEFAULT_PER_DEVICE_BATCH = 8
@@ -186,7 +191,9 @@ def find_max_batch(config, mode, topology, chip_config, first: dict) -> tuple[in
     return low, tried
 
 
-def metrics_report(config, topology: str, chip_config: str | None, images: int, regions: int) -> dict:
+def metrics_report(
+    config, topology: str, chip_config: str | None, images: int, regions: int, anomalous_pixels: int
+) -> dict:
     """Compile the pixel metrics of one class of `images` maps, split over the topology's devices as the
     evaluation leaves them (padded to a multiple of the devices), for the HBM and time they take."""
     import jax
@@ -202,16 +209,24 @@ def metrics_report(config, topology: str, chip_config: str | None, images: int, 
     split, replicated = sharding.batch_split(mesh), sharding.replicated(mesh)
     region_ids, _ = metrics.region_ids_per_image(np.zeros((1, size, size), bool))
     arguments = (
-        jax.ShapeDtypeStruct((rows, size, size), jnp.float32, sharding=split),
-        jax.ShapeDtypeStruct((rows, size, size), region_ids.dtype, sharding=split),
-        jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=split),
-        jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=split),
+        [jax.ShapeDtypeStruct((rows, size, size), jnp.float32, sharding=split)],
+        [jax.ShapeDtypeStruct((rows, size, size), region_ids.dtype, sharding=split)],
+        [jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=split)],
+        [jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=split)],
         jax.ShapeDtypeStruct((metrics.AUPRO_NUM_THRESHOLDS,), jnp.int32, sharding=replicated),
     )
     region_slots = 1 << (regions - 1).bit_length()
+    # A device holds no more anomalous pixels than pixels.
+    anomalous_slots = 1 << (min(anomalous_pixels, rows // devices * size * size) - 1).bit_length()
     start = time.perf_counter()
     try:
-        compiled = metrics.device_pixel_metrics.trace(*arguments, region_slots=region_slots).lower().compile()
+        compiled = (
+            metrics.device_pixel_metrics.trace(
+                *arguments, mesh=mesh, anomalous_slots=anomalous_slots, region_slots=region_slots
+            )
+            .lower()
+            .compile()
+        )
     except jax.errors.JaxRuntimeError as error:
         return {"images": images, "rows": rows, "image_size": size, "fits": False, "error": str(error)}
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
@@ -221,6 +236,7 @@ def metrics_report(config, topology: str, chip_config: str | None, images: int, 
         "rows": rows,
         "image_size": size,
         "region_slots": region_slots,
+        "anomalous_slots": anomalous_slots,
         "compile_s": round(time.perf_counter() - start, 1),
         "peak_memory_bytes_per_device": memory.peak_memory_in_bytes,
         "argument_bytes_per_device": memory.argument_size_in_bytes,
@@ -305,7 +321,12 @@ def main(argv) -> int:
         if mode != "eval":
             raise app.UsageError("--metrics-images compiles the evaluation's metrics: it needs --mode=eval")
         result["metrics"] = metrics_report(
-            config, topology, chip_config, metrics_images, FLAGS["metrics-regions"].value
+            config,
+            topology,
+            chip_config,
+            metrics_images,
+            FLAGS["metrics-regions"].value,
+            FLAGS["metrics-anomalous-pixels"].value,
         )
         print_metrics_report(result["metrics"])
     if FLAGS["find-max-batch"].value:
