@@ -2,7 +2,7 @@
 
     python -m unimmad_jax.main --config=configs/continual_demo.py --workdir=runs/continual --mode=continual
 
-The demo's model (configs/demo.py) on `synthetic_hard` (built in, prepared on the first run), where
+The demo's model and random prior (configs/demo.py) on `synthetic_hard` (built in, prepared on the first run), where
 it does not reach 100 %: forgetting is measurable.  `--config.continual.joint=True` adds the model
 trained on all tasks at once; `--config.continual.replay_per_class=N` replays N samples of each
 earlier class.

@@ -3,9 +3,9 @@
     python -m unimmad_jax.main --config=configs/demo.py --workdir=runs/demo
 
 Data: none to download; `synthetic` is prepared into `data/` on the first run, in seconds.
-No pretrained prior can be downloaded here, so the prior generator keeps its random weights (a fixed
-random feature extractor whose BatchNorm statistics are measured on a training batch); the method
-still has to find the defects.
+Its prior is random (`train.prior=random`, it says so): the ImageNet WideResNet-50-2 does not fit its
+small widths, so the prior generator is a fixed random feature extractor whose BatchNorm statistics
+are measured on a training batch; the method still has to find the defects.
 
 Expected (docs/performance.md#the-demo, 2-core Intel Xeon CPUs, 12 epochs): 3 to 4 minutes in all;
 mean over the 5 classes I-AUROC 100.00, P-AUROC 98.27, AUPRO@30% 94.21, P-AP 31.01 (float32 rounds
@@ -29,6 +29,7 @@ def get_config():
     config.model.router_num = 8
     config.data.data_dir = "data"
     config.data.num_read_threads = 2
+    config.train.prior = "random"
     config.train.num_epochs = 12
     config.train.batch_size = 16
     config.train.eval_every_epochs = 4

@@ -1,7 +1,7 @@
 """The paper's model and recipe on Eyecandies alone (RGB + depth, 10 classes).
 
     python -m unimmad_jax.main --config=configs/eyecandies.py --workdir=runs/eyecandies \\
-        --config.data.data_dir=data --config.train.init_from=weights/prior
+        --config.data.data_dir=data
 
 Data: `python -m unimmad_jax.data prepare --dataset eyecandies ...` (README, "Datasets").  The paper
 reports image AUROC 85.57 (unified setting, unimmad_jax/paper_results.json); no run of this config

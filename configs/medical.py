@@ -1,7 +1,7 @@
 """The paper's model and recipe on the authors' preprocessed medical sets (`mmad_meta/<name>`).
 
     python -m unimmad_jax.main --config=configs/medical.py --workdir=runs/medical \\
-        --config.data.data_dir=data --config.train.init_from=weights/prior
+        --config.data.data_dir=data
 
 Data: `python -m unimmad_jax.data prepare --dataset mmad_meta/<name> ...` for brats, retinaad,
 liverad and hyperad (README, "Datasets").  The paper reports image AUROC BraTS 95.84 and UniMed

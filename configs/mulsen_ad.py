@@ -1,7 +1,7 @@
 """The paper's model and recipe on MulSen-AD alone (RGB + infrared, 15 classes).
 
     python -m unimmad_jax.main --config=configs/mulsen_ad.py --workdir=runs/mulsen_ad \\
-        --config.data.data_dir=data --config.train.init_from=weights/prior
+        --config.data.data_dir=data
 
 Data: `python -m unimmad_jax.data prepare --dataset mulsen_ad ...` (README, "Datasets").  The paper
 reports image AUROC 85.46 (unified setting, unimmad_jax/paper_results.json); no run of this config

@@ -1,7 +1,7 @@
 """The paper's model and recipe on MVTec 3D-AD alone (RGB + depth, 10 classes).
 
     python -m unimmad_jax.main --config=configs/mvtec3d.py --workdir=runs/mvtec3d \\
-        --config.data.data_dir=data --config.train.init_from=weights/prior
+        --config.data.data_dir=data
 
 Data: `python -m unimmad_jax.data prepare --dataset mvtec3d ...` (README, "Datasets").  The paper
 reports image AUROC 92.53 (unified setting, unimmad_jax/paper_results.json); no full run of this

@@ -27,6 +27,7 @@ def get_config():
     config.data.data_dir = "data"
     config.data.classes.synthetic = ("tiles", "brain_scan")
     config.data.num_read_threads = 0
+    config.train.prior = "random"  # the ImageNet WideResNet-50-2 does not fit these widths
     config.train.num_epochs = 3
     config.train.batch_size = 8
     config.train.eval_every_epochs = 3

@@ -1,11 +1,11 @@
 """The paper's unified model and recipe over MVTec 3D-AD, Eyecandies, MulSen-AD and the medical sets.
 
     python -m unimmad_jax.main --config=configs/unified.py --workdir=runs/unified \\
-        --config.data.data_dir=data --config.train.init_from=weights/prior
+        --config.data.data_dir=data
 
 The recipe: docs/model.md#training-recipe.  Data: prepare each dataset first (README, "Datasets");
-the medical sets come from the authors' preprocessed release as `mmad_meta/<name>`.  Start from
-ImageNet prior weights: `--config.train.init_from=<folder from python -m unimmad_jax.convert prior>`.
+the medical sets come from the authors' preprocessed release as `mmad_meta/<name>`.  The prior is
+ImageNet's (`train.prior=imagenet`, downloaded once; README, "Weights").
 
 The paper reports image AUROC (unified setting, unimmad_jax/paper_results.json): MVTec 3D-AD 92.53,
 Eyecandies 85.57, MulSen-AD 85.46, BraTS 95.84, UniMed 96.34; `--mode=eval` prints ours beside them.

@@ -23,6 +23,17 @@ def test_config_is_valid(name):
     assert config.train.batch_size > 0 and config.train.num_epochs > 0
 
 
+SMALL_MODELS = ("continual_demo", "demo", "tiny")
+"""The configs whose widths the ImageNet WideResNet-50-2 does not fit: they train from a random prior."""
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_paper_configs_start_from_the_imagenet_prior_and_the_small_models_from_a_random_one(name):
+    config = load_config(name)
+    assert config.train.prior == ("random" if name in SMALL_MODELS else "imagenet")
+    assert config.train.init_from == ""
+
+
 def test_image_size_is_one_field():
     config = load_config("demo")
     config.image_size = 96

@@ -1,14 +1,15 @@
-"""Every source of weights (`unimmad_jax.weights`): checkpoints read without their optimizer state, and each
-case of `train.init_from`, for training and for evaluation."""
+"""Every source of weights (`unimmad_jax.weights`): checkpoints read without their optimizer state, each
+case of `train.init_from`, for training and for evaluation, and a prior of `train.prior` from a file or folder."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from helpers import load_config
 from jax.sharding import Mesh
 
-from unimmad_jax import checkpoints, model_io, sharding, train, weights
+from unimmad_jax import checkpoints, convert, model_io, pretrained, sharding, train, weights
 from unimmad_jax.config import model_config
 from unimmad_jax.models.unimmad import UniMMAD, abstract_variables, init_variables
 
@@ -87,13 +88,13 @@ def test_evaluated_variables_are_the_latest_checkpoint_else_a_complete_model_of_
     prior = {c: {"prior": model[c]["prior"]} for c in model}
     model_io.save(tmp_path / "prior", model_config(config), prior, kind="prior")
     config.train.init_from = str(tmp_path / "prior")
-    with pytest.raises(FileNotFoundError, match="no complete model"):
+    with pytest.raises(ValueError, match="holds a prior, not a complete model"):
         weights.evaluated_variables(config, tmp_path / "next", mesh)
 
 
 def test_starting_variables_of_each_init_from(tmp_path, config):
-    """A training workdir or a complete model gives all its variables; a prior gives the prior, copied into the
-    general encoder, and the other parts are the seed's; a model of other shapes is an error naming the field."""
+    """A training workdir or a complete model gives all its variables; a prior is train.prior's, not init_from's;
+    a model of other shapes is an error naming the field."""
     mesh = mesh_of(1)
     model = UniMMAD(model_config(config))
     complete = random_numpy_variables(config, seed=4)
@@ -101,24 +102,49 @@ def test_starting_variables_of_each_init_from(tmp_path, config):
     write_checkpoint(tmp_path / "run", config, complete, opt_state={})
     for source in ("model", "run"):
         config.train.init_from = str(tmp_path / source)
-        assert_same(weights.starting_variables(model, config, mesh), complete)
+        assert_same(weights.starting_variables(model, config, mesh, tmp_path / "new"), complete)
 
     prior = {c: {"prior": complete[c]["prior"]} for c in complete}
     model_io.save(tmp_path / "prior", model.config, prior, kind="prior")
     config.train.init_from = str(tmp_path / "prior")
-    started = weights.starting_variables(model, config, mesh)
-    seeded = init_variables(model, config.seed, slots=config.data.num_slots)
-    for collection in started:
-        assert_same(started[collection]["prior"], complete[collection]["prior"])
-        assert_same(started[collection]["encoder"], complete[collection]["prior"])
-        others = set(started[collection]) - {"prior", "encoder"}
-        assert others
-        assert_same({k: started[collection][k] for k in others}, {k: seeded[collection][k] for k in others})
+    with pytest.raises(ValueError, match=r"holds a prior, not a complete model: .*--config.train.prior=.*prior"):
+        weights.starting_variables(model, config, mesh, tmp_path / "new")
 
     config.model.planes = tuple(2 * p for p in config.model.planes)
     config.train.init_from = str(tmp_path / "model")
     with pytest.raises(ValueError, match=r"train.init_from=.*model: .* has shape"):
-        weights.starting_variables(UniMMAD(model_config(config)), config, mesh)
+        weights.starting_variables(UniMMAD(model_config(config)), config, mesh, tmp_path / "new")
+
+
+def test_starting_variables_of_a_prior_file_or_folder(tmp_path, config):
+    """train.prior names a WideResNet file (converted by process 0 into the workdir) or a `convert prior` folder:
+    the prior, copied into the general encoder; the other parts are the seed's.  Anything else is named."""
+    mesh = mesh_of(1)
+    model = UniMMAD(model_config(config))
+    complete = random_numpy_variables(config, seed=6)
+    prior = {c: {"prior": complete[c]["prior"]} for c in complete}
+    model_io.save(tmp_path / "prior", model.config, prior, kind="prior")
+    tensors = convert.to_reference_layout(convert.prior_key_map(model.config), prior)["prior"]
+    (tmp_path / "wrn.safetensors").write_bytes(
+        safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+    )
+    seeded = init_variables(model, config.seed, slots=config.data.num_slots)
+    for source in ("prior", "wrn.safetensors"):
+        config.train.prior = str(tmp_path / source)
+        started = weights.starting_variables(model, config, mesh, tmp_path / source.replace(".", "_"))
+        for collection in started:
+            assert_same(started[collection]["prior"], complete[collection]["prior"])
+            assert_same(started[collection]["encoder"], complete[collection]["prior"])
+            others = set(started[collection]) - {"prior", "encoder"}
+            assert others
+            assert_same({k: started[collection][k] for k in others}, {k: seeded[collection][k] for k in others})
+    assert (tmp_path / "wrn_safetensors" / pretrained.PRIOR_FOLDER).is_dir()  # the file's conversion, kept
+
+    model_io.save(tmp_path / "model", model.config, complete)
+    for source, message in (("model", "holds a model, not a prior"), ("nothing", "no such file or folder")):
+        config.train.prior = str(tmp_path / source)
+        with pytest.raises(pretrained.PriorError, match=f"train.prior=.*{source}.*{message}"):
+            weights.starting_variables(model, config, mesh, tmp_path / "new")
 
 
 def test_recorded_model_of_a_prior_folder_is_an_error(tmp_path, config):

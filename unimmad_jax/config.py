@@ -54,8 +54,11 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every_epochs = 1
     config.train.keep_checkpoints = 3
     config.train.best_metric = "All_Datasets_Mean/i_auroc"
-    # The weights to start from, with a fresh optimizer and schedule: a training workdir (its latest
-    # checkpoint), or a folder from `python -m unimmad_jax.convert` (a model, or the prior alone).
+    # The frozen prior of a fresh run (unimmad_jax/pretrained.py): "imagenet" (the paper's, from the Hugging
+    # Face Hub, cached), "random", or a path: a WideResNet-50-2 .safetensors/.pth or a `convert prior` folder.
+    config.train.prior = "imagenet"
+    # All the weights to start from instead, with a fresh optimizer and schedule: a training workdir (its
+    # latest checkpoint) or a complete model folder (`python -m unimmad_jax.convert official`).
     config.train.init_from = ""
 
     config.eval = ml_collections.ConfigDict()

@@ -155,22 +155,30 @@ def _save(run: TrainRun, manager: ocp.CheckpointManager, state: TrainState, step
     checkpoints.save(manager, state, meta, flat)
 
 
-def initial_state(model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int, mesh: Mesh) -> TrainState:
-    """Step 0 of a new run at `weights.starting_variables`, with a fresh optimizer and schedule, placed on
-    `mesh` as `sharding.state_sharding` says (`train.fsdp`)."""
-    state = create_train_state(model, config, steps_per_epoch, weights.starting_variables(model, config, mesh))
+def initial_state(
+    model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int, mesh: Mesh, workdir: epath.PathLike
+) -> TrainState:
+    """Step 0 of a new run in `workdir` at `weights.starting_variables`, with a fresh optimizer and schedule,
+    placed on `mesh` as `sharding.state_sharding` says (`train.fsdp`)."""
+    starting = weights.starting_variables(model, config, mesh, workdir)
+    state = create_train_state(model, config, steps_per_epoch, starting)
     return jax.device_put(state, sharding.state_sharding(state, mesh, config.train.fsdp))
 
 
 def _start(
-    model: UniMMAD, config: ml_collections.ConfigDict, steps_per_epoch: int, mesh: Mesh, manager: ocp.CheckpointManager
+    model: UniMMAD,
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    mesh: Mesh,
+    manager: ocp.CheckpointManager,
+    workdir: epath.Path,
 ) -> tuple[TrainState, int]:
     """The state and global step to start from: the latest checkpoint, else `initial_state`."""
     abstract = abstract_train_state(model, config, steps_per_epoch)
     target = sharding.placed(abstract, sharding.state_sharding(abstract, mesh, config.train.fsdp))
     restored = checkpoints.restore_latest(manager, target)
     if restored is None:
-        return initial_state(model, config, steps_per_epoch, mesh), 0
+        return initial_state(model, config, steps_per_epoch, mesh, workdir), 0
     state, meta = restored
     if meta["steps_per_epoch"] != steps_per_epoch:
         raise ValueError(
@@ -198,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     batch_size = sharding.per_host_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
     loader = train_loader(config.data, seed=config.seed, batch_size=batch_size)
     manager = checkpoints.checkpoint_manager(workdir, config)
-    state, step = _start(model, config, loader.steps_per_epoch, mesh, manager)
+    state, step = _start(model, config, loader.steps_per_epoch, mesh, manager, workdir)
     run = TrainRun(
         config=config,
         model=model,

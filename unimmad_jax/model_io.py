@@ -26,11 +26,16 @@ def _absolute(directory: epath.PathLike) -> epath.Path:
     return path if path.is_absolute() else path.absolute()
 
 
-def save(directory: epath.PathLike, cfg: ModelConfig, variables: dict, kind: str = "model") -> None:
+def save(
+    directory: epath.PathLike, cfg: ModelConfig, variables: dict, kind: str = "model", processes: set[int] | None = None
+) -> None:
+    """Write `variables` (numpy or replicated arrays) and `cfg` into `directory`; `processes`: the processes that
+    call it, process 0 among them; None for all (orbax waits for each of them)."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
     meta = {"kind": kind, "model": dataclasses.asdict(cfg)}
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    options = ocp.options.MultiprocessingOptions(primary_host=0, active_processes=processes)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=options) as checkpointer:
         checkpointer.save(
             _absolute(directory),
             ocp.args.Composite(model_config=ocp.args.JsonSave(meta), variables=ocp.args.StandardSave(variables)),

@@ -4,16 +4,16 @@ Training starts from (`starting_variables`; step 0, a fresh optimizer, `loop.ini
   1. `train.init_from` names a training workdir: its latest checkpoint's variables (training goes
      on from another run, on new data);
   2. `train.init_from` names a complete model (`convert official`, `model_io`): all of it;
-  3. `train.init_from` names a prior (`convert prior`, `model_io`): the prior, copied into the
-     general encoder; the other parts random from `seed`;
-  4. no `train.init_from`: random from `seed`, the prior's BatchNorm statistics measured on the
-     first training batch (`random_variables`).
-Cases 1 to 3 are `train.init_from`'s sources, read by `init_from_variables`: a new kind of
-source is one more case there.
+  3. no `train.init_from`, `train.prior` names pretrained weights (`imagenet`, a file or a `convert
+     prior` folder; `pretrained.prior_variables`): the prior, copied into the general encoder; the
+     other parts random from `seed`;
+  4. no `train.init_from`, `train.prior=random`: random from `seed`, the prior's BatchNorm statistics
+     measured on the first training batch (`random_variables`).
+Cases 1 and 2 are `train.init_from`'s sources, read by `init_from_variables`: a new kind of
+source is one more case there.  Only case 3 may reach the network, and only a fresh run starts.
 
 Evaluation, calibration, prediction, `jax.export` and `convert to-reference` use
-(`evaluated_variables`): the latest checkpoint in the workdir, else a complete model of
-`train.init_from` (cases 1 and 2).
+(`evaluated_variables`): the latest checkpoint in the workdir, else `train.init_from` (cases 1 and 2).
 
 A checkpoint's variables are read without its optimizer state (`checkpoints.restore_variables`)
 and placed on the caller's mesh, whatever mesh wrote them.  Folders may be local or `gs://...`.
@@ -28,53 +28,51 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from unimmad_jax import checkpoints, model_io, sharding
+from unimmad_jax import checkpoints, model_io, pretrained, sharding
 from unimmad_jax.config import model_config
 from unimmad_jax.data import first_training_images
 from unimmad_jax.models.layers import BATCH_NORM_MOMENTUM
 from unimmad_jax.models.unimmad import ModelConfig, UniMMAD, abstract_variables, init_variables
 
 
-def starting_variables(model: UniMMAD, config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
-    """The variables a new run trains from (the cases of the module docstring): a function of the config alone,
-    the same whatever the number of processes and devices (the first global batch is read whole by every process)."""
+def starting_variables(model: UniMMAD, config: ml_collections.ConfigDict, mesh: Mesh, workdir: epath.PathLike) -> dict:
+    """The variables a new run in `workdir` trains from (the cases of the module docstring): a function of the
+    config alone, the same whatever the number of processes and devices (the first global batch is read whole by
+    every process; a pretrained prior is converted once, into `workdir`, and read by every process)."""
     main = sharding.is_main_process()
-    if not config.train.init_from:
+    if config.train.init_from:
+        if main:
+            print(f"Starting from the weights of {config.train.init_from} (train.init_from), its prior included")
+        return init_from_variables(config, mesh)
+    prior = pretrained.prior_variables(config, workdir)
+    if prior is None:
         if main:
             print(
-                "Training from randomly initialised weights, the prior too (its BatchNorm statistics measured "
-                "on a training batch): without pretrained prior weights (train.init_from) the features are not "
-                "ImageNet features."
+                f"The prior: random weights (train.prior={pretrained.RANDOM}), its BatchNorm statistics measured on "
+                "a training batch: its features are not ImageNet features"
             )
         images = first_training_images(config.data, seed=config.seed, batch_size=config.train.batch_size)
         return random_variables(model, config, images)
-    if main:
-        print(f"Starting from the weights of {config.train.init_from} (train.init_from)")
-    kind, loaded = init_from_variables(config, mesh)
-    if kind == "model":
-        return loaded
     variables = init_variables(model, config.seed, slots=config.data.num_slots)
-    return with_encoder_from_prior({c: {**variables[c], "prior": loaded[c]["prior"]} for c in variables})
+    return with_encoder_from_prior({c: {**variables[c], "prior": prior[c]["prior"]} for c in variables})
 
 
 def evaluated_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh: Mesh) -> dict:
     """The variables to evaluate, calibrate, predict or export with, replicated on `mesh`: the latest checkpoint
-    in `workdir`, else a complete model of `train.init_from` (a training workdir or a `convert official` folder)."""
+    in `workdir`, else `train.init_from` (a training workdir or a `convert official` folder)."""
     latest = checkpoints.latest_record(workdir)
     if latest is not None:
         return checkpoint_variables(config, workdir, latest[0], mesh)
     if config.train.init_from:
-        kind, variables = init_from_variables(config, mesh)
-        if kind == "model":
-            return jax.device_put(variables, sharding.replicated(mesh))
+        return jax.device_put(init_from_variables(config, mesh), sharding.replicated(mesh))
     raise FileNotFoundError(
         f"no checkpoint in {checkpoints.workdir_path(workdir) / 'checkpoints'} and no complete model or training "
         "workdir in train.init_from: train first, or convert a released model with `python -m unimmad_jax.convert`"
     )
 
 
-def init_from_variables(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[str, dict]:
-    """(kind, variables) of `train.init_from`: kind "model" (all variables) or "prior" (the prior's alone)."""
+def init_from_variables(config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
+    """All variables of `train.init_from`: a training workdir's latest checkpoint, on `mesh`, or a complete model."""
     source = config.train.init_from
     where = f"train.init_from={source}"
     # 1. A training workdir: its latest checkpoint, on `mesh`.
@@ -82,14 +80,15 @@ def init_from_variables(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[
         latest = checkpoints.latest_record(source)
         if latest is None:
             raise FileNotFoundError(f"{where}: no complete checkpoint in {epath.Path(source) / 'checkpoints'}")
-        return "model", checkpoint_variables(config, source, latest[0], mesh)
-    # 2. and 3. A folder of `python -m unimmad_jax.convert official` (a model) or `convert prior` (a prior).
+        return checkpoint_variables(config, source, latest[0], mesh)
+    # 2. A folder of `python -m unimmad_jax.convert official`.
     kind, _, variables = model_io.load(source)
-    expected = abstract_variables(model_config(config), slots=config.data.num_slots)
-    if kind == "prior":
-        expected = {collection: {"prior": expected[collection]["prior"]} for collection in expected}
-    model_io.check_compatible(variables, expected, where)
-    return kind, variables
+    if kind != "model":
+        raise ValueError(
+            f"{where} holds a {kind}, not a complete model: start from a prior with --config.train.prior={source}"
+        )
+    model_io.check_compatible(variables, abstract_variables(model_config(config), slots=config.data.num_slots), where)
+    return variables
 
 
 def checkpoint_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: int, mesh: Mesh) -> dict:
