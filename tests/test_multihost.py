@@ -45,11 +45,11 @@ from unimmad_jax import loop, sharding
 from unimmad_jax.config import model_config
 from unimmad_jax.models.unimmad import UniMMAD
 
-address, process_id, data_dir, out = sys.argv[1:]
+address, process_id, data_dir, workdir, out = sys.argv[1:]
 sharding.initialize_distributed(coordinator_address=address, num_processes=2, process_id=int(process_id))
 config = load_config("tiny")
 config.data.data_dir = data_dir
-state = loop.initial_state(UniMMAD(model_config(config)), config, 1, sharding.data_mesh())
+state = loop.initial_state(UniMMAD(model_config(config)), config, 1, sharding.data_mesh(), workdir)
 leaves = jax.device_get(jax.tree_util.tree_leaves((state.params, state.batch_stats, state.opt_state)))
 if sharding.is_main_process():
     np.savez(out, *leaves)
@@ -220,10 +220,14 @@ def test_initial_state_does_not_depend_on_the_process_count(tmp_path, synthetic_
     config = load_config("tiny")
     config.data.data_dir = str(synthetic_data_dir)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
-    state = loop.initial_state(UniMMAD(model_config(config)), config, 1, mesh)
+    state = loop.initial_state(UniMMAD(model_config(config)), config, 1, mesh, tmp_path / "one")
     one = jax.device_get(jax.tree_util.tree_leaves((state.params, state.batch_stats, state.opt_state)))
     out = tmp_path / "two_processes.npz"
-    run_processes(PROCESSES, ["-c", INITIAL_STATE_WORKER, str(synthetic_data_dir), str(out)], tmp_path / "logs")
+    run_processes(
+        PROCESSES,
+        ["-c", INITIAL_STATE_WORKER, str(synthetic_data_dir), str(tmp_path / "two"), str(out)],
+        tmp_path / "logs",
+    )
     two = np.load(out)
     assert len(two.files) == len(one)
     for index, leaf in enumerate(one):

@@ -209,3 +209,47 @@ def test_the_command_line_starts_from_the_hub_prior_and_resumes_offline(hub, con
     assert fresh.returncode == 2, fresh.stdout[-3000:] + fresh.stderr[-3000:]
     assert "--config.train.prior=" in fresh.stderr and pretrained.IMAGENET_REPO in fresh.stderr
     assert len(hub.requests) == 2
+
+
+TWO_HOSTS_WORKER = """
+import importlib, os, sys
+import jax
+import numpy as np
+from helpers import load_config
+from huggingface_hub import constants
+from unimmad_jax import pretrained, sharding
+
+address, process_id, hf_homes, workdir, out = sys.argv[1:]
+sharding.initialize_distributed(coordinator_address=address, num_processes=2, process_id=int(process_id))
+config = load_config("tiny")
+config.train.prior = "imagenet"
+for offline in ("1", "0"):  # each host a Hugging Face cache of its own
+    os.environ.update(HF_HUB_OFFLINE=offline, HF_HOME=os.path.join(hf_homes, f"host_{process_id}"))
+    importlib.reload(constants)
+    try:
+        variables = pretrained.prior_variables(config, workdir)
+    except pretrained.PriorError as error:
+        print(f"offline={offline}: {error}")
+np.savez(f"{out}_{process_id}.npz", *jax.tree_util.tree_leaves(variables))
+"""
+
+
+def test_on_two_processes_process_0_fetches_and_every_process_reads_the_workdir(hub, config, tmp_path):
+    """Offline, process 0 names the file and process 1 stops too; online, only process 0 asks the hub, and both
+    read the same prior from the workdir."""
+    from test_multihost import run_processes
+
+    prior = prior_of(model_config(config), seed=6)
+    hub.content = wide_resnet_file(model_config(config), prior)
+    out = tmp_path / "prior"
+    outputs = run_processes(
+        2, ["-c", TWO_HOSTS_WORKER, str(tmp_path / "hf_homes"), str(tmp_path / "run"), str(out)], tmp_path / "logs"
+    )
+    assert "offline=1: train.prior=imagenet: timm/wide_resnet50_2.tv2_in1k" in outputs[0]
+    assert "offline=1: train.prior=imagenet: process 0 could not make the prior" in outputs[1]
+    assert hub.requests == ["HEAD", "GET"]
+    assert not (tmp_path / "hf_homes" / "host_1" / "hub").exists()
+    for process in (0, 1):
+        read = np.load(f"{out}_{process}.npz")
+        for index, leaf in enumerate(jax.tree_util.tree_leaves(prior)):
+            np.testing.assert_array_equal(read[f"arr_{index}"], leaf)

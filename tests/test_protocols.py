@@ -92,12 +92,14 @@ def test_continual_results_and_forgetting(continual_workdir):
     )
 
 
-def test_a_task_starts_from_the_previous_ones_weights_with_a_fresh_optimizer(continual_workdir, synthetic_data_dir):
+def test_a_task_starts_from_the_previous_ones_weights_with_a_fresh_optimizer(
+    continual_workdir, synthetic_data_dir, tmp_path
+):
     config = tiny_protocol_config(synthetic_data_dir, ())
     config.train.init_from = str(continual_workdir / "continual" / "task_1")
     model = UniMMAD(model_config(config))
     mesh = sharding.data_mesh()
-    state = loop.initial_state(model, config, 6, mesh)
+    state = loop.initial_state(model, config, 6, mesh, tmp_path)
     trained = weights.evaluated_variables(config, config.train.init_from, mesh)
     for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(trained["params"])):
         np.testing.assert_array_equal(a, b)

@@ -128,17 +128,20 @@ def test_starting_variables_of_a_prior_file_or_folder(tmp_path, config):
     (tmp_path / "wrn.safetensors").write_bytes(
         safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
     )
+    config.train.prior = str(tmp_path / "prior")
+    started = weights.starting_variables(model, config, mesh, tmp_path / "new")
     seeded = init_variables(model, config.seed, slots=config.data.num_slots)
-    for source in ("prior", "wrn.safetensors"):
-        config.train.prior = str(tmp_path / source)
-        started = weights.starting_variables(model, config, mesh, tmp_path / source.replace(".", "_"))
-        for collection in started:
-            assert_same(started[collection]["prior"], complete[collection]["prior"])
-            assert_same(started[collection]["encoder"], complete[collection]["prior"])
-            others = set(started[collection]) - {"prior", "encoder"}
-            assert others
-            assert_same({k: started[collection][k] for k in others}, {k: seeded[collection][k] for k in others})
-    assert (tmp_path / "wrn_safetensors" / pretrained.PRIOR_FOLDER).is_dir()  # the file's conversion, kept
+    for collection in started:
+        assert_same(started[collection]["prior"], complete[collection]["prior"])
+        assert_same(started[collection]["encoder"], complete[collection]["prior"])
+        others = set(started[collection]) - {"prior", "encoder"}
+        assert others
+        assert_same({k: started[collection][k] for k in others}, {k: seeded[collection][k] for k in others})
+    config.train.prior = str(tmp_path / "wrn.safetensors")
+    assert_same(pretrained.prior_variables(config, tmp_path / "from_file"), prior)
+    kind, _, kept = model_io.load(tmp_path / "from_file" / pretrained.PRIOR_FOLDER)  # the file's conversion
+    assert kind == "prior"
+    assert_same(kept, prior)
 
     model_io.save(tmp_path / "model", model.config, complete)
     for source, message in (("model", "holds a model, not a prior"), ("nothing", "no such file or folder")):

@@ -44,20 +44,23 @@ class PriorError(ValueError):
 
 def prior_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict | None:
     """`{"params": {"prior": ...}, "batch_stats": {"prior": ...}}` of `train.prior` as numpy arrays, the same on
-    every process; None for `random`."""
+    every process; None for `random`.  A file is converted into `workdir` (module docstring); a folder must be
+    readable from every process."""
     source = config.train.prior
     if source == RANDOM:
         return None
     cfg = model_config(config)
     where = f"train.prior={source}"
-    if source != IMAGENET and epath.Path(source).is_dir():
+    if source != IMAGENET and epath.Path(source).is_dir():  # read by every process, as the data are
+        if sharding.is_main_process():
+            print(f"The prior: the weights of {source} ({where})")
         return read_prior(source, cfg, where)
     folder = epath.Path(workdir) / PRIOR_FOLDER
     failure = None
     if sharding.is_main_process():
         try:
             model_io.save(folder, cfg, converted_file(source, cfg), kind="prior", processes={0})
-        except ValueError as error:
+        except Exception as error:  # raised below, once the other processes know
             failure = error
     # Every process learns whether process 0 succeeded: a failure stops them all, none waits forever.
     if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(failure is not None)):
@@ -123,7 +126,7 @@ def imagenet_file() -> str:
 def _unavailable(error: Exception) -> str:
     from huggingface_hub import constants
 
-    reason = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else str(error).splitlines()[0]
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else str(error).splitlines()[0]
     url = f"{constants.ENDPOINT}/{IMAGENET_REPO}/resolve/main/{IMAGENET_FILE}"
     return (
         f"train.prior={IMAGENET}: {IMAGENET_REPO} {IMAGENET_FILE} is not in the Hugging Face cache "
