@@ -8,9 +8,9 @@
   a folder of `python -m unimmad_jax.convert prior`;
 - `random`: none; `weights.random_variables` draws it.
 
-A file is checked (every key and shape of the configured WideResNet) and converted by process 0
-into `WORKDIR/prior` (a `convert prior` folder), which every process then reads: the workdir is
-shared or `gs://`, while each host's Hugging Face cache is its own.
+Process 0 checks a file (every key and shape of the configured WideResNet) and keeps a copy in
+`WORKDIR/prior/`, which every process then reads and converts: the workdir is shared or `gs://`,
+while each host's Hugging Face cache (or a path on it) is its own.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ RANDOM = "random"
 IMAGENET_REPO = "timm/wide_resnet50_2.tv2_in1k"
 IMAGENET_FILE = "model.safetensors"
 PRIOR_FOLDER = "prior"
-"""Where in the workdir process 0 writes the converted prior for every process to read."""
+"""Where in the workdir process 0 keeps a copy of the prior's file for every process to read."""
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -44,7 +44,7 @@ class PriorError(ValueError):
 
 def prior_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict | None:
     """`{"params": {"prior": ...}, "batch_stats": {"prior": ...}}` of `train.prior` as numpy arrays, the same on
-    every process; None for `random`.  A file is converted into `workdir` (module docstring); a folder must be
+    every process; None for `random`.  A file is copied into `workdir` (module docstring); a folder must be
     readable from every process."""
     source = config.train.prior
     if source == RANDOM:
@@ -55,26 +55,32 @@ def prior_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
         if sharding.is_main_process():
             print(f"The prior: the weights of {source} ({where})")
         return read_prior(source, cfg, where)
-    folder = epath.Path(workdir) / PRIOR_FOLDER
-    failure = None
+    suffix = epath.Path(IMAGENET_FILE if source == IMAGENET else source).suffix
+    copy = epath.Path(workdir) / PRIOR_FOLDER / f"wide_resnet50_2{suffix}"
+    variables, failure = None, None
     if sharding.is_main_process():
         try:
-            model_io.save(folder, cfg, converted_file(source, cfg), kind="prior", processes={0})
+            path = source_file(source)
+            variables = converted(path, source, cfg)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(path.read_bytes())
         except Exception as error:  # raised below, once the other processes know
             failure = error
     # Every process learns whether process 0 succeeded: a failure stops them all, none waits forever.
     if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(failure is not None)):
-        failure = failure or PriorError(f"{where}: process 0 could not make the prior; its output says why")
+        failure = failure or PriorError(f"{where}: process 0 could not get the prior; its output says why")
     if failure is not None:
         raise failure
-    return read_prior(folder, cfg, where)
+    if variables is None:
+        variables = converted(copy, source, cfg)
+    return variables
 
 
-def converted_file(source: str, cfg: ModelConfig) -> dict:
-    """The prior's variables of a WideResNet file: the ImageNet file for `imagenet`, else the file at `source`."""
+def source_file(source: str) -> epath.Path:
+    """The WideResNet file of `train.prior`: the ImageNet file for `imagenet`, else the file at `source`."""
     where = f"train.prior={source}"
     if source == IMAGENET:
-        path = imagenet_file()
+        path = epath.Path(imagenet_file())
         print(f"The prior: ImageNet weights ({where}: {IMAGENET_REPO}, {IMAGENET_FILE} in {path})")
     else:
         path = epath.Path(source)
@@ -84,6 +90,11 @@ def converted_file(source: str, cfg: ModelConfig) -> dict:
                 "state dict (.safetensors, or .pth with torch) or a folder of `python -m unimmad_jax.convert prior`"
             )
         print(f"The prior: the weights of {path} ({where})")
+    return path
+
+
+def converted(path: epath.Path, source: str, cfg: ModelConfig) -> dict:
+    """The prior's variables of the WideResNet file at `path`, checked against the configured model."""
     try:
         return convert.convert_prior(path, cfg)
     except convert.ConversionError as error:
@@ -91,7 +102,7 @@ def converted_file(source: str, cfg: ModelConfig) -> dict:
         hint = (
             f" (the ImageNet WideResNet-50-2 has the paper's model.planes={paper.planes}, model.blocks={paper.blocks})"
         )
-        raise PriorError(f"{where}: {error}{hint if source == IMAGENET else ''}") from error
+        raise PriorError(f"train.prior={source}: {error}{hint if source == IMAGENET else ''}") from error
 
 
 def read_prior(folder: epath.PathLike, cfg: ModelConfig, where: str) -> dict:

@@ -38,7 +38,7 @@ from unimmad_jax.models.unimmad import ModelConfig, UniMMAD, abstract_variables,
 def starting_variables(model: UniMMAD, config: ml_collections.ConfigDict, mesh: Mesh, workdir: epath.PathLike) -> dict:
     """The variables a new run in `workdir` trains from (the cases of the module docstring): a function of the
     config alone, the same whatever the number of processes and devices (the first global batch is read whole by
-    every process; a pretrained prior is converted once, into `workdir`, and read by every process)."""
+    every process; a pretrained prior's file is fetched by process 0 and read by every process from `workdir`)."""
     main = sharding.is_main_process()
     if config.train.init_from:
         if main:
