@@ -244,7 +244,7 @@ def test_on_two_processes_process_0_fetches_and_every_process_reads_the_workdir(
         2, ["-c", TWO_HOSTS_WORKER, str(tmp_path / "hf_homes"), str(tmp_path / "run"), str(out)], tmp_path / "logs"
     )
     assert "offline=1: train.prior=imagenet: timm/wide_resnet50_2.tv2_in1k" in outputs[0]
-    assert "offline=1: train.prior=imagenet: process 0 could not make the prior" in outputs[1]
+    assert "offline=1: train.prior=imagenet: process 0 could not get the prior" in outputs[1]
     assert hub.requests == ["HEAD", "GET"]
     assert not (tmp_path / "hf_homes" / "host_1" / "hub").exists()
     for process in (0, 1):
