@@ -31,6 +31,7 @@ def score_step(model: UniMMAD, variables: dict, images: jax.Array, mask: jax.Arr
     return {"anomaly_map_raw": raw, "anomaly_map": blurred, "image_score": anomaly_map.image_score(blurred)}
 
 
+@functools.cache  # one compiled step a model and mesh, whichever evaluations of a process use it
 def make_score_fn(model: UniMMAD, mesh: Mesh):
     """`score_step` compiled for the mesh: variables replicated, the batch split over devices."""
     split = sharding.batch_split(mesh)
@@ -130,7 +131,7 @@ def keep_modalities(batch: dict[str, np.ndarray], modalities: frozenset[str]) ->
     return {
         **batch,
         "modality_mask": kept,
-        "specific_images": np.where(kept[:, :, None, None, None], batch["specific_images"], 0).astype(np.float32),
+        "specific_images": np.where(kept[:, :, None, None, None], batch["specific_images"], 0),
     }
 
 

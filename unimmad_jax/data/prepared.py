@@ -121,7 +121,8 @@ def class_modalities(data_dir: str | Path, name: str, split: str) -> dict[str, f
     """`{class: the modalities every sample of the class has}` of `split` of prepared dataset `name`."""
     _, index = _split_index(data_dir, name, split)
     common: dict[str, frozenset[str]] = {}
-    for class_name, types in zip(index.class_names, index.modality_types):
+    split_index = index.splits[split]
+    for class_name, types in zip(split_index.class_names, split_index.modality_types):
         common[class_name] = common.get(class_name, frozenset(types)) & frozenset(types)
     return common
 
