@@ -47,10 +47,15 @@ def test_train_eval_predict_write_their_files(trained_workdir, synthetic_data_di
     ]
     assert len(losses) >= EPOCHS and losses[-1] < 0.8 * losses[0]
 
-    out = run_main(trained_workdir, synthetic_data_dir, "--mode=eval")
+    out = run_main(trained_workdir, synthetic_data_dir, "--mode=eval", **{"eval.modality_subsets": '("gray",)'})
     assert "All_Datasets_Mean" in out
     final = json.loads((trained_workdir / "eval" / "final.json").read_text())
     assert final["All_Class_Mean"] == summary["All_Class_Mean"]  # the same weights give the same metrics
+    subsets = json.loads((trained_workdir / "eval" / "modality_subsets.json").read_text())["datasets"]["synthetic"]
+    assert subsets["classes"] == {
+        "tiles": {"gray": None},
+        "brain_scan": {"gray": final["datasets"]["synthetic"]["classes"]["brain_scan"]},
+    }
     assert final["paper"] == {} and "paper" not in summary  # the paper reports no synthetic results
 
     predictions = trained_workdir / "predictions" / "synthetic_test"

@@ -65,6 +65,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval.batch_size = 8  # global
     config.eval.split = "test"
     config.eval.datasets = ()  # empty: the training datasets
+    # `--mode=eval` also evaluates with only these modalities of each sample, e.g. ("rgb", "depth", "rgb+depth").
+    config.eval.modality_subsets = ()
 
     config.predict = ml_collections.ConfigDict()
     config.predict.input = ""  # a folder of images, or "<dataset>:<split>" of a prepared dataset

@@ -15,10 +15,12 @@ from tqdm import tqdm
 from unimmad_jax import anomaly_map, metrics, report, sharding
 from unimmad_jax.config import eval_datasets
 from unimmad_jax.data import eval_loader
-from unimmad_jax.data.prepared import max_modality_count
+from unimmad_jax.data.prepared import class_modalities, max_modality_count
+from unimmad_jax.data.schema import MODALITY_TYPES
 from unimmad_jax.models.unimmad import UniMMAD
 
 REGION_KEYS = ("region_ids", "region_counts")
+POOLED_METRICS = ("i_auroc", "p_auroc")
 
 
 def score_step(model: UniMMAD, variables: dict, images: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
@@ -29,6 +31,7 @@ def score_step(model: UniMMAD, variables: dict, images: jax.Array, mask: jax.Arr
     return {"anomaly_map_raw": raw, "anomaly_map": blurred, "image_score": anomaly_map.image_score(blurred)}
 
 
+@functools.cache  # one compiled step a model and mesh, whichever evaluations of a process use it
 def make_score_fn(model: UniMMAD, mesh: Mesh):
     """`score_step` compiled for the mesh: variables replicated, the batch split over devices."""
     split = sharding.batch_split(mesh)
@@ -89,59 +92,101 @@ def score_split(
     split: str,
     mesh: Mesh,
     progress: bool = True,
+    classes: list[str] | None = None,
+    modalities: frozenset[str] | None = None,
 ) -> ScoredSplit:
     """Every sample's image score, label and class name of one split on every process, the maps left on the
     devices: each process reads and runs its share of every batch.
 
     Batches carry only as many modality slots as the dataset's samples have: the model never runs
     on slots that are padding for every sample (a single-modality dataset runs one slot).
+
+    Args:
+      classes: the classes to score (default: those of `config.data.classes`, else all).
+      modalities: the modality types the model sees (default: all of each sample's; `keep_modalities`).
     """
     batch_size = sharding.per_host_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
     data_config = config.data.copy_and_resolve_references()
     data_config.num_slots = max_modality_count(config.data.data_dir, dataset, split)
-    loader = eval_loader(data_config, dataset, split, batch_size=batch_size, shard_by_host=True)
+    loader = eval_loader(data_config, dataset, split, batch_size=batch_size, classes=classes, shard_by_host=True)
     scored = ScoredSplit(mesh)
     progress = progress and sharding.is_main_process()
     for batch in tqdm(loader, total=loader.num_batches, desc=f"eval {dataset}", disable=not progress, leave=False):
+        if modalities is not None:
+            batch = keep_modalities(batch, modalities)
         inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
         scored.add(score_fn(variables, inputs["specific_images"], inputs["modality_mask"]), batch)
     return scored
 
 
-def per_class_metrics(scored: ScoredSplit) -> dict[str, dict[str, float]]:
-    """`{class: metrics}` of `score_split`'s split, classes in dataset order.
+def keep_modalities(batch: dict[str, np.ndarray], modalities: frozenset[str]) -> dict[str, np.ndarray]:
+    """`batch` with only the slots of `modalities` kept, each in its own slot: the others are marked missing in
+    `modality_mask` and zeroed, as the slots a sample never had."""
+    num_slots = batch["modality_mask"].shape[1]
+    slot_types = [str(types).split(",") for types in batch["modality_types"]]
+    kept = np.array(
+        [[slot < len(types) and types[slot] in modalities for slot in range(num_slots)] for types in slot_types]
+    )
+    kept &= batch["modality_mask"]
+    return {
+        **batch,
+        "modality_mask": kept,
+        "specific_images": np.where(kept[:, :, None, None, None], batch["specific_images"], 0),
+    }
 
-    The pixel metrics of a class are computed over the batches holding its rows: by the host from the
-    maps when one process holds all of them on a CPU (numpy's sorts are the fastest there), otherwise on
-    the devices, only scalars coming back.
+
+def per_class_metrics(scored: ScoredSplit) -> dict[str, dict[str, float]]:
+    """`{class: metrics}` of `score_split`'s split, classes in dataset order."""
+    columns = scored.columns
+    return {
+        name: _metrics_of_class(scored, columns, name)
+        for name in dict.fromkeys(columns["class_name"])  # classes in dataset order
+    }
+
+
+def pooled_metrics(scored: ScoredSplit) -> dict[str, float]:
+    """`POOLED_METRICS` of `score_split`'s split: the scores of all its classes in one curve.
+
+    A dataset's pooled AUROC ranks every class's scores against each other, so it also measures whether one
+    threshold serves all classes; the mean of per-class values does not (docs/model.md#metrics).
     """
     columns = scored.columns
-    on_host = _metrics_on_host(scored.mesh)
-    results = {}
-    for name in dict.fromkeys(columns["class_name"]):  # classes in dataset order
-        labels, scores = (columns[key][columns["class_name"] == name] for key in ("label", "image_score"))
-        rows = [valid & (names == name) for names, valid in zip(scored.batch_class_names, scored.batch_valid)]
-        held = [index for index, batch_rows in enumerate(rows) if batch_rows.any()]
-        batches = [scored.batches[index] for index in held]
-        if on_host:
-            maps = np.concatenate([np.asarray(batch["anomaly_map"])[rows[i]] for i, batch in zip(held, batches)])
-            masks = np.concatenate([np.asarray(batch["region_ids"])[rows[i]] > 0 for i, batch in zip(held, batches)])
-            results[name] = metrics.compute_metrics(labels, scores, masks, maps)
-            continue
-        row_split = sharding.batch_split(scored.mesh)
-        on_devices = [
-            jax.make_array_from_callback(rows[i].shape, row_split, lambda index, batch_rows=rows[i]: batch_rows[index])
-            for i in held
-        ]
-        results[name] = metrics.metrics_on_devices(
-            labels.astype(bool),
-            scores,
-            [batch["anomaly_map"] for batch in batches],
-            [batch["region_ids"] for batch in batches],
-            [batch["region_counts"] for batch in batches],
-            on_devices,
-        )
-    return results
+    values = _metrics_of_class(scored, columns, None)
+    return {name: values[name] for name in POOLED_METRICS}
+
+
+def _metrics_of_class(scored: ScoredSplit, columns: dict, class_name: str | None) -> dict[str, float]:
+    """`metrics.compute_metrics` of the samples of class `class_name` (None: of every class) of `scored`.
+
+    The pixel metrics are computed over the batches holding the samples: by the host from the maps when one
+    process holds all of them on a CPU (numpy's sorts are the fastest there), otherwise on the devices, only
+    scalars coming back.
+    """
+    selected = columns["class_name"] == class_name if class_name is not None else slice(None)
+    labels, scores = columns["label"][selected], columns["image_score"][selected]
+    rows = [
+        valid & (names == class_name) if class_name is not None else valid
+        for names, valid in zip(scored.batch_class_names, scored.batch_valid)
+    ]
+    held = [index for index, batch_rows in enumerate(rows) if batch_rows.any()]
+    batches = [scored.batches[index] for index in held]
+    if _metrics_on_host(scored.mesh):
+        maps = np.concatenate([np.asarray(batch["anomaly_map"])[rows[i]] for i, batch in zip(held, batches)])
+        masks = np.concatenate([np.asarray(batch["region_ids"])[rows[i]] > 0 for i, batch in zip(held, batches)])
+        return metrics.compute_metrics(labels, scores, masks, maps)
+    row_split = sharding.batch_split(scored.mesh)
+    on_devices = [
+        jax.make_array_from_callback(rows[i].shape, row_split, lambda index, batch_rows=rows[i]: batch_rows[index])
+        for i in held
+    ]
+    return metrics.metrics_on_devices(
+        labels.astype(bool),
+        scores,
+        [batch["anomaly_map"] for batch in batches],
+        [batch["region_ids"] for batch in batches],
+        [batch["region_counts"] for batch in batches],
+        on_devices,
+    )
 
 
 def _metrics_on_host(mesh: Mesh) -> bool:
@@ -151,14 +196,59 @@ def _metrics_on_host(mesh: Mesh) -> bool:
 def evaluate(
     model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, mesh: Mesh, progress: bool = True
 ) -> dict:
-    """The metrics summary (`report.summarize_metrics`) over every evaluation dataset."""
+    """The metrics summary (`report.summarize_metrics`) over every evaluation dataset, with its pooled metrics."""
     score_fn = make_score_fn(model, mesh)
     variables = jax.device_put(variables, sharding.replicated(mesh))
-    results = {
-        dataset: evaluate_dataset(score_fn, variables, config, dataset, mesh, progress)
-        for dataset in eval_datasets(config)
-    }
-    return report.summarize_metrics(results)
+    results, pooled = {}, {}
+    for dataset in eval_datasets(config):
+        scored = score_split(score_fn, variables, config, dataset, config.eval.split, mesh, progress)
+        results[dataset], pooled[dataset] = per_class_metrics(scored), pooled_metrics(scored)
+    return report.summarize_metrics(results, pooled)
+
+
+def modality_subsets(config: ml_collections.ConfigDict) -> dict[str, frozenset[str]]:
+    """`config.eval.modality_subsets` as `{subset: modality types}`, e.g. `"rgb+depth"` -> `{"rgb", "depth"}`."""
+    subsets = {}
+    for subset in config.eval.modality_subsets:
+        modalities = frozenset(subset.split("+"))
+        unknown = sorted(modalities - set(MODALITY_TYPES))
+        if unknown:
+            raise ValueError(
+                f"config.eval.modality_subsets: {subset!r} names unknown modalities {unknown}; known: "
+                f"{', '.join(MODALITY_TYPES)}, joined by '+' (e.g. 'rgb+depth')"
+            )
+        subsets[subset] = modalities
+    return subsets
+
+
+def evaluate_modality_subsets(
+    model: UniMMAD,
+    variables: dict,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    subsets: dict[str, frozenset[str]],
+    progress: bool = True,
+) -> dict:
+    """`report.summarize_modality_subsets` of every evaluation dataset seen through each of `subsets`
+    (`modality_subsets`): a class is scored on a subset when every sample of it has all the subset's modalities.
+    """
+    score_fn = make_score_fn(model, mesh)
+    variables = jax.device_put(variables, sharding.replicated(mesh))
+    results = {}
+    for dataset in eval_datasets(config):
+        available = class_modalities(config.data.data_dir, dataset, config.eval.split)
+        wanted = config.data.classes.get(dataset)
+        classes = [name for name in available if wanted is None or name in wanted]
+        results[dataset] = {name: {} for name in classes}
+        for subset, modalities in subsets.items():
+            holding = [name for name in classes if modalities <= available[name]]
+            if holding:
+                scored = score_split(
+                    score_fn, variables, config, dataset, config.eval.split, mesh, progress, holding, modalities
+                )
+                for name, values in per_class_metrics(scored).items():
+                    results[dataset][name][subset] = values
+    return report.summarize_modality_subsets(results, list(subsets))
 
 
 def flat_scalars(summary: dict) -> dict[str, float]:

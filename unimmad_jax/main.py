@@ -69,12 +69,20 @@ def run(argv) -> int:
         model = UniMMAD(model_config(config))
         if FLAGS.mode == "eval":
             ensure_prepared(config.data.datasets, config.data.data_dir)
+            subsets = evaluate.modality_subsets(config)
             summary = evaluate.evaluate(model, variables, config, mesh)
             summary["paper"] = report.compare_with_paper(summary)
             if sharding.is_main_process():
                 print(report.summary_text(summary))
                 path = report.write_summary(summary, workdir / "eval", "final")
                 print(f"wrote {path} and its .md")
+            if subsets:
+                table = evaluate.evaluate_modality_subsets(model, variables, config, mesh, subsets)
+                if sharding.is_main_process():
+                    print(report.modality_subsets_text(table))
+                    markdown = report.modality_subsets_markdown(table)
+                    path = report.write_tables(table, markdown, workdir / "eval", "modality_subsets")
+                    print(f"wrote {path} and its .md")
         elif FLAGS.mode == "calibrate":
             ensure_prepared(config.data.datasets, config.data.data_dir)
             latest = checkpoints.latest_record(workdir)  # None: the variables of train.init_from

@@ -25,6 +25,9 @@ DISPLAY_NAMES = {
     "aupro_0.3": "AUPRO@30%",
     "p_ap": "P-AP",
 }
+# A dataset's mean over its classes, and its metrics over all its classes' scores in one curve.
+MEAN_ROW = "mean"
+POOLED_ROW = "pooled (one curve)"
 ALL_CLASS_MEAN = "All_Class_Mean"
 ALL_DATASETS_MEAN = "All_Datasets_Mean"
 PAPER_RESULTS = "paper_results.json"
@@ -70,18 +73,22 @@ def text_table(header: list[str], rows: list[list[str]], name_columns: int) -> s
 # ----------------------------------------------------------------------------
 
 
-def summarize_metrics(results: dict[str, dict[str, dict[str, float]]]) -> dict:
+def summarize_metrics(
+    results: dict[str, dict[str, dict[str, float]]], pooled: dict[str, dict[str, float]] | None = None
+) -> dict:
     """Per-class rows, per-dataset means and the two overall means.
 
     Args:
       results: ``{dataset: {class: metrics}}``, each ``metrics`` holding every key
         of ``METRIC_NAMES``.
+      pooled: ``{dataset: metrics}`` over all the dataset's classes in one curve (``evaluate.pooled_metrics``),
+        a few of ``METRIC_NAMES``; each dataset's entry holds it as ``"pooled"``.
 
     Returns a JSON-ready dict of raw floats (NaN stays NaN and propagates into
     every mean it enters)::
 
       {"metric_names": [...],
-       "datasets": {dataset: {"classes": {class: metrics}, "mean": metrics}},
+       "datasets": {dataset: {"classes": {class: metrics}, "mean": metrics, "pooled": metrics}},
        "All_Class_Mean": metrics,     # mean over all classes of all datasets
        "All_Datasets_Mean": metrics}  # mean of the dataset means
     """
@@ -91,6 +98,8 @@ def summarize_metrics(results: dict[str, dict[str, dict[str, float]]]) -> dict:
     for dataset, classes in results.items():
         rows = {name: _metric_row(metrics, f"{dataset}/{name}") for name, metrics in classes.items()}
         datasets[dataset] = {"classes": rows, "mean": _mean_row(rows.values())}
+        if pooled is not None:
+            datasets[dataset]["pooled"] = {name: float(value) for name, value in pooled[dataset].items()}
     all_classes = [row for entry in datasets.values() for row in entry["classes"].values()]
     return {
         "metric_names": list(METRIC_NAMES),
@@ -158,30 +167,96 @@ def summary_text(summary: dict) -> str:
 
 
 def write_summary(summary: dict, directory: epath.PathLike, name: str) -> epath.Path:
-    """`<name>.json` and `<name>.md` in `directory` (local or `gs://`); returns the JSON path."""
-    directory = epath.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.json"
-    path.write_text(json.dumps(summary, indent=1))
-    (directory / f"{name}.md").write_text(summary_markdown(summary))
-    return path
+    """`<name>.json` and `<name>.md` (`summary_markdown`) in `directory` (local or `gs://`); the JSON path."""
+    return write_tables(summary, summary_markdown(summary), directory, name)
 
 
 def _summary_cells(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of text cells: each class, each dataset's mean, then both overall means."""
+    """Header and rows of text cells: each class, each dataset's mean and pooled metrics, then both overall means."""
     names = summary["metric_names"]
     header = ["Dataset", "Class"] + [display_name(name) for name in names]
 
     def cells(dataset, label, metrics):
-        return [dataset, label] + [percent(metrics[name]) for name in names]
+        return [dataset, label] + [percent(metrics[name]) if name in metrics else "-" for name in names]
 
     rows = []
     for dataset, entry in summary["datasets"].items():
         rows += [cells(dataset, name, metrics) for name, metrics in entry["classes"].items()]
-        rows.append(cells(dataset, "mean", entry["mean"]))
+        rows.append(cells(dataset, MEAN_ROW, entry["mean"]))
+        if "pooled" in entry:
+            rows.append(cells(dataset, POOLED_ROW, entry["pooled"]))
     rows.append(cells(ALL_CLASS_MEAN, "", summary[ALL_CLASS_MEAN]))
     rows.append(cells(ALL_DATASETS_MEAN, "", summary[ALL_DATASETS_MEAN]))
     return header, rows
+
+
+def summarize_modality_subsets(results: dict[str, dict[str, dict[str, dict[str, float]]]], subsets: list[str]) -> dict:
+    """The table of a model seen through subsets of the modalities (``evaluate.evaluate_modality_subsets``).
+
+    Args:
+      results: ``{dataset: {class: {subset: metrics}}}``, a subset absent where the class lacks one of its
+        modalities.
+      subsets: the subsets in table order.
+
+    Returns a JSON-ready dict; ``None`` where a class lacks a subset's modalities (n/a), and each dataset's mean
+    over the classes that have them::
+
+      {"metric_names": [...], "subsets": [...],
+       "datasets": {dataset: {"classes": {class: {subset: metrics or None}},
+                              "mean": {subset: {"num_classes": k, "metrics": metrics} or None}}}}
+    """
+    datasets = {}
+    for dataset, classes in results.items():
+        rows = {
+            name: {
+                subset: _metric_row(by_subset[subset], f"{dataset}/{name}/{subset}") if subset in by_subset else None
+                for subset in subsets
+            }
+            for name, by_subset in classes.items()
+        }
+        means = {}
+        for subset in subsets:
+            held = [row[subset] for row in rows.values() if row[subset] is not None]
+            means[subset] = {"num_classes": len(held), "metrics": _mean_row(held)} if held else None
+        datasets[dataset] = {"classes": rows, "mean": means}
+    return {"metric_names": list(METRIC_NAMES), "subsets": list(subsets), "datasets": datasets}
+
+
+def modality_subsets_markdown(summary: dict) -> str:
+    """``summarize_modality_subsets``'s table: a row per class or dataset mean and subset, metrics in percent."""
+    return markdown_table(*_modality_subsets_cells(summary))
+
+
+def modality_subsets_text(summary: dict) -> str:
+    """``modality_subsets_markdown``'s table for a console."""
+    return text_table(*_modality_subsets_cells(summary), name_columns=3)
+
+
+def _modality_subsets_cells(summary: dict) -> tuple[list[str], list[list[str]]]:
+    names = summary["metric_names"]
+    header = ["Dataset", "Class", "Modalities"] + [display_name(name) for name in names]
+
+    def cells(dataset, label, subset, metrics):
+        return [dataset, label, subset] + [percent(metrics[name]) if metrics else "n/a" for name in names]
+
+    rows = []
+    for dataset, entry in summary["datasets"].items():
+        for name, by_subset in entry["classes"].items():
+            rows += [cells(dataset, name, subset, metrics) for subset, metrics in by_subset.items()]
+        for subset, mean in entry["mean"].items():
+            held = f"{MEAN_ROW} ({mean['num_classes'] if mean else 0} of {len(entry['classes'])} classes)"
+            rows.append(cells(dataset, held, subset, mean and mean["metrics"]))
+    return header, rows
+
+
+def write_tables(record: dict, markdown: str, directory: epath.PathLike, name: str) -> epath.Path:
+    """`record` as `<name>.json` and `markdown` as `<name>.md` in `directory` (local or `gs://`); the JSON path."""
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(record, indent=1))
+    (directory / f"{name}.md").write_text(markdown)
+    return path
 
 
 def _paper_cells(comparison: dict[str, dict]) -> tuple[list[str], list[list[str]]]:

@@ -117,6 +117,16 @@ def max_modality_count(data_dir: str | Path, name: str, split: str) -> int:
     return max(len(types) for types in index.splits[split].modality_types)
 
 
+def class_modalities(data_dir: str | Path, name: str, split: str) -> dict[str, frozenset[str]]:
+    """`{class: the modalities every sample of the class has}` of `split` of prepared dataset `name`."""
+    _, index = _split_index(data_dir, name, split)
+    common: dict[str, frozenset[str]] = {}
+    split_index = index.splits[split]
+    for class_name, types in zip(split_index.class_names, split_index.modality_types):
+        common[class_name] = common.get(class_name, frozenset(types)) & frozenset(types)
+    return common
+
+
 def sample_counts(data_dir: str | Path) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
     """{dataset: {split: {class: {good, anomalous, modalities}}}} of data_dir."""
     counts = {}
