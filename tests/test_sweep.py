@@ -30,10 +30,20 @@ def test_paired_difference_of_hand_computable_values():
     assert stats["half_width"] == pytest.approx(T_975_2_DOF * 0.1 / np.sqrt(3))
 
 
-def _summary(values: dict[str, float]) -> dict:
+def _summary(values: dict[str, float], dataset: str = "synthetic") -> dict:
     """A one-dataset summary whose classes take `values` for every metric."""
-    results = {"synthetic": {name: {m: value for m in report.METRIC_NAMES} for name, value in values.items()}}
+    results = {dataset: {name: {m: value for m in report.METRIC_NAMES} for name, value in values.items()}}
     return report.summarize_metrics(results)
+
+
+def test_sweep_results_put_the_papers_value_beside_ours():
+    summaries = {s: _summary({"bagel": value, "tire": value}, "mvtec3d") for s, value in ((0, 0.9), (1, 0.8))}
+    for summary in summaries.values():
+        summary["paper"] = report.compare_with_paper(summary)
+    paper = sweep.sweep_results(summaries)["paper"]["MVTec 3D-AD"]
+    assert paper["ours_percent"]["mean"] == pytest.approx(85.0) and paper["ours_percent"]["n"] == 2
+    assert paper["paper_percent"] == 92.53 and paper["difference_points"] == pytest.approx(85.0 - 92.53)
+    assert "| MVTec 3D-AD | mvtec3d | I-AUROC | 85.00 ± " in report.sweep_markdown(sweep.sweep_results(summaries))
 
 
 def test_compared_results_pair_the_seeds():

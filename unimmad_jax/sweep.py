@@ -109,11 +109,11 @@ def _nested(rows: dict[tuple[str, str], dict], metric_names: list[str]) -> dict:
 
 def read_seed_summaries(workdir: epath.Path, seeds: Sequence[int]) -> dict[int, dict]:
     """`{seed: summary}` of `seed_<s>/eval/final.json` under `workdir`; a missing one is an error naming it."""
-    missing = [str(seed_directory(workdir, s) / SEED_RESULTS) for s in seeds]
-    missing = [path for path in missing if not epath.Path(path).exists()]
+    paths = {s: seed_directory(workdir, s) / SEED_RESULTS for s in seeds}
+    missing = [str(path) for path in paths.values() if not path.exists()]
     if missing:
-        raise FileNotFoundError(f"the sweep in {workdir} lacks the results of {missing}")
-    return {s: json.loads((seed_directory(workdir, s) / SEED_RESULTS).read_text()) for s in seeds}
+        raise FileNotFoundError(f"the sweep in {workdir} lacks the results {missing}")
+    return {s: json.loads(path.read_text()) for s, path in paths.items()}
 
 
 def sweep_results(summaries: dict[int, dict], where: str = "sweep") -> dict:
@@ -125,15 +125,15 @@ def sweep_results(summaries: dict[int, dict], where: str = "sweep") -> dict:
         "confidence": CONFIDENCE,
         **_nested(_over_seeds(summaries, where, interval), names),
     }
-    benchmarks = [set(summary.get("paper", {})) for summary in summaries.values()]
     paper = {}
-    for benchmark in sorted(set.intersection(*benchmarks), key=list(summaries[seeds[0]]["paper"]).index):
-        entries = [summary["paper"][benchmark] for summary in summaries.values()]
-        ours = interval([entry["ours_percent"] for entry in entries])
+    for benchmark, first in summaries[seeds[0]].get("paper", {}).items():
+        if not all(benchmark in summary.get("paper", {}) for summary in summaries.values()):
+            continue
+        ours = interval([summary["paper"][benchmark]["ours_percent"] for summary in summaries.values()])
         paper[benchmark] = {
-            **{k: entries[0][k] for k in ("datasets", "metric", "paper_percent", "source")},
+            **{k: first[k] for k in ("datasets", "metric", "paper_percent", "source")},
             "ours_percent": ours,
-            "difference_points": ours["mean"] - entries[0]["paper_percent"],
+            "difference_points": ours["mean"] - first["paper_percent"],
         }
     results["paper"] = paper
     return results
