@@ -185,15 +185,18 @@ def _summary_cells(summary: dict, cell=percent) -> tuple[list[str], list[list[st
     return header, rows
 
 
-def _paper_cells(comparison: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of text cells: each benchmark the paper reports, ours, the paper's and the difference."""
+def _paper_cells(
+    comparison: dict[str, dict], ours_cell=lambda ours: f"{ours:.2f}"
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of text cells: each benchmark the paper reports, ours (written by `ours_cell`), the paper's
+    and the difference."""
     header = ["Paper's benchmark", "Our datasets", "Metric", "Ours", "Paper", "Ours - paper"]
     rows = [
         [
             benchmark,
             ", ".join(entry["datasets"]),
             display_name(entry["metric"]),
-            f"{entry['ours_percent']:.2f}",
+            ours_cell(entry["ours_percent"]),
             f"{entry['paper_percent']:.2f}",
             f"{entry['difference_points']:+.2f}",
         ]
@@ -307,19 +310,8 @@ def sweep_markdown(results: dict) -> str:
     text += "\nStandard deviation over the seeds (ddof=1), in points:\n\n"
     text += markdown_table(*_summary_cells(results, lambda stats: percent(stats["sd"])))
     if results["paper"]:
-        header = ["Paper's benchmark", "Our datasets", "Metric", "Ours", "Paper", "Ours - paper"]
-        rows = [
-            [
-                benchmark,
-                ", ".join(entry["datasets"]),
-                display_name(entry["metric"]),
-                f"{entry['ours_percent']['mean']:.2f} ± {entry['ours_percent']['half_width']:.2f}",
-                f"{entry['paper_percent']:.2f}",
-                f"{entry['difference_points']:+.2f}",
-            ]
-            for benchmark, entry in results["paper"].items()
-        ]
-        text += f"\n{PAPER_TITLE}\n\n" + markdown_table(header, rows)
+        cells = _paper_cells(results["paper"], lambda ours: f"{ours['mean']:.2f} ± {ours['half_width']:.2f}")
+        text += f"\n{PAPER_TITLE}\n\n" + markdown_table(*cells)
     if "compared_with" in results:
         compared = results["compared_with"]
         text += (
