@@ -10,7 +10,7 @@ A seed whose `eval/final.json` exists is finished and never trained again.
 
 `sweep.compare_with=OTHER` (the workdir of a sweep of another config over the same seeds) adds the
 paired difference (this - other) of every metric over the seeds, with its interval: the two runs of
-a seed share their initial weights and data order, so the difference pairs them.
+a seed share their data order, so the difference pairs them.
 """
 
 from __future__ import annotations
