@@ -86,6 +86,12 @@ def default_config() -> ml_collections.ConfigDict:
     config.continual.replay_per_class = 0  # training samples of each earlier class drawn in the later tasks
     config.continual.joint = False  # also train one model on all tasks at once, for comparison
 
+    # `--mode=sweep` (unimmad_jax/sweep.py): the config trained once per seed, the metrics' means with their
+    # 95 % intervals; compare_with, the workdir of a sweep over the same seeds: the paired difference to it.
+    config.sweep = ml_collections.ConfigDict()
+    config.sweep.seeds = (0, 1, 2)
+    config.sweep.compare_with = ""
+
     config.calibrate = ml_collections.ConfigDict()
     config.calibrate.split = "validation"  # of each dataset; its train split's good images where it has none
     config.calibrate.good_quantile = 0.99  # the threshold when the calibration images are all good

@@ -6,6 +6,7 @@
     python -m unimmad_jax.main --config=configs/demo.py --workdir=runs/demo --mode=predict \\
         --config.predict.input=path/to/images
     python -m unimmad_jax.main --config=configs/continual_demo.py --workdir=runs/continual --mode=continual
+    python -m unimmad_jax.main --config=configs/demo.py --workdir=runs/sweep --mode=sweep --config.sweep.seeds='(0,1,2)'
 
 Any config field can be overridden, e.g. `--config.train.batch_size=32`.  Several processes (a TPU
 pod, one process per GPU, or CPU processes) run the same command; on clusters that JAX detects
@@ -26,8 +27,9 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "eval", "calibrate", "predict", "continual", "unified_vs_separate"],
-    "What to run; continual and unified_vs_separate train the task lists of config.continual (protocols.py).",
+    ["train", "eval", "calibrate", "predict", "continual", "unified_vs_separate", "sweep"],
+    "What to run; continual and unified_vs_separate train the task lists of config.continual (protocols.py), "
+    "sweep trains the config once per seed of config.sweep.seeds (sweep.py).",
 )
 flags.DEFINE_bool(
     "multihost",
@@ -44,7 +46,7 @@ FLAGS = flags.FLAGS
 
 def run(argv) -> int:
     del argv
-    from unimmad_jax import calibrate, checkpoints, evaluate, loop, predict, protocols, report, sharding, weights
+    from unimmad_jax import calibrate, checkpoints, evaluate, loop, predict, protocols, report, sharding, sweep, weights
     from unimmad_jax.config import model_config
     from unimmad_jax.data import InvalidDataError, ensure_prepared
     from unimmad_jax.models.unimmad import UniMMAD
@@ -63,6 +65,9 @@ def run(argv) -> int:
             return 0
         if FLAGS.mode == "unified_vs_separate":
             protocols.run_unified_vs_separate(config, workdir)
+            return 0
+        if FLAGS.mode == "sweep":
+            sweep.run_sweep(config, workdir)
             return 0
         mesh = sharding.data_mesh()
         variables = weights.evaluated_variables(config, workdir, mesh)

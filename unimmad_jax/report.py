@@ -171,13 +171,14 @@ def write_summary(summary: dict, directory: epath.PathLike, name: str) -> epath.
     return write_tables(summary, summary_markdown(summary), directory, name)
 
 
-def _summary_cells(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of text cells: each class, each dataset's mean and pooled metrics, then both overall means."""
+def _summary_cells(summary: dict, cell=percent) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of text cells: each class, each dataset's mean and pooled metrics, then both overall
+    means; `cell` writes a metric's value (a sweep's: its statistics)."""
     names = summary["metric_names"]
     header = ["Dataset", "Class"] + [display_name(name) for name in names]
 
     def cells(dataset, label, metrics):
-        return [dataset, label] + [percent(metrics[name]) if name in metrics else "-" for name in names]
+        return [dataset, label] + [cell(metrics[name]) if name in metrics else "-" for name in names]
 
     rows = []
     for dataset, entry in summary["datasets"].items():
@@ -259,15 +260,18 @@ def write_tables(record: dict, markdown: str, directory: epath.PathLike, name: s
     return path
 
 
-def _paper_cells(comparison: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of text cells: each benchmark the paper reports, ours, the paper's and the difference."""
+def _paper_cells(
+    comparison: dict[str, dict], ours_cell=lambda ours: f"{ours:.2f}"
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of text cells: each benchmark the paper reports, ours (written by `ours_cell`), the paper's
+    and the difference."""
     header = ["Paper's benchmark", "Our datasets", "Metric", "Ours", "Paper", "Ours - paper"]
     rows = [
         [
             benchmark,
             ", ".join(entry["datasets"]),
             display_name(entry["metric"]),
-            f"{entry['ours_percent']:.2f}",
+            ours_cell(entry["ours_percent"]),
             f"{entry['paper_percent']:.2f}",
             f"{entry['difference_points']:+.2f}",
         ]
@@ -361,3 +365,38 @@ def unified_vs_separate_markdown(results: dict) -> str:
             cells += [percent(row[m]["unified"]), percent(row[m]["separate"]), f"{100 * row[m]['difference']:+.2f}"]
         rows.append(cells)
     return markdown_table(header, rows)
+
+
+# ----------------------------------------------------------------------------
+# Seed sweeps
+# ----------------------------------------------------------------------------
+
+
+def sweep_markdown(results: dict) -> str:
+    """A seed sweep's tables (`unimmad_jax.sweep`), in percent: the mean over the seeds with its 95 % interval's
+    half-width, the standard deviations, the paper's values beside ours and the paired difference to another sweep."""
+    seeds = ", ".join(map(str, results["seeds"]))
+    n = len(results["seeds"])
+    confidence = f"{100 * results['confidence']:g} %"
+    text = (
+        f"Over {n} seeds ({seeds}): mean ± half-width of the {confidence} confidence interval (Student t, "
+        f"{n - 1} degrees of freedom), in percent.\n\n" + markdown_table(*_summary_cells(results, _mean_and_half_width))
+    )
+    text += "\nStandard deviation over the seeds (ddof=1), in points:\n\n"
+    text += markdown_table(*_summary_cells(results, lambda stats: percent(stats["sd"])))
+    if results["paper"]:
+        cells = _paper_cells(results["paper"], lambda ours: f"{ours['mean']:.2f} ± {ours['half_width']:.2f}")
+        text += f"\n{PAPER_TITLE}\n\n" + markdown_table(*cells)
+    if "compared_with" in results:
+        compared = results["compared_with"]
+        text += (
+            f"\nPaired difference, this sweep - {compared['directory']}, seed by seed: mean ± half-width of its "
+            f"{confidence} confidence interval, in points:\n\n"
+            + markdown_table(*_summary_cells(compared, lambda stats: _mean_and_half_width(stats, signed=True)))
+        )
+    return text
+
+
+def _mean_and_half_width(stats: dict, signed: bool = False) -> str:
+    mean = f"{100 * stats['mean']:+.2f}" if signed else percent(stats["mean"])
+    return f"{mean} ± {percent(stats['half_width'])}"
