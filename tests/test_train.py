@@ -74,7 +74,7 @@ def test_a_run_reports_its_start_profiles_its_steps_and_caches_its_compiles(synt
     out = run_main(workdir, synthetic_data_dir, **fields)
     config = json.loads((workdir / "config.json").read_text())
     assert config["train"]["profile_steps"] == [1, 3] and config["data"]["data_dir"] == str(synthetic_data_dir)
-    assert re.search(r"1 devices \(.*\) in 1 process\(es\), mesh \{'data': 1\}, 8 images per device of 8", out)
+    assert "devices: 1 cpu, processes: 1, mesh: {'data': 1}, batch: 8 (8 per device)" in out
     assert re.search(r"parameters: [\d,]+ trained, [\d,]+ frozen \(prior\)", out)
     assert re.search(r"train step: compiled in [\d.]+ s, [\d.]+ GFLOP per image", out)
     assert len(list((workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))) == 1

@@ -224,8 +224,8 @@ def start_up_report(run: TrainRun, state: TrainState) -> dict:
     if sharding.is_main_process():
         (run.workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         print(
-            f"{facts['devices']} devices ({facts['device_kind']}) in {facts['processes']} process(es), mesh "
-            f"{facts['mesh']}, {batch_per_device} images per device of {config.train.batch_size}\n"
+            f"devices: {facts['devices']} {facts['device_kind']}, processes: {facts['processes']}, mesh: "
+            f"{facts['mesh']}, batch: {config.train.batch_size} ({batch_per_device} per device)\n"
             f"parameters: {facts['trained_parameters']:,} trained, {facts['frozen_parameters']:,} frozen "
             f"({', '.join(FROZEN)})\ntrain step: compiled in {compile_s:.1f} s, "
             f"{facts['train_step_flops_per_image'] / 1e9:.3g} GFLOP per image\n"

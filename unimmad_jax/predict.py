@@ -43,10 +43,9 @@ ERROR_COLUMNS = ("path", "error")
 
 @dataclasses.dataclass(frozen=True)
 class Predictions:
-    """Where a prediction's files went, and how many inputs were scored and could not be read."""
+    """Where a prediction's files went, and how many of its inputs could not be read."""
 
     out_dir: epath.Path
-    scored: int
     failed: int
 
 
@@ -69,19 +68,19 @@ def folder_batches(
         first = start + jax.process_index() * batch_size
         chunk = files[first : first + batch_size]
         images = np.zeros((batch_size, num_slots, image_size, image_size, 3), np.float32)
-        errors = np.full(batch_size, "", dtype=object)
+        errors = [""] * batch_size
         for row, path in enumerate(chunk):
             try:
                 images[row, 0] = load_modality(path, modality_type, image_size)
             except InvalidDataError as error:
                 errors[row] = str(error)
-        valid = (np.arange(batch_size) < len(chunk)) & (errors == "")
+        valid = (np.arange(batch_size) < len(chunk)) & (np.asarray(errors) == "")
         yield {
             "specific_images": images,
             "modality_mask": (np.arange(num_slots) == 0)[None] & valid[:, None],
             "valid": valid,
             "path": np.array([str(p) for p in chunk] + [""] * (batch_size - len(chunk))),
-            "error": errors.astype(str),
+            "error": np.asarray(errors),
             "label": np.full(batch_size, -1, np.int32),
             "class_name": np.full(batch_size, ""),
             "modality_types": np.full(batch_size, modality_type),
@@ -199,7 +198,7 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
             f"none of the {len(errors)} images of config.predict.input={source} could be read "
             f"(each one's error: {out_dir / 'errors.csv'}); the first: {errors[0]['error']}"
         )
-    return Predictions(out_dir=out_dir, scored=len(rows), failed=len(errors))
+    return Predictions(out_dir=out_dir, failed=len(errors))
 
 
 def _write(out_dir: epath.Path, rows: list[dict], overlays: list[tuple], errors: list[dict]) -> None:
