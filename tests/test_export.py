@@ -3,6 +3,7 @@ model served in a fresh process giving the in-framework results."""
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,11 +11,12 @@ import jax
 import numpy as np
 import PIL.Image
 import pytest
-from helpers import REPO, load_config, run_main, subprocess_env
+from helpers import REPO, load_config, main_command, run_main, subprocess_env
 from jax.sharding import Mesh
 
 from unimmad_jax import calibrate, evaluate, export, predict, serving, sharding, weights
 from unimmad_jax.config import model_config
+from unimmad_jax.data import InvalidDataError
 from unimmad_jax.data.prepared import open_split
 from unimmad_jax.models.unimmad import UniMMAD
 
@@ -164,6 +166,38 @@ def test_served_rows_are_predict_rows(workdir, synthetic_data_dir, images, model
         assert float(a["threshold"]) == float(b["threshold"])
         assert float(a["image_score"]) == pytest.approx(float(b["image_score"]), abs=TOLERANCE)
         assert float(a["normalized_score"]) == pytest.approx(float(b["normalized_score"]), abs=TOLERANCE * slope)
+
+
+def test_predict_lists_unreadable_images_and_scores_the_others(workdir, synthetic_data_dir, images, tmp_path):
+    """A truncated image among a folder's: the others scored, it listed in errors.csv, exit status 3; a folder
+    of unreadable images alone: errors.csv and exit status 2."""
+    folder = tmp_path / "with_truncated"
+    shutil.copytree(images, folder)
+    truncated = folder / "scan_4_truncated.png"
+    truncated.write_bytes((images / "scan_4.png").read_bytes()[:200])  # an upload cut short
+    fields = {"predict.input": folder, "predict.class_name": SCAN, "predict.batch_size": 4}
+    result = subprocess.run(
+        main_command(workdir, synthetic_data_dir, "--mode=predict", **fields),
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
+    out = workdir / "predictions" / folder.name
+    scored = sorted(row["path"] for row in read_csv(out / "scores.csv"))
+    assert scored == sorted(str(folder / p.name) for p in images.iterdir())
+    errors = read_csv(out / "errors.csv")
+    assert [row["path"] for row in errors] == [str(truncated)]
+    assert "Corrupt or unreadable image" in errors[0]["error"]
+    assert "1 images could not be read" in result.stdout
+
+    config = load_config("tiny")
+    config.data.data_dir = str(synthetic_data_dir)
+    config.predict.input = str(tmp_path / "unreadable")
+    (tmp_path / "unreadable").mkdir()
+    shutil.copy(truncated, tmp_path / "unreadable")
+    variables = weights.evaluated_variables(config, workdir, sharding.data_mesh())
+    with pytest.raises(InvalidDataError, match="none of the 1 images of config.predict.input="):
+        predict.predict(UniMMAD(model_config(config)), variables, config, workdir)
+    assert len(read_csv(workdir / "predictions" / "unreadable" / "errors.csv")) == 1
 
 
 def test_serving_takes_the_class_statistics_or_the_dataset_level_ones(model_dir, images, tmp_path, capsys):

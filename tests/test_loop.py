@@ -2,11 +2,13 @@
 
 import dataclasses
 import json
+import logging
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import load_config
 from jax.experimental import io_callback
 from jax.sharding import Mesh
@@ -21,7 +23,7 @@ RELEASE_TIMEOUT_S = 15
 Under XLA's CPU collectives' 40 s limit, past which the other devices' rendezvous aborts the process."""
 
 
-def test_steady_state_steps_never_wait(synthetic_data_dir, tmp_path):
+def test_steady_state_steps_never_wait(synthetic_data_dir, tmp_path, caplog):
     """An epoch of the real loop on 4 devices, its first step held on the device until the last is dispatched.
 
     The epoch's initial state comes from a host callback that blocks until the test releases it, when
@@ -81,7 +83,13 @@ def test_steady_state_steps_never_wait(synthetic_data_dir, tmp_path):
         sharding.replicated(mesh),
     )
     batches = loop.device_batches(run, config.train.prefetch_batches)
-    state, step = loop.train_epoch(run, state, 0, batches)  # compiles the step
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        facts = loop.start_up_report(run, state)  # compiles the step, which the loop then reuses
+        state, step = loop.train_epoch(run, state, 0, batches)
+    assert sum("Finished XLA compilation of jit(train_step)" in r.getMessage() for r in caplog.records) == 1
+    assert facts["batch_per_device"] == 2 and facts["mesh"] == {sharding.DATA_AXIS: 4}
+    assert min(facts["trained_parameters"], facts["frozen_parameters"], facts["train_step_flops_per_image"]) > 0
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(config.to_dict()))
     state = held(state)
     with jax.transfer_guard("disallow"):
         state, step = loop.train_epoch(dataclasses.replace(run, step_fn=held_step_fn), state, step, batches)
@@ -89,5 +97,12 @@ def test_steady_state_steps_never_wait(synthetic_data_dir, tmp_path):
     assert timed_out == [False], "a steady-state step waited for the device"
     assert len(calls) == loader.steps_per_epoch
     assert step == 2 * loader.steps_per_epoch and int(state.step) == step
-    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert logged == [loader.steps_per_epoch, 2 * loader.steps_per_epoch]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in logged] == [loader.steps_per_epoch, 2 * loader.steps_per_epoch]
+    assert all(0 <= line["train/input_wait_fraction"] < 1 for line in logged)
+
+
+@pytest.mark.parametrize("steps", [(3, 1), (2, 2), (-1, 4), (1, 2, 3)])
+def test_profile_steps_must_be_a_window(steps):
+    with pytest.raises(ValueError, match=r"train.profile_steps=.* is not \(START, STOP\)"):
+        loop.StepProfiler(steps)

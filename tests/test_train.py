@@ -2,6 +2,7 @@
 
 import functools
 import json
+import re
 import shutil
 
 import jax
@@ -69,6 +70,23 @@ def test_train_eval_predict_write_their_files(trained_workdir, synthetic_data_di
     rows = (predictions / "scores.csv").read_text().splitlines()
     assert rows[0] == "path,class,label,image_score,normalized_score,decision,threshold" and len(rows) == 1 + 48
     assert len(list((predictions / "overlays").glob("*.png"))) == 5
+
+
+def test_a_run_reports_its_start_profiles_its_steps_and_caches_its_compiles(synthetic_data_dir, tmp_path):
+    """One epoch through the command line, with `train.profile_steps` and `compilation_cache_dir`."""
+    workdir, cache = tmp_path / "run", tmp_path / "compilation_cache"
+    fields = {"train.num_epochs": 1, "train.profile_steps": "(1,3)", "compilation_cache_dir": cache}
+    out = run_main(workdir, synthetic_data_dir, **fields)
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["train"]["profile_steps"] == [1, 3] and config["data"]["data_dir"] == str(synthetic_data_dir)
+    assert "devices: 1 cpu, processes: 1, mesh: {'data': 1}, batch: 8 (8 per device)" in out
+    assert re.search(r"parameters: [\d,]+ trained, [\d,]+ frozen \(prior\)", out)
+    assert re.search(r"train step: compiled in [\d.]+ s, [\d.]+ GFLOP per image", out)
+    assert len(list((workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))) == 1
+    assert len(list(cache.iterdir())) > 1
+    lines = list(map(json.loads, (workdir / "metrics.jsonl").open()))
+    fractions = [line["train/input_wait_fraction"] for line in lines if "train/input_wait_fraction" in line]
+    assert len(fractions) == 96 // 8 // 5 + 1 and all(0 <= f < 1 for f in fractions)
 
 
 def test_killed_run_resumes_to_the_same_parameters(trained_workdir, synthetic_data_dir, tmp_path):

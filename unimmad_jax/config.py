@@ -20,6 +20,8 @@ def default_config() -> ml_collections.ConfigDict:
     """The paper's model and training recipe (docs/model.md#training-recipe) on the built-in synthetic data."""
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # JAX's persistent compilation cache (local or gs://; empty: off): README, "Seeing into a run".
+    config.compilation_cache_dir = ""
     config.image_size = 256
     image_size = config.get_ref("image_size")
 
@@ -54,6 +56,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every_epochs = 1
     config.train.keep_checkpoints = 3
     config.train.best_metric = "All_Datasets_Mean/i_auroc"
+    # (START, STOP): a jax.profiler trace of the steps from START steps done to STOP, for TensorBoard's
+    # profile plugin (WORKDIR/tensorboard/plugins/profile); empty: none.
+    config.train.profile_steps = ()
     # The frozen prior of a fresh run (unimmad_jax/pretrained.py): "imagenet" (the paper's, from the Hugging
     # Face Hub, cached), "random", or a path: a WideResNet-50-2 .safetensors/.pth or a `convert prior` folder.
     config.train.prior = "imagenet"

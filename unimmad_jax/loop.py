@@ -27,9 +27,10 @@ from tqdm import tqdm
 from unimmad_jax import calibrate, checkpoints, evaluate, report, sharding, weights
 from unimmad_jax.config import loss_config, model_config
 from unimmad_jax.data import TrainLoader, ensure_prepared, train_loader
-from unimmad_jax.models.unimmad import UniMMAD
+from unimmad_jax.models.unimmad import FROZEN, UniMMAD
 from unimmad_jax.train import (
     TrainState,
+    abstract_batch,
     abstract_train_state,
     create_train_state,
     learning_rate_schedule,
@@ -63,6 +64,66 @@ class Logger:
             self.lines.close()
 
 
+class WindowTimer:
+    """Images/s and the fraction of wall time blocked on the next batch (`input_wait_fraction`), over a
+    logging window: from the epoch's start or the last logging step.  Host clocks only: nothing waits
+    for the device."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.waited, self.images = time.perf_counter(), 0.0, 0
+
+    def next_batch(self, batches: Iterator, images: int):
+        start = time.perf_counter()
+        batch = next(batches)
+        self.waited += time.perf_counter() - start
+        self.images += images
+        return batch
+
+    def read(self) -> dict[str, float]:
+        """The window's rates, and a new window."""
+        elapsed = time.perf_counter() - self.start
+        rates = {"images_per_s": self.images / elapsed, "input_wait_fraction": self.waited / elapsed}
+        self.restart()
+        return rates
+
+
+@dataclasses.dataclass
+class StepProfiler:
+    """A `jax.profiler` trace of the train steps `steps` = (START, STOP) (`train.profile_steps`; empty: none),
+    from the step after START steps to the one that completes STOP, in `logdir/plugins/profile/<run>/`
+    where TensorBoard's profile plugin finds it.  Process 0 traces; a run resumed past START does not."""
+
+    steps: tuple[int, ...] = ()
+    logdir: str = ""
+    tracing: bool = False
+
+    def __post_init__(self):
+        self.steps = tuple(self.steps)
+        if self.steps and not (len(self.steps) == 2 and 0 <= self.steps[0] < self.steps[1]):
+            raise ValueError(f"train.profile_steps={self.steps} is not (START, STOP) with 0 <= START < STOP")
+
+    def before_step(self, step: int) -> None:
+        """Before the step that starts after `step` steps."""
+        if self.steps and step == self.steps[0] and sharding.is_main_process():
+            jax.profiler.start_trace(self.logdir)
+            self.tracing = True
+
+    def after_step(self, step: int, state: TrainState) -> None:
+        """After the step that completes `step` steps."""
+        if self.tracing and step == self.steps[1]:
+            self.stop(state)
+
+    def stop(self, state: TrainState) -> None:
+        if self.tracing:
+            jax.block_until_ready(state)  # the traced steps' device work, which runs behind the host
+            jax.profiler.stop_trace()
+            self.tracing = False
+            print(f"\nwrote the profile of steps {self.steps} to {self.logdir}/plugins/profile")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainRun:
     """What every epoch of one training run uses."""
@@ -75,6 +136,7 @@ class TrainRun:
     schedule: optax.Schedule
     logger: Logger
     workdir: epath.Path
+    profiler: StepProfiler = dataclasses.field(default_factory=StepProfiler)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -101,18 +163,21 @@ def train_epoch(run: TrainRun, state: TrainState, step: int, batches: Iterator) 
         dynamic_ncols=True,
     )
     epoch_array = jax.device_put(np.int32(epoch), sharding.replicated(run.mesh))
-    start, images = time.perf_counter(), 0
+    timer = WindowTimer()
     for _ in bar:
-        state, step_metrics = run.step_fn(state, next(batches), epoch_array)
+        run.profiler.before_step(step)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            batch = timer.next_batch(batches, config.train.batch_size)
+            state, step_metrics = run.step_fn(state, batch, epoch_array)
         step += 1
-        images += config.train.batch_size
+        run.profiler.after_step(step, state)
         if step % config.train.log_every_steps == 0 or step % run.steps_per_epoch == 0:
             # Logging steps are the loop's only sync point: they read the metrics and evaluate the
             # schedule on the device on purpose, even under a `jax.transfer_guard` of the caller.
             with jax.transfer_guard("allow"):
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 values["learning_rate"] = float(run.schedule(step - 1))
-            values["images_per_s"] = images / (time.perf_counter() - start)
+            values.update(timer.read())
             if not np.isfinite(values["loss"]):
                 raise FloatingPointError(f"the loss is {values['loss']} at step {step} (epoch {epoch + 1})")
             # Each process's own log (absl, shown with --verbosity=0): every process holds the same values.
@@ -121,9 +186,53 @@ def train_epoch(run: TrainRun, state: TrainState, step: int, batches: Iterator) 
                 loss=f"{values['loss']:.4f}",
                 lr=f"{values['learning_rate']:.2e}",
                 img_s=f"{values['images_per_s']:.1f}",
+                input_wait=f"{values['input_wait_fraction']:.0%}",
             )
             run.logger.scalars(step, {f"train/{k}": v for k, v in values.items()})
     return state, step
+
+
+def start_up_report(run: TrainRun, state: TrainState) -> dict:
+    """Compile the train step ahead of the first batch and say what the run runs: devices, mesh, batch per
+    device, parameters (trained, and frozen: `models.unimmad.FROZEN`) and XLA's count of the compiled step's
+    FLOPs per image (a device's step over its share of the batch, every slot filled).
+
+    The jitted step reuses this compile.  Every process compiles; process 0 prints the report and writes
+    the resolved config to `config.json` in the workdir (readable without orbax).
+    """
+    config, mesh = run.config, run.mesh
+    epoch = jax.ShapeDtypeStruct((), np.int32, sharding=sharding.replicated(mesh))
+    start = time.perf_counter()
+    # Lowering reads the state's shapes, dtypes and shardings only, and keeps its optimizer (a static field).
+    compiled = run.step_fn.lower(state, abstract_batch(config, mesh, config.train.batch_size), epoch).compile()
+    compile_s = time.perf_counter() - start
+    batch_per_device = config.train.batch_size // mesh.devices.size
+    parameters = collections.Counter()
+    for name, tree in state.params.items():
+        parameters["frozen" if name in FROZEN else "trained"] += sum(a.size for a in jax.tree_util.tree_leaves(tree))
+    facts = {
+        "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "processes": jax.process_count(),
+        "mesh": dict(mesh.shape),
+        "batch_per_device": batch_per_device,
+        "trained_parameters": parameters["trained"],
+        "frozen_parameters": parameters["frozen"],
+        "train_step_flops_per_image": float((compiled.cost_analysis() or {}).get("flops", np.nan)) / batch_per_device,
+        "train_step_compile_s": compile_s,
+    }
+    if sharding.is_main_process():
+        (run.workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        print(
+            f"devices: {facts['devices']} {facts['device_kind']}, processes: {facts['processes']}, mesh: "
+            f"{facts['mesh']}, batch: {config.train.batch_size} ({batch_per_device} per device)\n"
+            f"parameters: {facts['trained_parameters']:,} trained, {facts['frozen_parameters']:,} frozen "
+            f"({', '.join(FROZEN)})\ntrain step: compiled in {compile_s:.1f} s, "
+            f"{facts['train_step_flops_per_image'] / 1e9:.3g} GFLOP per image\n"
+            f"config: {run.workdir / 'config.json'}"
+        )
+        logging.info("start-up: %s", json.dumps(facts))
+    return facts
 
 
 def run_evaluation(run: TrainRun, state: TrainState, step: int) -> dict:
@@ -218,7 +327,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         schedule=learning_rate_schedule(config, loader.steps_per_epoch),
         logger=Logger(workdir),
         workdir=workdir,
+        profiler=StepProfiler(config.train.profile_steps, str(workdir / "tensorboard")),
     )
+    start_up_report(run, state)
     loader.seek(step)
     batches = device_batches(run, config.train.prefetch_batches)
     total = config.train.num_epochs * run.steps_per_epoch
@@ -231,6 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             summary = run_evaluation(run, state, step)
         if epoch % config.train.checkpoint_every_epochs == 0 or final:
             _save(run, manager, state, step, summary)
+    run.profiler.stop(state)
     manager.wait_until_finished()
     manager.close()
     run.logger.close()

@@ -42,6 +42,18 @@ flags.DEFINE_integer("num_processes", None, "Processes of the run (with --coordi
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).", lower_bound=0)
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
 FLAGS = flags.FLAGS
+SOME_INPUTS_FAILED = 3
+"""The exit status of a prediction that scored some of its inputs and could not read the others."""
+
+
+def use_compilation_cache(directory: str) -> None:
+    """JAX's persistent compilation cache in `directory` for every compile of this process (JAX's defaults
+    skip compiles under a second); process 0 writes the entries, every process reads them."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def run(argv) -> int:
@@ -54,6 +66,8 @@ def run(argv) -> int:
     if not FLAGS["verbosity"].present:  # orbax and grain log every checkpoint step at INFO
         logging.set_verbosity(logging.WARNING)
     config = FLAGS.config
+    if config.compilation_cache_dir:
+        use_compilation_cache(config.compilation_cache_dir)
     sharding.initialize_distributed(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     workdir = checkpoints.workdir_path(FLAGS.workdir)
     try:
@@ -93,8 +107,8 @@ def run(argv) -> int:
             latest = checkpoints.latest_record(workdir)  # None: the variables of train.init_from
             step = latest[0] if latest else None
             calibrate.calibrate_workdir(model, variables, config, workdir, mesh, step)
-        else:
-            predict.predict(model, variables, config, workdir)
+        elif predict.predict(model, variables, config, workdir).failed:
+            return SOME_INPUTS_FAILED
     except (InvalidDataError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

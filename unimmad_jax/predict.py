@@ -8,8 +8,9 @@ contour).  Decisions and normalised scores and maps use the workdir's calibratio
 `config.predict.threshold` / `.sensitivity` override the thresholds.  Results go to
 `<workdir>/predictions/<input name>/` (local or `gs://`): `scores.csv` and `scores.json` (columns
 `COLUMNS`) and `overlays/*.png` (the normalised map on the fixed scale [0, 1], the threshold's
-contour, and the ground truth's when known).  Each process reads and runs its share of every
-batch; process 0 gathers the results and writes them, every image once.
+contour, and the ground truth's when known).  A folder's image that cannot be read is listed in
+`errors.csv` (columns `ERROR_COLUMNS`) and the others are scored.  Each process reads and runs its
+share of every batch; process 0 gathers the results and writes them, every image once.
 """
 
 from __future__ import annotations
@@ -33,9 +34,19 @@ from unimmad_jax import calibrate, checkpoints, evaluate, sharding  # noqa: E402
 from unimmad_jax.config import eval_datasets  # noqa: E402
 from unimmad_jax.data import InvalidDataError, eval_loader, load_modality  # noqa: E402
 from unimmad_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from unimmad_jax.data.schema import DEPTH_TYPES  # noqa: E402
+from unimmad_jax.data.schema import DEPTH_TYPES, MODALITY_TYPES  # noqa: E402
 from unimmad_jax.models.unimmad import UniMMAD  # noqa: E402
 from unimmad_jax.serving import COLUMNS, IMAGE_SUFFIXES  # noqa: E402  (serving's loader writes the same rows)
+
+ERROR_COLUMNS = ("path", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """Where a prediction's files went, and how many of its inputs could not be read."""
+
+    out_dir: epath.Path
+    failed: int
 
 
 def folder_batches(
@@ -45,23 +56,31 @@ def folder_batches(
 
     Global batch k holds files [k * G, (k + 1) * G), G = batch_size * process count, and process p
     reads its p-th block of batch_size rows; rows past the last file are padding (`valid` False).
+    A file that cannot be read is a row with `valid` False and its message in `error`.
     """
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InvalidDataError(f"config.predict.input={folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    if modality_type not in MODALITY_TYPES:
+        raise InvalidDataError(f"config.predict.modality_type={modality_type!r} is not one of {MODALITY_TYPES}")
     global_batch_size = batch_size * jax.process_count()
     for start in range(0, len(files), global_batch_size):
         first = start + jax.process_index() * batch_size
         chunk = files[first : first + batch_size]
         images = np.zeros((batch_size, num_slots, image_size, image_size, 3), np.float32)
+        errors = [""] * batch_size
         for row, path in enumerate(chunk):
-            images[row, 0] = load_modality(path, modality_type, image_size)
-        valid = np.arange(batch_size) < len(chunk)
+            try:
+                images[row, 0] = load_modality(path, modality_type, image_size)
+            except InvalidDataError as error:
+                errors[row] = str(error)
+        valid = (np.arange(batch_size) < len(chunk)) & (np.asarray(errors) == "")
         yield {
             "specific_images": images,
             "modality_mask": (np.arange(num_slots) == 0)[None] & valid[:, None],
             "valid": valid,
             "path": np.array([str(p) for p in chunk] + [""] * (batch_size - len(chunk))),
+            "error": np.asarray(errors),
             "label": np.full(batch_size, -1, np.int32),
             "class_name": np.full(batch_size, ""),
             "modality_types": np.full(batch_size, modality_type),
@@ -104,8 +123,9 @@ def save_overlay(
 def _gathered_rows(batch: dict, out: dict, with_overlays: bool) -> dict[str, np.ndarray]:
     """All processes' rows of a batch, on every process; the overlay inputs only `with_overlays`."""
     columns = sharding.gather({"image_score": out["image_score"], "label": batch["label"], "valid": batch["valid"]})
-    for key in ("path", "class_name"):
-        columns[key] = sharding.gather_text(batch[key])
+    for key in ("path", "class_name", "error"):
+        if key in batch:
+            columns[key] = sharding.gather_text(batch[key])
     if with_overlays:
         columns.update(sharding.gather({"anomaly_map": out["anomaly_map"], "image": batch["specific_images"][:, 0]}))
         columns["modality_type"] = sharding.gather_text([types.split(",")[0] for types in batch["modality_types"]])
@@ -114,8 +134,11 @@ def _gathered_rows(batch: dict, out: dict, with_overlays: bool) -> dict[str, np.
     return columns
 
 
-def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, workdir: epath.PathLike) -> epath.Path:
-    """Score every image of `config.predict.input`; returns the output folder."""
+def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, workdir: epath.PathLike) -> Predictions:
+    """Score every image of `config.predict.input`.
+
+    Raises `InvalidDataError` when none of a folder's images can be read (after writing `errors.csv`).
+    """
     source = config.predict.input
     if not source:
         raise ValueError("config.predict.input is empty: give a folder of images or <dataset>:<split>")
@@ -138,12 +161,15 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
     statistics = _statistics_lookup(config, workdir, None if folder.is_dir() else dataset)
 
     score_fn = evaluate.make_score_fn(model, mesh)
-    rows, overlays = [], []
+    rows, overlays, errors = [], [], []
     for batch in tqdm(batches, desc=f"predict {name}", disable=not (main_process and config.predict.max_overlays)):
         inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
         out = score_fn(variables, inputs["specific_images"], inputs["modality_mask"])
         # Every process holds the same rows, so all agree on whether to gather the overlay inputs.
         columns = _gathered_rows(batch, out, with_overlays=len(overlays) < config.predict.max_overlays)
+        if "error" in columns:
+            unread = np.flatnonzero(columns["error"] != "")
+            errors += [{"path": str(columns["path"][row]), "error": str(columns["error"][row])} for row in unread]
         for row in np.flatnonzero(columns["valid"]):
             class_name = str(columns["class_name"][row]) or config.predict.class_name
             stats = statistics(class_name)
@@ -165,13 +191,23 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
                     calibrate.normalize(columns["anomaly_map"][row], *dataclasses.astuple(stats))
                 )
                 overlays.append((image, normalized_map, gt))
-    if not main_process:
-        return out_dir
+    if main_process:
+        _write(out_dir, rows, overlays, errors)
+    if errors and not rows:
+        raise InvalidDataError(
+            f"none of the {len(errors)} images of config.predict.input={source} could be read "
+            f"(each one's error: {out_dir / 'errors.csv'}); the first: {errors[0]['error']}"
+        )
+    return Predictions(out_dir=out_dir, failed=len(errors))
+
+
+def _write(out_dir: epath.Path, rows: list[dict], overlays: list[tuple], errors: list[dict]) -> None:
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
-    with (out_dir / "scores.csv").open("w") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    for name, columns, records in (("scores.csv", COLUMNS, rows), ("errors.csv", ERROR_COLUMNS, errors)):
+        with (out_dir / name).open("w") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(records)
     (out_dir / "scores.json").write_text(json.dumps(rows, indent=1))
     for index, (image, normalized_map, gt) in enumerate(overlays):
         name = epath.Path(rows[index]["path"]).with_suffix("").as_posix().strip("/").replace("/", "_")
@@ -179,7 +215,8 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
     print(
         f"wrote {len(rows)} scores to {out_dir / 'scores.csv'} and {len(overlays)} overlays to {out_dir / 'overlays'}"
     )
-    return out_dir
+    if errors:
+        print(f"{len(errors)} images could not be read, each listed with its error in {out_dir / 'errors.csv'}")
 
 
 def _statistics_lookup(config: ml_collections.ConfigDict, workdir: epath.PathLike, dataset: str | None):

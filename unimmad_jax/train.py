@@ -109,6 +109,17 @@ def train_step(
     return state.apply_gradients(grads, batch_stats), {"loss": loss, **parts}
 
 
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes, dtypes and shardings of a train step's batch (`sharding.DEVICE_KEYS`), every slot filled."""
+    split = sharding.batch_split(mesh)
+    size, slots = config.image_size, config.data.num_slots
+    return {
+        "specific_images": jax.ShapeDtypeStruct((global_batch, slots, size, size, 3), jnp.float32, sharding=split),
+        "modality_mask": jax.ShapeDtypeStruct((global_batch, slots), jnp.bool_, sharding=split),
+        "loss_weight": jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=split),
+    }
+
+
 def make_train_step(model: UniMMAD, loss_cfg: LossConfig, mesh: Mesh, placement: TrainState | None = None):
     """`train_step` compiled for the mesh: the state placed as `placement` says (`sharding.state_sharding`;
     None: replicated), the batch split over the devices."""

@@ -201,23 +201,14 @@ def abstract_inputs(config, mode: str, mesh, model, global_batch: int):
     from unimmad_jax import sharding, train
     from unimmad_jax.models.unimmad import abstract_variables
 
-    replicated, split = sharding.replicated(mesh), sharding.batch_split(mesh)
-    size, slots = config.image_size, config.data.num_slots
-
-    def shard(tree, where):
-        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), tree)
-
-    images = jax.ShapeDtypeStruct((global_batch, slots, size, size, 3), jnp.float32, sharding=split)
-    mask = jax.ShapeDtypeStruct((global_batch, slots), jnp.bool_, sharding=split)
+    replicated = sharding.replicated(mesh)
+    batch = train.abstract_batch(config, mesh, global_batch)
     if mode == "eval":
-        return shard(abstract_variables(model.config, slots), replicated), images, mask
+        variables = abstract_variables(model.config, config.data.num_slots)
+        variables = sharding.placed(variables, sharding.state_sharding(variables, mesh, fsdp=False))
+        return variables, batch["specific_images"], batch["modality_mask"]
     abstract = train.abstract_train_state(model, config, steps_per_epoch=1)
     state = sharding.placed(abstract, sharding.state_sharding(abstract, mesh, config.train.fsdp))
-    batch = {
-        "specific_images": images,
-        "modality_mask": mask,
-        "loss_weight": jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=split),
-    }
     return state, batch, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
 
 
