@@ -52,8 +52,8 @@ def test_batch_pairs_needs_all_three_fields():
 @pytest.mark.parametrize("groups, budget", [(1, 24), (2, 7), (3, 7), (6, 4)])
 def test_gathers_and_sums_follow_the_pairs(groups, budget):
     rng = np.random.default_rng(0)
-    images = rng.normal(size=(6, 4, 2, 2, 3))
-    per_sample = rng.normal(size=(6, 5))
+    images = rng.normal(size=(6, 4, 2, 2, 3)).astype(np.float32)
+    per_sample = rng.normal(size=(6, 5)).astype(np.float32)
     fields = packing.pack_pairs(MASK, groups, budget)
     pairs = packing.PairIndex(*(jnp.asarray(fields[k]) for k in packing.PAIR_KEYS))
     rows = len(MASK) // groups
