@@ -52,8 +52,8 @@ def test_batch_pairs_needs_all_three_fields():
 @pytest.mark.parametrize("groups, budget", [(1, 24), (2, 7), (3, 7), (6, 4)])
 def test_gathers_and_sums_follow_the_pairs(groups, budget):
     rng = np.random.default_rng(0)
-    images = rng.normal(size=(6, 4, 2, 2, 3))
-    per_sample = rng.normal(size=(6, 5))
+    images = rng.normal(size=(6, 4, 2, 2, 3)).astype(np.float32)
+    per_sample = rng.normal(size=(6, 5)).astype(np.float32)
     fields = packing.pack_pairs(MASK, groups, budget)
     pairs = packing.PairIndex(*(jnp.asarray(fields[k]) for k in packing.PAIR_KEYS))
     rows = len(MASK) // groups
@@ -70,7 +70,12 @@ def test_gathers_and_sums_follow_the_pairs(groups, budget):
 
 def test_full_pairs_is_the_padded_layout():
     pairs = packing.full_pairs(jnp.asarray(MASK))
-    assert pairs.groups == 1 and pairs.sample.shape == (1, 24)
-    np.testing.assert_array_equal(pairs.sample[0], np.repeat(np.arange(6), 4))
-    np.testing.assert_array_equal(pairs.slot[0], np.tile(np.arange(4), 6))
+    assert pairs.groups == 6 and pairs.sample.shape == (6, 4)
+    np.testing.assert_array_equal(pairs.sample, 0)
+    np.testing.assert_array_equal(pairs.slot, np.tile(np.arange(4), (6, 1)))
     np.testing.assert_array_equal(pairs.mask, MASK.reshape(-1))
+    images = np.arange(6 * 4 * 2).reshape(6, 4, 2, 1, 1) * np.ones((1, 1, 1, 1, 3), np.float32)
+    np.testing.assert_array_equal(packing.pair_images(jnp.asarray(images), pairs), images.reshape(24, 2, 1, 3))
+    per_pair = np.arange(24, dtype=np.float32)
+    expected = np.where(MASK, per_pair.reshape(6, 4), 0).sum(axis=1)
+    np.testing.assert_array_equal(packing.sum_over_pairs(jnp.asarray(per_pair), pairs, 6), expected)

@@ -79,12 +79,14 @@ def batch_pairs(batch: Mapping[str, Any]) -> PairIndex | None:
 
 
 def full_pairs(modality_mask: jax.Array) -> PairIndex:
-    """Every (sample, slot) of a `[B, S]` batch as one group, pair `p = b * S + s`: the padded layout."""
+    """Every (sample, slot) of a `[B, S]` batch, pair `p = b * S + s`: the padded layout.
+
+    One group per sample, so that its gathers and sums stay on the device of their sample however
+    the batch is split.
+    """
     num_samples, slots = modality_mask.shape
-    index = jnp.arange(num_samples * slots, dtype=jnp.int32)
-    return PairIndex(
-        (index // slots).reshape(1, -1), (index % slots).reshape(1, -1), modality_mask.reshape(1, -1).astype(bool)
-    )
+    slot = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (num_samples, slots))
+    return PairIndex(jnp.zeros((num_samples, slots), jnp.int32), slot, modality_mask.astype(bool))
 
 
 def grouped(per_sample: jax.Array, groups: int) -> jax.Array:

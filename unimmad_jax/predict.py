@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from unimmad_jax import calibrate, checkpoints, evaluate, sharding  # noqa: E402
+from unimmad_jax import calibrate, checkpoints, evaluate, packing, sharding  # noqa: E402
 from unimmad_jax.config import eval_datasets  # noqa: E402
 from unimmad_jax.data import InvalidDataError, eval_loader, load_modality  # noqa: E402
 from unimmad_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -140,8 +140,8 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
     score_fn = evaluate.make_score_fn(model, mesh)
     rows, overlays = [], []
     for batch in tqdm(batches, desc=f"predict {name}", disable=not (main_process and config.predict.max_overlays)):
-        inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
-        out = score_fn(variables, inputs["specific_images"], inputs["modality_mask"])
+        inputs = sharding.to_global(batch, mesh, sharding.MODEL_KEYS)
+        out = score_fn(variables, inputs["specific_images"], inputs["modality_mask"], packing.batch_pairs(inputs))
         # Every process holds the same rows, so all agree on whether to gather the overlay inputs.
         columns = _gathered_rows(batch, out, with_overlays=len(overlays) < config.predict.max_overlays)
         for row in np.flatnonzero(columns["valid"]):

@@ -16,7 +16,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from unimmad_jax import sharding
+from unimmad_jax import packing, sharding
 from unimmad_jax.losses import LossConfig, total_loss
 from unimmad_jax.models.unimmad import FROZEN, UniMMAD, abstract_variables
 
@@ -89,7 +89,10 @@ def abstract_train_state(model: UniMMAD, config: ml_collections.ConfigDict, step
 def train_step(
     model: UniMMAD, loss_cfg: LossConfig, state: TrainState, batch: dict[str, jax.Array], epoch: jax.Array
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a (global) batch; BatchNorm statistics are the batch's."""
+    """One optimizer step on a (global) batch; BatchNorm statistics are the batch's.
+
+    A packed batch (`unimmad_jax.packing`) runs the model on its pairs, another on every slot: the same step.
+    """
 
     def loss_fn(params):
         # Whole parameters for the layers: split ones (`train.fsdp`) are gathered here, where XLA's
@@ -100,6 +103,7 @@ def train_step(
             batch["specific_images"],
             batch["modality_mask"],
             train=True,
+            pairs=packing.batch_pairs(batch),
             mutable=["batch_stats"],
         )
         loss, parts = total_loss(out, batch["loss_weight"], epoch, loss_cfg)

@@ -74,7 +74,7 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
     if mode == "infer":
         variables = jax.device_put(init_variables(model, config.seed, modalities), sharding.replicated(mesh))
         step = evaluate.make_score_fn(model, mesh)
-        args = (variables, batch["specific_images"], batch["modality_mask"])
+        args = (variables, batch["specific_images"], batch["modality_mask"], None)
     else:
         config.data.num_slots = modalities
         images = np.asarray(batch["specific_images"]).reshape(-1, image_size, image_size, 3)

@@ -210,7 +210,7 @@ def abstract_inputs(config, mode: str, mesh, model, global_batch: int):
     images = jax.ShapeDtypeStruct((global_batch, slots, size, size, 3), jnp.float32, sharding=split)
     mask = jax.ShapeDtypeStruct((global_batch, slots), jnp.bool_, sharding=split)
     if mode == "eval":
-        return shard(abstract_variables(model.config, slots), replicated), images, mask
+        return shard(abstract_variables(model.config, slots), replicated), images, mask, None
     abstract = train.abstract_train_state(model, config, steps_per_epoch=1)
     state = sharding.placed(abstract, sharding.state_sharding(abstract, mesh, config.train.fsdp))
     batch = {
