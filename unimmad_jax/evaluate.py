@@ -104,7 +104,9 @@ def score_split(
     batch_size = sharding.per_host_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
     data_config = config.data.copy_and_resolve_references()
     data_config.num_slots = max_modality_count(config.data.data_dir, dataset, split)
-    loader = eval_loader(data_config, dataset, split, batch_size=batch_size, shard_by_host=True)
+    loader = eval_loader(
+        data_config, dataset, split, batch_size=batch_size, groups=mesh.shape[sharding.DATA_AXIS], shard_by_host=True
+    )
     scored = ScoredSplit(mesh)
     progress = progress and sharding.is_main_process()
     for batch in tqdm(loader, total=loader.num_batches, desc=f"eval {dataset}", disable=not progress, leave=False):

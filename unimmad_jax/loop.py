@@ -113,6 +113,7 @@ def train_epoch(run: TrainRun, state: TrainState, step: int, batches: Iterator) 
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 values["learning_rate"] = float(run.schedule(step - 1))
             values["images_per_s"] = images / (time.perf_counter() - start)
+            values["overflow_steps"] = run.loader.overflow_steps(epoch)  # of the epoch, with the full pair budget
             if not np.isfinite(values["loss"]):
                 raise FloatingPointError(f"the loss is {values['loss']} at step {step} (epoch {epoch + 1})")
             # Each process's own log (absl, shown with --verbosity=0): every process holds the same values.
@@ -196,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     model = UniMMAD(model_config(config))
     ensure_prepared(config.data.datasets, config.data.data_dir)
     batch_size = sharding.per_host_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
-    loader = train_loader(config.data, seed=config.seed, batch_size=batch_size)
+    loader = train_loader(config.data, seed=config.seed, batch_size=batch_size, groups=mesh.shape[sharding.DATA_AXIS])
     manager = checkpoints.checkpoint_manager(workdir, config)
     state, step = _start(model, config, loader.steps_per_epoch, mesh, manager)
     run = TrainRun(

@@ -131,7 +131,8 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
         dataset, _, split = source.partition(":")
         if not split:
             raise InvalidDataError(f"config.predict.input={source!r} is neither a folder nor <dataset>:<split>")
-        batches = eval_loader(config.data, dataset, split, batch_size=batch_size, shard_by_host=True)
+        groups = mesh.shape[sharding.DATA_AXIS]
+        batches = eval_loader(config.data, dataset, split, batch_size=batch_size, groups=groups, shard_by_host=True)
         name = f"{dataset.replace('/', '_')}_{split}"
     out_dir = epath.Path(workdir) / "predictions" / name
     main_process = sharding.is_main_process()
