@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
