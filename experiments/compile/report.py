@@ -193,6 +193,18 @@ def kernel_counts(hlo: str) -> dict:
     }
 
 
+def train_pair_budget(config, mesh, global_batch: int) -> int | None:
+    """The pairs per device of the packed train step `main` runs (`data.pack_pairs`), from the prepared
+    indexes or the builders' declarations (`dealing.training_records`); None without packing."""
+    from unimmad_jax.data.dealing import choose_pair_budget, training_records
+    from unimmad_jax.sharding import DATA_AXIS
+
+    if not config.data.pack_pairs:
+        return None
+    keys, counts, _ = training_records(config)
+    return choose_pair_budget(keys, counts, global_batch, mesh.shape[DATA_AXIS], config.data.num_slots).pairs
+
+
 def abstract_inputs(config, mode: str, mesh, model, global_batch: int):
     """ShapeDtypeStructs (with shardings) of the step's arguments, as the loop and evaluation pass them."""
     import jax
@@ -200,6 +212,7 @@ def abstract_inputs(config, mode: str, mesh, model, global_batch: int):
 
     from unimmad_jax import sharding, train
     from unimmad_jax.models.unimmad import abstract_variables
+    from unimmad_jax.packing import PAIR_KEYS
 
     replicated, split = sharding.replicated(mesh), sharding.batch_split(mesh)
     size, slots = config.image_size, config.data.num_slots
@@ -218,6 +231,11 @@ def abstract_inputs(config, mode: str, mesh, model, global_batch: int):
         "modality_mask": mask,
         "loss_weight": jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=split),
     }
+    budget = train_pair_budget(config, mesh, global_batch)
+    if budget is not None:
+        pairs = (mesh.shape[sharding.DATA_AXIS], budget)
+        for key, dtype in zip(PAIR_KEYS, (jnp.int32, jnp.int32, jnp.bool_)):
+            batch[key] = jax.ShapeDtypeStruct(pairs, dtype, sharding=split)
     return state, batch, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
 
 
@@ -283,6 +301,7 @@ def step_description(config, mode: str, topology: str, device_kind: str, devices
         "dtype": config.model.dtype,
         "image_size": config.image_size,
         "num_slots": config.data.num_slots,
+        "pack_pairs": config.data.pack_pairs,
         "fsdp": config.train.fsdp,
     }
 
