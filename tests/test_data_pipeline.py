@@ -197,7 +197,7 @@ def test_two_hosts_split_each_global_batch(data_dir):
         assert host_paths[0][step] + host_paths[1][step] == global_paths
 
 
-# Packed batches (config.data.pack_pairs, docs/data.md#pairs).
+# Packed batches (config.data.pack_pairs, docs/scale.md#padded-modality-slots).
 
 MIXED = ("mvtec_ad", "mmad_meta/brats", "mvtec3d")  # 20 one-modality and 4 + 3 two-modality training records
 

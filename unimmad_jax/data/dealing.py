@@ -1,11 +1,11 @@
-"""Which device group each sample of a global batch goes to, and the pair budget every group fits (docs/data.md#pairs).
+"""Which device group each sample of a global batch goes to, and the pair budget that fits the groups.
 
 A packed batch (`unimmad_jax.packing`) computes a fixed budget of (sample, slot) pairs per group,
 G groups = the devices along the mesh's data axis, B/G samples each. Dealing each global batch's
 samples to the groups by modality count evens out their pairs, so that one small budget fits
 almost every batch; a batch that does not fit runs with the full budget, B/G x num_slots, which
 fits every batch. The budget minimises the expected pair compute over simulated class-balanced
-draws, a function of the training records and the batch layout alone.
+draws, a function of the training records and the batch layout alone (docs/scale.md#padded-modality-slots).
 """
 
 from __future__ import annotations
