@@ -4,6 +4,7 @@ from scipy import ndimage
 
 from unimmad_jax import anomaly_map
 from unimmad_jax.models.unimmad import ModelOutput
+from unimmad_jax.packing import full_pairs
 
 
 def align_corners_resize(a, size):
@@ -55,9 +56,8 @@ def test_raw_map_sums_valid_modalities_only():
     decompressed = np.zeros((4, 2, 2, 2))
     decompressed[..., 1] = 1.0  # orthogonal: distance 1 everywhere
     decompressed[1, ..., :] = [1.0, 0.0]  # pair 1 = slot 1 of sample 0: distance 0
-    out = ModelOutput(
-        [jnp.asarray(prior)], [jnp.asarray(decompressed)], jnp.array([True, True, True, False]), jnp.zeros(1), []
-    )
+    pairs = full_pairs(jnp.array([[True, True], [True, False]]))
+    out = ModelOutput([jnp.asarray(prior)], [jnp.asarray(decompressed)], pairs.mask, jnp.zeros(1), [], pairs)
     raw = anomaly_map.raw_anomaly_map(out, batch_size=2, image_size=4)
     np.testing.assert_allclose(raw[0], 1.0, atol=1e-6)  # sqrt(1^2 + 0^2)
     np.testing.assert_allclose(raw[1], 1.0, atol=1e-6)  # its padded pair 3 (distance 1) is ignored

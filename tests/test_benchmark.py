@@ -7,7 +7,7 @@ import sys
 from helpers import REPO, subprocess_env
 
 
-def benchmark(mode: str, out) -> dict:
+def benchmark(mode: str, out, *flags: str) -> dict:
     result = subprocess.run(
         [
             sys.executable,
@@ -19,6 +19,7 @@ def benchmark(mode: str, out) -> dict:
             f"--mode={mode}",
             "--steps=1",
             f"--json={out}",
+            *flags,
         ],
         cwd=REPO,
         env=subprocess_env(),
@@ -30,7 +31,11 @@ def benchmark(mode: str, out) -> dict:
 
 
 def test_benchmark_writes_its_measurements(tmp_path):
-    measured = {mode: benchmark(mode, tmp_path / f"{mode}.json") for mode in ("infer", "train")}
+    measured = {
+        "infer": benchmark("infer", tmp_path / "infer.json"),
+        "train": benchmark("train", tmp_path / "train.json", "--slots=3"),  # 2 of 3 slots valid, packed
+    }
+    assert measured["infer"]["slots"] == 2 and (measured["train"]["slots"], measured["train"]["packed"]) == (3, True)
     for mode, result in measured.items():
         assert result["mode"] == mode and result["image_size"] == 64 and result["device"].endswith("(cpu)")
         for key in ("images_per_s", "gflops_per_image", "peak_memory_bytes", "compile_s", "stepping_peak_rss_bytes"):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from unimmad_jax.models import cmoe, layers
+from unimmad_jax.packing import PAIR_KEYS, PairIndex, full_pairs, pack_pairs
 
 C, R, N, K = 8, 4, 3, 2
 
@@ -64,11 +65,12 @@ def test_branch_equals_three_convolutions(kernel, size):
     base = jax.random.normal(jax.random.key(2), (N, kernel, kernel, C, C)) / (kernel * np.sqrt(C))
     forms = layers.layer_forms("auto")
     module = cmoe.MiMoE(kernel, C, R, K, forms.conv, forms.group_norm, forms.per_sample_conv)
-    params = module.init(jax.random.key(3), general_map, stats, base)["params"]
+    pairs = full_pairs(jnp.ones((batch, slots), bool))
+    params = module.init(jax.random.key(3), general_map, stats, base, pairs)["params"]
     params["fixed_expert"] = params["fixed_expert"] + 0.1 * jax.random.normal(
         jax.random.key(4), params["fixed_expert"].shape
     )
-    fused, routing = module.apply({"params": params}, general_map, stats, base)
+    fused, routing = module.apply({"params": params}, general_map, stats, base, pairs)
 
     x = layers.ConvNormAct(C, layers.conv, layers.GroupNorm).apply({"params": params["pre"]}, general_map)
     mix = jax.nn.softmax(params["leader_logits"], axis=1)  # [R, N, C]
@@ -86,8 +88,9 @@ def test_branch_equals_three_convolutions(kernel, size):
 def cross_moe_run(prior, mask, train=True):
     general = jax.random.normal(jax.random.key(5), (2, 8, 8, 16))
     module = cmoe.CrossMoE(16, layers.layer_forms("auto"), embed_dim=C, base_num=N, router_num=R, top_k=K)
-    variables = module.init(jax.random.key(6), general, prior, mask, train=False)
-    (y, loss, _), updates = module.apply(variables, general, prior, mask, train=train, mutable=["batch_stats"])
+    pairs = full_pairs(mask.reshape(2, -1))
+    variables = module.init(jax.random.key(6), general, prior, pairs, train=False)
+    (y, loss, _), updates = module.apply(variables, general, prior, pairs, train=train, mutable=["batch_stats"])
     return y, loss, updates["batch_stats"]
 
 
@@ -105,16 +108,41 @@ def test_padded_pairs_change_no_output_loss_or_statistic():
     assert not np.allclose(stats_all_valid["cond_bn"]["var"], stats["cond_bn"]["var"])
 
 
+@pytest.mark.parametrize("conv_impl", ["cpu", "native"])
+def test_packed_pairs_give_the_padded_results(conv_impl):
+    """On a packed batch (2 groups of 2 samples, 3 pairs each) the C-MoE's valid outputs, loss and
+    BatchNorm statistics are those of every slot computed, in either layer form."""
+    mask = np.array([[True, False], [True, True], [False, True], [True, False]])
+    general = jax.random.normal(jax.random.key(5), (4, 8, 8, 16))
+    prior = jax.random.normal(jax.random.key(7), (8, 8, 8, 16))  # every (sample, slot), sample-major
+    module = cmoe.CrossMoE(16, layers.layer_forms(conv_impl), embed_dim=C, base_num=N, router_num=R, top_k=K)
+    full = full_pairs(jnp.asarray(mask))
+    variables = module.init(jax.random.key(6), general, prior, full, train=False)
+    (y, loss, _), updates = module.apply(variables, general, prior, full, train=True, mutable=["batch_stats"])
+    fields = pack_pairs(mask, groups=2, budget=3)
+    packed = PairIndex(*(jnp.asarray(fields[key]) for key in PAIR_KEYS))
+    index = ((np.arange(2)[:, None] * 2 + fields["pair_sample"]) * 2 + fields["pair_slot"]).reshape(-1)
+    (y_packed, loss_packed, _), updates_packed = module.apply(
+        variables, general, prior[index], packed, train=True, mutable=["batch_stats"]
+    )
+    valid = fields["pair_valid"].reshape(-1)
+    assert valid.sum() == mask.sum() and (index[valid] == np.flatnonzero(mask)).all()
+    np.testing.assert_allclose(y_packed[valid], y[index[valid]], atol=2e-5)
+    np.testing.assert_allclose(loss_packed, loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(updates_packed), jax.tree.leaves(updates)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def router_run(router_condition, general, params=None):
     """The C-MoE's output, loss and routings on a fixed prior; parameters initialised under `router_condition`."""
     prior = jax.random.normal(jax.random.key(7), (4, 8, 8, 16))
-    mask = jnp.ones(4, bool)
+    pairs = full_pairs(jnp.ones((2, 2), bool))
     forms = layers.layer_forms("auto")
     module = cmoe.CrossMoE(16, forms, embed_dim=C, base_num=N, router_num=R, top_k=K, router_condition=router_condition)
-    variables = module.init(jax.random.key(6), general, prior, mask, train=False)
+    variables = module.init(jax.random.key(6), general, prior, pairs, train=False)
     if params is not None:
         variables = {**variables, "params": params}
-    return module.apply(variables, general, prior, mask, train=False), variables
+    return module.apply(variables, general, prior, pairs, train=False), variables
 
 
 def test_router_condition_default_is_cross_and_keeps_the_parameters():

@@ -6,7 +6,8 @@ import data_fakes as fakes
 import numpy as np
 import pytest
 
-from unimmad_jax.data import builders, preprocess
+from unimmad_jax import packing
+from unimmad_jax.data import builders, dealing, pipeline, preprocess
 from unimmad_jax.data.pipeline import (
     DEFAULT_LOSS_WEIGHTS,
     default_data_config,
@@ -15,6 +16,7 @@ from unimmad_jax.data.pipeline import (
 )
 from unimmad_jax.data.prepared import max_modality_count, open_split
 from unimmad_jax.data.schema import InvalidDataError
+from unimmad_jax.packing import PAIR_KEYS
 
 # Two MVTec AD classes of very different sizes: balance must show.
 TRAIN_SIZES = {"big": 18, "small": 2}
@@ -112,7 +114,8 @@ def test_training_batches_follow_the_contract(data_dir):
     loader = train_loader(config, seed=0, batch_size=6)
     assert loader.epoch_size == 20 + 4 and loader.steps_per_epoch == 4
     batches = _take(loader.iterator, 4)
-    batch = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+    # The pair fields' budget varies with the batch (test_packed_training_batches).
+    batch = {key: np.concatenate([b[key] for b in batches]) for key in batches[0] if key not in PAIR_KEYS}
     assert batches[0]["specific_images"].shape == (6, 2, 8, 8, 3)
     assert batches[0]["specific_images"].dtype == np.float32
     slots = batch["modality_mask"].sum(axis=1)
@@ -166,23 +169,25 @@ def test_epochs_differ_and_seek_skips_ahead(data_dir):
 
 def test_seek_continues_with_the_next_batch_in_any_number_of_hosts(data_dir):
     config = _config(data_dir, num_read_threads=2)  # with prefetching threads
-    two_hosts = [train_loader(config, seed=5, batch_size=5, process_index=p, process_count=2) for p in range(2)]
+    two_hosts = [
+        train_loader(config, seed=5, batch_size=5, groups=2, process_index=p, process_count=2) for p in range(2)
+    ]
     for host in two_hosts:
         _take(host.iterator, 3)
     expected = [_paths(_take(host.iterator, 2)) for host in two_hosts]
 
-    one_host = train_loader(config, seed=5, batch_size=10, process_index=0, process_count=1)
+    one_host = train_loader(config, seed=5, batch_size=10, groups=2, process_index=0, process_count=1)
     one_host.seek(3)
     assert _paths(_take(one_host.iterator, 2)) == [a + b for a, b in zip(*expected)]
-    again = train_loader(config, seed=5, batch_size=5, process_index=1, process_count=2)
+    again = train_loader(config, seed=5, batch_size=5, groups=2, process_index=1, process_count=2)
     again.seek(3)
     assert _paths(_take(again.iterator, 2)) == expected[1]
 
 
 def test_two_hosts_split_each_global_batch(data_dir):
     config = _config(data_dir)
-    single = train_loader(config, seed=2, batch_size=10, process_index=0, process_count=1)
-    hosts = [train_loader(config, seed=2, batch_size=5, process_index=p, process_count=2) for p in range(2)]
+    single = train_loader(config, seed=2, batch_size=10, groups=2, process_index=0, process_count=1)
+    hosts = [train_loader(config, seed=2, batch_size=5, groups=2, process_index=p, process_count=2) for p in range(2)]
     assert single.steps_per_epoch == hosts[0].steps_per_epoch == hosts[1].steps_per_epoch
     steps = 2 * single.steps_per_epoch  # two epochs
     host_paths = [_paths(_take(host.iterator, steps)) for host in hosts]
@@ -192,7 +197,7 @@ def test_two_hosts_split_each_global_batch(data_dir):
         assert host_paths[0][step] + host_paths[1][step] == global_paths
 
 
-# Training batches of one modality count (config.data.bucket_by_modality_count).
+# Packed batches (config.data.pack_pairs, docs/scale.md#padded-modality-slots).
 
 MIXED = ("mvtec_ad", "mmad_meta/brats", "mvtec3d")  # 20 one-modality and 4 + 3 two-modality training records
 
@@ -201,66 +206,85 @@ def _counts(batch):
     return batch["modality_mask"].sum(axis=1)
 
 
-def test_bucketed_epochs_regroup_the_same_draws(data_dir):
-    """G = 3 divides the 27 records, so an epoch holds all its draws: each count's draws in batches of 3 in
-    draw order, then the leftovers of both counts pooled in draw order, the batches in a shuffled order."""
-    plain = train_loader(_config(data_dir, datasets=MIXED), seed=6, batch_size=3)
-    bucketed = train_loader(_config(data_dir, datasets=MIXED, bucket_by_modality_count=True), seed=6, batch_size=3)
-    assert plain.steps_per_epoch == bucketed.steps_per_epoch == 9
-    slot_orders, mixed_batches = [], 0
-    for _ in range(2):  # epochs
-        drawn = _take(plain.iterator, 9)
-        paths = np.concatenate([b["path"] for b in drawn])
-        counts = np.concatenate([_counts(b) for b in drawn])
-        expected, leftovers = [], []
-        for count in (1, 2):
-            group = np.flatnonzero(counts == count)
-            whole = len(group) // 3 * 3
-            expected += [tuple(paths[group[i : i + 3]]) for i in range(0, whole, 3)]
-            leftovers += list(group[whole:])
-        pooled = paths[np.sort(np.array(leftovers, np.int64))]
-        mixed = [tuple(pooled[i : i + 3]) for i in range(0, len(pooled), 3)]  # 0 or 3 leftovers (27 = 3 * 9)
-
-        batches = _take(bucketed.iterator, 9)
-        assert sorted(tuple(b["path"]) for b in batches) == sorted(expected + mixed)
-        for batch in batches:
-            slots = _counts(batch).max()
-            assert batch["specific_images"].shape == (3, slots, 8, 8, 3) and batch["modality_mask"].shape == (3, slots)
-            assert batch["modality_mask"][:, 0].all()
-        assert sum(len(set(_counts(b))) > 1 for b in batches) == len(mixed)
-        mixed_batches += len(mixed)
-        slot_orders.append([b["modality_mask"].shape[1] for b in batches])
-    assert mixed_batches > 0 and all(set(order) == {1, 2} for order in slot_orders)
-    assert any(order != sorted(order) for order in slot_orders)  # shuffled, not grouped by count
+def _group_pairs(batch, groups):
+    return _counts(batch).reshape(groups, -1).sum(axis=1)
 
 
-def test_bucketed_batches_seek_and_split_over_hosts(data_dir):
-    """Each host's share of a global batch has the global batch's slots; `seek` still goes to a global step."""
-    config = _config(data_dir, datasets=MIXED, bucket_by_modality_count=True)
-    single = train_loader(config, seed=2, batch_size=6, process_index=0, process_count=1)
-    hosts = [train_loader(config, seed=2, batch_size=3, process_index=p, process_count=2) for p in range(2)]
-    assert single.steps_per_epoch == hosts[0].steps_per_epoch == 4  # 27 // 6: 3 draws left out per epoch
+def test_dealing_evens_out_pairs_and_keeps_the_batch():
+    rng = np.random.default_rng(0)
+    counts = rng.choice([1, 2], size=(200, 24), p=[0.3, 0.7])
+    order = dealing.deal_by_modality_count(counts, 4)
+    np.testing.assert_array_equal(np.sort(order, axis=1), np.broadcast_to(np.arange(24), order.shape))
+    pairs = dealing.group_pairs(np.take_along_axis(counts, order, axis=1), 4)
+    assert (pairs.max(axis=1) - pairs.min(axis=1) <= 1).all()
+    assert (np.diff(order.reshape(200, 4, 6), axis=2) > 0).all()  # draw order within a group
+    np.testing.assert_array_equal(dealing.deal_by_modality_count(counts, 1), np.broadcast_to(np.arange(24), (200, 24)))
+    # A 4-modality sample needs both 1-modality samples beside it for 8 pairs in each group.
+    order = dealing.deal_by_modality_count(np.array([[2, 2, 4, 2, 1, 2, 2, 1]]), 2)
+    np.testing.assert_array_equal(order, [[0, 2, 4, 7, 1, 3, 5, 6]])
+
+
+def test_pair_budget_is_a_function_of_the_records():
+    keys = [("a", "x")] * 5 + [("a", "y")] * 3 + [("b", "z")] * 4
+    counts = np.array([2] * 5 + [1] * 3 + [4] * 4)
+    budget = dealing.choose_pair_budget(keys, counts, 16, 4, num_slots=4)
+    assert budget == dealing.choose_pair_budget(keys, counts, 16, 4, num_slots=4)
+    assert budget.full == 16 and 7 <= budget.pairs < budget.full and 0 < budget.expected_waste < 0.5
+    assert budget.for_batch(budget.pairs) == budget.pairs and budget.for_batch(budget.pairs + 1) == 16
+    alike = dealing.choose_pair_budget(keys[:8], np.full(8, 2), 8, 2, num_slots=4)
+    assert (alike.pairs, alike.overflow_rate, alike.expected_waste) == (8, 0.0, 0.0)
+
+
+def test_packed_batches_are_the_draws_dealt_to_the_groups(data_dir):
+    packed = train_loader(_config(data_dir, datasets=MIXED), seed=6, batch_size=6, groups=2)
+    plain = train_loader(_config(data_dir, datasets=MIXED, pack_pairs=False), seed=6, batch_size=6, groups=2)
+    budget = packed.draws.pair_budget
+    assert budget.full == 6 and plain.draws.pair_budget is None
+    steps = 2 * packed.steps_per_epoch
+    for batch, drawn in zip(_take(packed.iterator, steps), _take(plain.iterator, steps)):
+        assert not set(PAIR_KEYS) & set(drawn)
+        assert sorted(batch["path"]) == sorted(drawn["path"])
+        width = budget.for_batch(_group_pairs(batch, 2).max())
+        expected = packing.pack_pairs(batch["modality_mask"], 2, width)
+        for key in PAIR_KEYS:
+            np.testing.assert_array_equal(batch[key], expected[key])
+        assert np.ptp(_group_pairs(batch, 2)) <= 1
+    epochs = [packed.overflow_steps(epoch) for epoch in range(2)]
+    assert all(0 <= count <= packed.steps_per_epoch for count in epochs)
+
+
+def test_batches_that_do_not_fit_get_the_full_budget_on_every_host(data_dir, monkeypatch):
+    tight = dealing.PairBudget(pairs=4, full=6, overflow_rate=0.5, expected_waste=0.5)
+    monkeypatch.setattr(pipeline, "choose_pair_budget", lambda *args: tight)
+    config = _config(data_dir, datasets=MIXED)
+    single = train_loader(config, seed=2, batch_size=6, groups=2, process_index=0, process_count=1)
+    hosts = [train_loader(config, seed=2, batch_size=3, groups=2, process_index=p, process_count=2) for p in range(2)]
     steps = 2 * single.steps_per_epoch
-    global_batches = _take(single.iterator, steps)
-    shares = [_take(host.iterator, steps) for host in hosts]
-    narrower = 0  # shares whose samples all have fewer modalities than their batch's slots
-    for whole, first, second in zip(global_batches, *shares):
-        assert (
-            first["specific_images"].shape
-            == second["specific_images"].shape
-            == (3, *whole["specific_images"].shape[1:])
-        )
-        assert list(first["path"]) + list(second["path"]) == list(whole["path"])
-        np.testing.assert_array_equal(
-            np.concatenate([first["modality_mask"], second["modality_mask"]]), whole["modality_mask"]
-        )
-        narrower += sum(_counts(share).max() < share["modality_mask"].shape[1] for share in (first, second))
-    assert narrower > 0  # in a mixed global batch
-    resumed = train_loader(config, seed=2, batch_size=3, process_index=1, process_count=2)
-    resumed.seek(3)  # the last step of epoch 0, then epoch 1
+    widths = []
+    for whole, first, second in zip(_take(single.iterator, steps), *(_take(h.iterator, steps) for h in hosts)):
+        widths.append(whole["pair_sample"].shape[1])
+        assert widths[-1] == (4 if _group_pairs(whole, 2).max() <= 4 else 6)
+        assert first["pair_sample"].shape == second["pair_sample"].shape == (1, widths[-1])
+        for key in PAIR_KEYS:
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), whole[key])
+        for share in (first, second):
+            assert share["pair_valid"].sum() == _counts(share).sum()  # no pair dropped
+    assert set(widths) == {4, 6}
+    assert sum(single.overflow_steps(epoch) for epoch in range(2)) == widths.count(6)
+    resumed = train_loader(config, seed=2, batch_size=3, groups=2, process_index=1, process_count=2)
+    resumed.seek(3)
     again = _take(resumed.iterator, 3)
-    assert _paths(again) == _paths(shares[1][3:6])
-    assert [b["specific_images"].shape for b in again] == [b["specific_images"].shape for b in shares[1][3:6]]
+    repeat = train_loader(config, seed=2, batch_size=3, groups=2, process_index=1, process_count=2)
+    expected = _take(repeat.iterator, 6)[3:]
+    for a, b in zip(again, expected):
+        assert list(a["path"]) == list(b["path"])
+        for key in PAIR_KEYS:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_groups_must_split_the_hosts_rows(data_dir):
+    with pytest.raises(ValueError, match="3 pair groups"):
+        train_loader(_config(data_dir), seed=0, batch_size=4, groups=3)
 
 
 # Evaluation batches.
@@ -291,7 +315,9 @@ def test_eval_order_padding_and_classes(data_dir):
 def test_eval_shards_are_disjoint_and_cover_the_split(data_dir):
     config = _config(data_dir)
     shards = [
-        eval_loader(config, "mvtec_ad", "train", batch_size=3, shard_by_host=True, process_index=p, process_count=2)
+        eval_loader(
+            config, "mvtec_ad", "train", batch_size=3, shard_by_host=True, groups=2, process_index=p, process_count=2
+        )
         for p in range(2)
     ]
     assert shards[0].num_batches == shards[1].num_batches == 4  # 20 / (3 * 2)
@@ -304,9 +330,34 @@ def test_eval_shards_are_disjoint_and_cover_the_split(data_dir):
     assert sorted(seen) == sorted(all_batch["path"]) and len(set(seen)) == 20
 
 
+def test_eval_batches_carry_pairs_of_one_budget_that_fits_the_split(data_dir):
+    config = _config(data_dir)
+    shards = [
+        eval_loader(
+            config,
+            "mmad_meta/brats",
+            "test",
+            batch_size=4,
+            groups=4,
+            shard_by_host=True,
+            process_index=p,
+            process_count=2,
+        )
+        for p in range(2)
+    ]
+    batches = [batch for shard in shards for batch in shard]
+    most = max(_group_pairs(batch, 2).max() for batch in batches)
+    for batch in batches:
+        expected = packing.pack_pairs(batch["modality_mask"], 2, most)
+        for key in PAIR_KEYS:
+            np.testing.assert_array_equal(batch[key], expected[key])
+    unpacked = next(iter(eval_loader(_config(data_dir, pack_pairs=False), "mmad_meta/brats", "test", batch_size=4)))
+    assert not set(PAIR_KEYS) & set(unpacked)
+
+
 def test_default_config_has_the_documented_fields():
     config = default_data_config()
-    assert config.datasets == ("synthetic",) and config.num_slots == 2
+    assert config.datasets == ("synthetic",) and config.num_slots == 2 and config.pack_pairs
     assert "image_size" not in config and dict(config.classes) == {}  # the model's, set by unimmad_jax.config
     assert dict(config.loss_weights) == {
         "eyecandies": 0.5,

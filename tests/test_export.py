@@ -14,7 +14,7 @@ import pytest
 from helpers import REPO, load_config, main_command, run_main, subprocess_env
 from jax.sharding import Mesh
 
-from unimmad_jax import calibrate, evaluate, export, predict, serving, sharding, weights
+from unimmad_jax import calibrate, evaluate, export, packing, predict, serving, sharding, weights
 from unimmad_jax.config import model_config
 from unimmad_jax.data import InvalidDataError
 from unimmad_jax.data.prepared import open_split
@@ -103,7 +103,8 @@ def in_framework(workdir, synthetic_data_dir, folder, batch_size: int) -> dict[s
     batches = predict.folder_batches(folder, "gray", config.image_size, config.data.num_slots, batch_size)
     maps, scores = [], []
     for batch in batches:
-        out = sharding.gather(score_fn(variables, batch["specific_images"], batch["modality_mask"]))
+        pairs = packing.batch_pairs(batch)
+        out = sharding.gather(score_fn(variables, batch["specific_images"], batch["modality_mask"], pairs))
         maps.append(out["anomaly_map"][batch["valid"]])
         scores.append(out["image_score"][batch["valid"]])
     maps, scores = np.concatenate(maps), np.concatenate(scores)

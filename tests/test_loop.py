@@ -43,7 +43,7 @@ def test_steady_state_steps_never_wait(synthetic_data_dir, tmp_path, caplog):
     # blocks the next dispatch itself (measured), where four leave it free.
     mesh = Mesh(np.asarray(jax.devices()[:4]), (sharding.DATA_AXIS,))
     model = UniMMAD(model_config(config))
-    loader = train_loader(config.data, seed=config.seed, batch_size=config.train.batch_size)
+    loader = train_loader(config.data, seed=config.seed, batch_size=config.train.batch_size, groups=4)
     step_fn = train.make_train_step(model, loss_config(config), mesh)
     release, timed_out, calls = threading.Event(), [], []
 

@@ -4,15 +4,18 @@ import pytest
 
 from unimmad_jax.losses import LossConfig, cosine_distance, decompression_loss, moe_weight, total_loss
 from unimmad_jax.models.unimmad import ModelOutput
+from unimmad_jax.packing import full_pairs
 
 
-def output_with(distance_per_pair, pair_mask):
-    """A 1-level output whose pair p has a constant cosine distance `distance_per_pair[p]` at every pixel."""
+def output_with(distance_per_pair, pair_mask, slots=2):
+    """A 1-level output whose pair p (of `slots` per sample) has a constant cosine distance
+    `distance_per_pair[p]` at every pixel."""
     angles = np.arccos(1.0 - np.asarray(distance_per_pair))
     prior = np.zeros((len(angles), 2, 2, 2))
     prior[..., 0] = 1.0
     decompressed = np.stack([np.cos(angles), np.sin(angles)], axis=-1)[:, None, None, :] * np.ones((1, 2, 2, 1))
-    return ModelOutput([jnp.asarray(prior)], [jnp.asarray(decompressed)], jnp.asarray(pair_mask), jnp.zeros(1), [])
+    pairs = full_pairs(jnp.asarray(pair_mask).reshape(-1, slots))
+    return ModelOutput([jnp.asarray(prior)], [jnp.asarray(decompressed)], pairs.mask, jnp.zeros(1), [], pairs)
 
 
 def test_cosine_distance_matches_definition_and_is_zero_safe():
@@ -44,7 +47,7 @@ def test_annealing_schedules():
 
 
 def test_total_loss_adds_annealed_mean_moe():
-    out = output_with([0.5], [True])._replace(moe_loss=jnp.array([0.3, 0.6, 0.9]))
+    out = output_with([0.5], [True], slots=1)._replace(moe_loss=jnp.array([0.3, 0.6, 0.9]))
     total, parts = total_loss(out, jnp.ones(1), 10, LossConfig())
     np.testing.assert_allclose(parts["moe_loss"], 0.95 * 0.6, rtol=1e-6)
     np.testing.assert_allclose(total, 0.125 + 0.95 * 0.6, rtol=1e-6)

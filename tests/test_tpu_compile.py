@@ -43,6 +43,7 @@ def test_tiny_train_step_compiles_for_v5e_2x4(tmp_path):
     assert (report["topology"], report["devices"], report["device_kind"]) == ("v5e:2x4", 8, "TPU v5 lite")
     assert (report["global_batch"], report["batch_per_device"]) == (16, 2)
     assert report["fits"] and report["conv_impl"] == "native"  # "auto" means the TPU's forms
+    assert report["pack_pairs"]  # the packed step, at the budget of the builders' declared classes
     assert 0 < report["peak_memory_bytes_per_device"] < 2**30
     assert report["argument_bytes_per_device"] > 0
     assert report["flops_per_device"] > 0 and report["bytes_accessed_per_device"] > 0

@@ -11,7 +11,7 @@ import numpy as np
 from helpers import kill_when, load_config, main_command, run_main
 from jax.sharding import Mesh
 
-from unimmad_jax import sharding, train, weights
+from unimmad_jax import packing, sharding, train, weights
 from unimmad_jax.config import loss_config, model_config
 from unimmad_jax.data import first_training_images, train_loader
 from unimmad_jax.models.unimmad import UniMMAD
@@ -123,7 +123,7 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
     variables = weights.random_variables(UniMMAD(model_config(config)), config, images)
     config.model.dtype = "float64"
     model = UniMMAD(model_config(config))
-    loader = train_loader(config.data, seed=0, batch_size=8)
+    loader = train_loader(config.data, seed=0, batch_size=8, groups=8)  # packed for eight devices
     batches = [next(loader.iterator) for _ in range(3)]
     to64 = functools.partial(
         jax.tree_util.tree_map, lambda a: a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a
@@ -141,6 +141,8 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
             step = train.make_train_step(model, loss_config(config), mesh, state_sharding)
             losses = []
             for batch in batches:
+                if devices == 1:  # the same samples' pairs as one group
+                    batch = {**batch, **packing.pack_pairs(batch["modality_mask"], 1, batch["modality_mask"].size)}
                 state, metrics = step(state, sharding.to_global(to64(batch), mesh), jnp.int32(0))
                 losses.append(float(metrics["loss"]))
             results[devices] = losses, jax.device_get(state.params)

@@ -67,7 +67,7 @@ def test_fewer_slots_give_the_same_pairs(model, variables, tiny_config):
 
 
 def test_fewer_slots_train_like_padded_ones(model, variables, tiny_config):
-    """In training too (what `data.bucket_by_modality_count` relies on): the loss and the BatchNorm statistics
+    """In training too (what batches of any `num_slots` rely on): the loss and the BatchNorm statistics
     of a batch in 1 slot are those of the batch padded to 2 slots."""
     size = tiny_config.image_size
     images = jax.random.normal(jax.random.key(3), (2, 1, size, size, 3))

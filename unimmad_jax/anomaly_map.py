@@ -13,6 +13,7 @@ import numpy as np
 
 from unimmad_jax.losses import cosine_distance
 from unimmad_jax.models.unimmad import ModelOutput
+from unimmad_jax.packing import sum_over_pairs
 
 BLUR_SIZE = 15
 BLUR_SIGMA = 4.0
@@ -51,8 +52,8 @@ def raw_anomaly_map(output: ModelOutput, batch_size: int, image_size: int) -> ja
         resize_h = jnp.asarray(align_corners_matrix(image_size, distance.shape[1]), distance.dtype)
         resize_w = jnp.asarray(align_corners_matrix(image_size, distance.shape[2]), distance.dtype)
         upsampled = jnp.einsum("Hh,phw,Ww->pHW", resize_h, distance, resize_w)
-        total = total + jnp.where(output.pair_mask[:, None, None], jnp.square(upsampled), 0.0)
-    return jnp.sqrt(jnp.sum(total.reshape(batch_size, -1, image_size, image_size), axis=1))
+        total = total + jnp.square(upsampled)
+    return jnp.sqrt(sum_over_pairs(total, output.pairs, batch_size))
 
 
 def blur(maps: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from unimmad_jax import anomaly_map, metrics, report, sharding
+from unimmad_jax import anomaly_map, metrics, packing, report, sharding
 from unimmad_jax.config import eval_datasets
 from unimmad_jax.data import eval_loader
 from unimmad_jax.data.prepared import class_modalities, max_modality_count
@@ -23,9 +23,14 @@ REGION_KEYS = ("region_ids", "region_counts")
 POOLED_METRICS = ("i_auroc", "p_auroc")
 
 
-def score_step(model: UniMMAD, variables: dict, images: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """Eval-mode maps of a batch: `anomaly_map_raw`, `anomaly_map` (blurred) `[B, H, W]`, `image_score [B]`."""
-    out = model.apply(variables, images, mask, train=False)
+def score_step(
+    model: UniMMAD, variables: dict, images: jax.Array, mask: jax.Array, pairs: packing.PairIndex | None = None
+) -> dict[str, jax.Array]:
+    """Eval-mode maps of a batch: `anomaly_map_raw`, `anomaly_map` (blurred) `[B, H, W]`, `image_score [B]`.
+
+    `pairs`: a packed batch's (`packing.batch_pairs`); None runs every slot.
+    """
+    out = model.apply(variables, images, mask, train=False, pairs=pairs)
     raw = anomaly_map.raw_anomaly_map(out, images.shape[0], model.config.image_size)
     blurred = anomaly_map.blur(raw)
     return {"anomaly_map_raw": raw, "anomaly_map": blurred, "image_score": anomaly_map.image_score(blurred)}
@@ -37,7 +42,7 @@ def make_score_fn(model: UniMMAD, mesh: Mesh):
     split = sharding.batch_split(mesh)
     return jax.jit(
         functools.partial(sharding.traced_on(mesh, score_step), model),
-        in_shardings=(sharding.replicated(mesh), split, split),
+        in_shardings=(sharding.replicated(mesh), split, split, split),
         out_shardings=split,
     )
 
@@ -108,14 +113,23 @@ def score_split(
     batch_size = sharding.per_host_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
     data_config = config.data.copy_and_resolve_references()
     data_config.num_slots = max_modality_count(config.data.data_dir, dataset, split)
-    loader = eval_loader(data_config, dataset, split, batch_size=batch_size, classes=classes, shard_by_host=True)
+    loader = eval_loader(
+        data_config,
+        dataset,
+        split,
+        batch_size=batch_size,
+        classes=classes,
+        groups=mesh.shape[sharding.DATA_AXIS],
+        shard_by_host=True,
+    )
     scored = ScoredSplit(mesh)
     progress = progress and sharding.is_main_process()
     for batch in tqdm(loader, total=loader.num_batches, desc=f"eval {dataset}", disable=not progress, leave=False):
         if modalities is not None:
             batch = keep_modalities(batch, modalities)
-        inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
-        scored.add(score_fn(variables, inputs["specific_images"], inputs["modality_mask"]), batch)
+        inputs = sharding.to_global(batch, mesh, sharding.MODEL_KEYS)
+        out = score_fn(variables, inputs["specific_images"], inputs["modality_mask"], packing.batch_pairs(inputs))
+        scored.add(out, batch)
     return scored
 
 

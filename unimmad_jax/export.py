@@ -2,16 +2,18 @@
 
     python -m unimmad_jax.export --workdir DIR --out MODEL_DIR
 
-`MODEL_DIR/model.jax` is the serialised function, for a batch of any size `b` (symbolic) on
-cpu, cuda and tpu:
+`MODEL_DIR/model.jax` is the serialised function, for a batch of any size `b` and any count `p`
+of pairs (both symbolic) on cpu, cuda and tpu:
 
-    (images uint8 [b, S, H, W, 3], modality_mask bool [b, S], statistics_row int32 [b]) ->
+    (images uint8 [b, S, H, W, 3], modality_mask bool [b, S], pair_sample int32 [1, p],
+     pair_slot int32 [1, p], pair_valid bool [1, p], statistics_row int32 [b]) ->
     {anomaly_map, normalized_map: float32 [b, H, W]; image_score, normalized_score, threshold:
      float32 [b]; decision: bool [b]}
 
 It scales the images to [0, 1] and normalises them with the ImageNet statistics (the image
 modality types' preprocessing; H = W = the model's image size, images of other sizes resized
-by the loader as in training), runs the model, the anomaly map, its blur and the image score,
+by the loader as in training), runs the model on the pairs (`packing.pack_pairs(modality_mask, 1,
+budget)`: the batch as one group, any budget at least its valid pairs), the anomaly map, its blur and the image score,
 and normalises and decides with row `statistics_row` of the calibration's statistics.  Depth
 modalities are preprocessed from float point clouds at their own resolution, which this
 uint8-image signature cannot carry: classes with a depth modality are served by
@@ -34,14 +36,14 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from unimmad_jax import calibrate, checkpoints, evaluate, weights
+from unimmad_jax import calibrate, checkpoints, evaluate, packing, weights
 from unimmad_jax.config import model_config
 from unimmad_jax.data import InvalidDataError
 from unimmad_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from unimmad_jax.data.schema import IMAGE_TYPES
 from unimmad_jax.models.unimmad import UniMMAD
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Of MODEL_DIR's files; `unimmad_jax.serving` refuses any other."""
 MODEL_FILE = "model.jax"
 METADATA_FILE = "metadata.json"
@@ -62,10 +64,18 @@ def inference_fn(model: UniMMAD, variables: dict, rows: list[dict]):
     """The exported computation, the variables and statistics table closed over as constants."""
     table = jnp.asarray([[r["threshold"], r["minimum"], r["maximum"]] for r in rows], jnp.float32)
 
-    def serve(images: jax.Array, modality_mask: jax.Array, statistics_row: jax.Array) -> dict[str, jax.Array]:
+    def serve(
+        images: jax.Array,
+        modality_mask: jax.Array,
+        pair_sample: jax.Array,
+        pair_slot: jax.Array,
+        pair_valid: jax.Array,
+        statistics_row: jax.Array,
+    ) -> dict[str, jax.Array]:
         scaled = images.astype(jnp.float32) / 255.0
         inputs = jnp.where(modality_mask[..., None, None, None], (scaled - IMAGENET_MEAN) / IMAGENET_STD, 0.0)
-        out = evaluate.score_step(model, variables, inputs, modality_mask)
+        pairs = packing.PairIndex(pair_sample, pair_slot, pair_valid)
+        out = evaluate.score_step(model, variables, inputs, modality_mask, pairs)
         score, maps = out["image_score"], out["anomaly_map"]
         threshold, minimum, maximum = table[statistics_row].T
         per_map = [v[:, None, None] for v in (threshold, minimum, maximum)]
@@ -92,10 +102,13 @@ def export_workdir(workdir: epath.PathLike, out: epath.PathLike, platforms=PLATF
     model = UniMMAD(model_config(config))
     rows = statistics_rows(record)
     size, slots = config.image_size, config.data.num_slots
-    (batch,) = jax.export.symbolic_shape("b")
+    batch, pairs = jax.export.symbolic_shape("b, p")
     exported = jax.export.export(jax.jit(inference_fn(model, variables, rows)), platforms=list(platforms))(
         jax.ShapeDtypeStruct((batch, slots, size, size, 3), jnp.uint8),
         jax.ShapeDtypeStruct((batch, slots), jnp.bool_),
+        jax.ShapeDtypeStruct((1, pairs), jnp.int32),
+        jax.ShapeDtypeStruct((1, pairs), jnp.int32),
+        jax.ShapeDtypeStruct((1, pairs), jnp.bool_),
         jax.ShapeDtypeStruct((batch,), jnp.int32),
     )
     out = epath.Path(out)

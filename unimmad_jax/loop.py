@@ -178,6 +178,7 @@ def train_epoch(run: TrainRun, state: TrainState, step: int, batches: Iterator) 
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 values["learning_rate"] = float(run.schedule(step - 1))
             values.update(timer.read())
+            values["overflow_steps"] = run.loader.overflow_steps(epoch)  # of the epoch, with the full pair budget
             if not np.isfinite(values["loss"]):
                 raise FloatingPointError(f"the loss is {values['loss']} at step {step} (epoch {epoch + 1})")
             # Each process's own log (absl, shown with --verbosity=0): every process holds the same values.
@@ -195,7 +196,7 @@ def train_epoch(run: TrainRun, state: TrainState, step: int, batches: Iterator) 
 def start_up_report(run: TrainRun, state: TrainState) -> dict:
     """Compile the train step ahead of the first batch and say what the run runs: devices, mesh, batch per
     device, parameters (trained, and frozen: `models.unimmad.FROZEN`) and XLA's count of the compiled step's
-    FLOPs per image (a device's step over its share of the batch, every slot filled).
+    FLOPs per image (a device's step over its share of a batch that fits the pair budget).
 
     The jitted step reuses this compile.  Every process compiles; process 0 prints the report and writes
     the resolved config to `config.json` in the workdir (readable without orbax).
@@ -204,7 +205,8 @@ def start_up_report(run: TrainRun, state: TrainState) -> dict:
     epoch = jax.ShapeDtypeStruct((), np.int32, sharding=sharding.replicated(mesh))
     start = time.perf_counter()
     # Lowering reads the state's shapes, dtypes and shardings only, and keeps its optimizer (a static field).
-    compiled = run.step_fn.lower(state, abstract_batch(config, mesh, config.train.batch_size), epoch).compile()
+    batch = abstract_batch(config, mesh, config.train.batch_size, run.loader.pair_budget)
+    compiled = run.step_fn.lower(state, batch, epoch).compile()
     compile_s = time.perf_counter() - start
     batch_per_device = config.train.batch_size // mesh.devices.size
     parameters = collections.Counter()
@@ -313,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     model = UniMMAD(model_config(config))
     ensure_prepared(config.data.datasets, config.data.data_dir)
     batch_size = sharding.per_host_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
-    loader = train_loader(config.data, seed=config.seed, batch_size=batch_size)
+    loader = train_loader(config.data, seed=config.seed, batch_size=batch_size, groups=mesh.shape[sharding.DATA_AXIS])
     manager = checkpoints.checkpoint_manager(workdir, config)
     state, step = _start(model, config, loader.steps_per_epoch, mesh, manager, workdir)
     run = TrainRun(

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from unimmad_jax.models.unimmad import ModelOutput
+from unimmad_jax.packing import gather_pairs
 
 WEIGHTINGS = ("batch_mean", "per_sample")
 ANNEALINGS = ("reference", "paper")
@@ -47,10 +48,10 @@ def cosine_distance(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
 
 def decompression_loss(output: ModelOutput, loss_weight: jax.Array, cfg: LossConfig) -> jax.Array:
     """`L_DeC = 3 * mean over (level, valid pair) of mean_pixels(d * sg(d)^gamma) * weight`."""
-    num_pairs = output.pair_mask.shape[0]
-    pair_weight = jnp.repeat(loss_weight, num_pairs // loss_weight.shape[0])
     if cfg.weighting == "batch_mean":
-        pair_weight = jnp.full_like(pair_weight, jnp.mean(loss_weight))
+        pair_weight = jnp.full(output.pair_mask.shape, jnp.mean(loss_weight), loss_weight.dtype)
+    else:
+        pair_weight = gather_pairs(loss_weight, output.pairs)
     valid = output.pair_mask.astype(pair_weight.dtype)
     terms = []
     for prior, decompressed in zip(output.prior, output.decompressed):

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from unimmad_jax import calibrate, checkpoints, evaluate, sharding  # noqa: E402
+from unimmad_jax import calibrate, checkpoints, evaluate, packing, sharding  # noqa: E402
 from unimmad_jax.config import eval_datasets  # noqa: E402
 from unimmad_jax.data import InvalidDataError, eval_loader, load_modality  # noqa: E402
 from unimmad_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -154,7 +154,8 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
         dataset, _, split = source.partition(":")
         if not split:
             raise InvalidDataError(f"config.predict.input={source!r} is neither a folder nor <dataset>:<split>")
-        batches = eval_loader(config.data, dataset, split, batch_size=batch_size, shard_by_host=True)
+        groups = mesh.shape[sharding.DATA_AXIS]
+        batches = eval_loader(config.data, dataset, split, batch_size=batch_size, groups=groups, shard_by_host=True)
         name = f"{dataset.replace('/', '_')}_{split}"
     out_dir = epath.Path(workdir) / "predictions" / name
     main_process = sharding.is_main_process()
@@ -163,8 +164,8 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
     score_fn = evaluate.make_score_fn(model, mesh)
     rows, overlays, errors = [], [], []
     for batch in tqdm(batches, desc=f"predict {name}", disable=not (main_process and config.predict.max_overlays)):
-        inputs = sharding.to_global(batch, mesh, ("specific_images", "modality_mask"))
-        out = score_fn(variables, inputs["specific_images"], inputs["modality_mask"])
+        inputs = sharding.to_global(batch, mesh, sharding.MODEL_KEYS)
+        out = score_fn(variables, inputs["specific_images"], inputs["modality_mask"], packing.batch_pairs(inputs))
         # Every process holds the same rows, so all agree on whether to gather the overlay inputs.
         columns = _gathered_rows(batch, out, with_overlays=len(overlays) < config.predict.max_overlays)
         if "error" in columns:

@@ -23,9 +23,9 @@ import jax
 import numpy as np
 from etils import epath
 
-from unimmad_jax import images
+from unimmad_jax import images, packing
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Of the model folders this loader reads (`unimmad_jax.export.FORMAT_VERSION`)."""
 COLUMNS = ("path", "class", "label", "image_score", "normalized_score", "decision", "threshold")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -89,7 +89,10 @@ class Model:
         return index, name, row["modality_types"]
 
     def __call__(self, images: np.ndarray, mask: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return jax.tree_util.tree_map(np.asarray, self.exported.call(images, mask, rows))
+        """The model on a batch's valid pairs: the batch as one group, its budget exactly its valid pairs."""
+        pairs = packing.pack_pairs(mask, groups=1, budget=int(np.sum(mask)))
+        pair_fields = (pairs[key] for key in packing.PAIR_KEYS)
+        return jax.tree_util.tree_map(np.asarray, self.exported.call(images, mask, *pair_fields, rows))
 
 
 def read_image(path: epath.Path, image_size: int, resized: dict) -> np.ndarray:

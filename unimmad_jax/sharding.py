@@ -19,8 +19,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from unimmad_jax.packing import PAIR_KEYS
+
 DATA_AXIS = "data"
-DEVICE_KEYS = ("specific_images", "modality_mask", "loss_weight")
+MODEL_KEYS = ("specific_images", "modality_mask", *PAIR_KEYS)
+"""The batch fields the model reads (the pair fields only in packed batches, `unimmad_jax.packing`)."""
+DEVICE_KEYS = (*MODEL_KEYS, "loss_weight")
 """The batch fields a train step reads; the others stay on the host."""
 FSDP_MIN_BYTES = 2**14
 """Smaller arrays stay replicated with `train.fsdp`: biases and norm scales, 0.1 % of the full model's state
@@ -113,8 +117,9 @@ def per_host_batch_size(global_batch_size: int, mesh: Mesh, field: str) -> int:
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, keys=DEVICE_KEYS) -> dict[str, jax.Array]:
-    """This host's rows of `keys` -> global arrays split over the mesh."""
+    """This host's rows of `keys` -> global arrays split over the mesh; the pair fields where the batch has them."""
     sharding = batch_split(mesh)
+    keys = [k for k in keys if k in batch or k not in PAIR_KEYS]
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in keys}
 
 

@@ -16,7 +16,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from unimmad_jax import sharding
+from unimmad_jax import packing, sharding
 from unimmad_jax.losses import LossConfig, total_loss
 from unimmad_jax.models.unimmad import FROZEN, UniMMAD, abstract_variables
 
@@ -89,7 +89,10 @@ def abstract_train_state(model: UniMMAD, config: ml_collections.ConfigDict, step
 def train_step(
     model: UniMMAD, loss_cfg: LossConfig, state: TrainState, batch: dict[str, jax.Array], epoch: jax.Array
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a (global) batch; BatchNorm statistics are the batch's."""
+    """One optimizer step on a (global) batch; BatchNorm statistics are the batch's.
+
+    A packed batch (`unimmad_jax.packing`) runs the model on its pairs, another on every slot: the same step.
+    """
 
     def loss_fn(params):
         # Whole parameters for the layers: split ones (`train.fsdp`) are gathered here, where XLA's
@@ -100,6 +103,7 @@ def train_step(
             batch["specific_images"],
             batch["modality_mask"],
             train=True,
+            pairs=packing.batch_pairs(batch),
             mutable=["batch_stats"],
         )
         loss, parts = total_loss(out, batch["loss_weight"], epoch, loss_cfg)
@@ -109,15 +113,23 @@ def train_step(
     return state.apply_gradients(grads, batch_stats), {"loss": loss, **parts}
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The shapes, dtypes and shardings of a train step's batch (`sharding.DEVICE_KEYS`), every slot filled."""
+def abstract_batch(
+    config: ml_collections.ConfigDict, mesh: Mesh, global_batch: int, pair_budget: int | None = None
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes, dtypes and shardings of a train step's batch (`sharding.DEVICE_KEYS`): packed to `pair_budget`
+    pairs per device (`unimmad_jax.packing`), or, with None, every slot computed."""
     split = sharding.batch_split(mesh)
     size, slots = config.image_size, config.data.num_slots
-    return {
+    batch = {
         "specific_images": jax.ShapeDtypeStruct((global_batch, slots, size, size, 3), jnp.float32, sharding=split),
         "modality_mask": jax.ShapeDtypeStruct((global_batch, slots), jnp.bool_, sharding=split),
         "loss_weight": jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=split),
     }
+    if pair_budget is not None:
+        pairs = (mesh.shape[sharding.DATA_AXIS], pair_budget)
+        for key, dtype in zip(packing.PAIR_KEYS, (jnp.int32, jnp.int32, jnp.bool_)):
+            batch[key] = jax.ShapeDtypeStruct(pairs, dtype, sharding=split)
+    return batch
 
 
 def make_train_step(model: UniMMAD, loss_cfg: LossConfig, mesh: Mesh, placement: TrainState | None = None):

@@ -5,8 +5,10 @@
     python -m experiments.bench.benchmark --config=configs/unified.py --sweep --out-dir=bench/
 
 `infer` times the evaluation step (model, anomaly maps, blur, image scores); `train` the
-whole optimizer step.  Inputs are random, every one of the `--modalities` slots valid;
-weights are randomly initialised (speed does not depend on them).  The step is compiled
+whole optimizer step.  Inputs are random, `--modalities` of the `--slots` slots valid (default:
+`config.data.num_slots`, at least `--modalities`); with `config.data.pack_pairs` the batch carries
+exactly its valid pairs, one group per device, else every slot is computed.  Weights are randomly
+initialised (speed does not depend on them).  The step is compiled
 once, run `--warmup` times, then timed over `--steps` runs.
 """
 
@@ -25,6 +27,7 @@ from experiments.bench import resident_memory
 
 flags.DEFINE_integer("batch-size", 4, "Images per step.")
 flags.DEFINE_integer("modalities", 2, "Valid modality slots per image (1..4).")
+flags.DEFINE_integer("slots", None, "Modality slots per image, valid or padded (default: config.data.num_slots).")
 flags.DEFINE_integer("image-size", None, "Overrides config.image_size.")
 flags.DEFINE_enum("mode", "infer", ["infer", "train"], "What to time.")
 flags.DEFINE_integer("steps", 3, "Timed steps.")
@@ -52,32 +55,41 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
     return None
 
 
-def measure(config, batch_size: int, modalities: int, image_size: int, mode: str, steps: int, warmup: int) -> dict:
+def measure(
+    config, batch_size: int, modalities: int, image_size: int, mode: str, steps: int, warmup: int, slots: int | None
+) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from unimmad_jax import evaluate, sharding, train, weights
+    from unimmad_jax import evaluate, packing, sharding, train, weights
     from unimmad_jax.config import loss_config, model_config
     from unimmad_jax.models.unimmad import UniMMAD, init_variables
 
     config.image_size = image_size
     model = UniMMAD(model_config(config))
     mesh = sharding.data_mesh()
+    slots = max(modalities, slots or config.data.num_slots)
     rng = np.random.default_rng(0)
+    mask = np.broadcast_to(np.arange(slots) < modalities, (batch_size, slots))
     batch = {
-        "specific_images": rng.standard_normal((batch_size, modalities, image_size, image_size, 3), np.float32),
-        "modality_mask": np.ones((batch_size, modalities), bool),
+        "specific_images": rng.standard_normal((batch_size, slots, image_size, image_size, 3), np.float32)
+        * mask[..., None, None, None],
+        "modality_mask": mask,
         "loss_weight": np.ones(batch_size, np.float32),
     }
+    if config.data.pack_pairs:
+        groups = mesh.devices.size
+        batch |= packing.pack_pairs(mask, groups, batch_size // groups * modalities)
+    valid_images = batch["specific_images"][mask]
     batch = sharding.to_global(batch, mesh)
     if mode == "infer":
-        variables = jax.device_put(init_variables(model, config.seed, modalities), sharding.replicated(mesh))
+        variables = jax.device_put(init_variables(model, config.seed, slots), sharding.replicated(mesh))
         step = evaluate.make_score_fn(model, mesh)
-        args = (variables, batch["specific_images"], batch["modality_mask"])
+        args = (variables, batch["specific_images"], batch["modality_mask"], packing.batch_pairs(batch))
     else:
-        config.data.num_slots = modalities
-        images = np.asarray(batch["specific_images"]).reshape(-1, image_size, image_size, 3)
+        config.data.num_slots = slots
+        images = valid_images
         state = train.create_train_state(model, config, 1, weights.random_variables(model, config, images))
         state_sharding = sharding.state_sharding(state, mesh, config.train.fsdp)  # as the loop places it
         state = jax.device_put(state, state_sharding)
@@ -123,6 +135,8 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
         "mode": mode,
         "batch_size": batch_size,
         "modalities": modalities,
+        "slots": slots,
+        "packed": bool(config.data.pack_pairs),
         "image_size": image_size,
         "dtype": dtype,
         "device": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
@@ -145,7 +159,8 @@ def measure(config, batch_size: int, modalities: int, image_size: int, mode: str
 def describe(result: dict) -> str:
     fraction = "" if result["fraction_of_peak"] is None else f", {100 * result['fraction_of_peak']:.1f} % of peak"
     return (
-        f"{result['mode']} b={result['batch_size']} m={result['modalities']} {result['image_size']}px "
+        f"{result['mode']} b={result['batch_size']} m={result['modalities']} of {result['slots']} slots "
+        f"({'packed' if result['packed'] else 'padded'}) {result['image_size']}px "
         f"{result['dtype']} on {result['device']}: {result['images_per_s']:.3f} images/s, "
         f"{result['gflops_per_image']:.1f} GFLOPs/image, {result['achieved_tflops']:.3f} TFLOP/s{fraction}, "
         f"peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB, compile {result['compile_s']:.1f} s"
@@ -170,7 +185,12 @@ def sweep(config, out_dir: Path) -> list[dict]:
         for value in values:
             point = {**base, axis: value}
             result = measure(
-                config.copy_and_resolve_references(), mode=FLAGS.mode, steps=FLAGS.steps, warmup=FLAGS.warmup, **point
+                config.copy_and_resolve_references(),
+                mode=FLAGS.mode,
+                steps=FLAGS.steps,
+                warmup=FLAGS.warmup,
+                slots=FLAGS.slots,
+                **point,
             )
             result["axis"] = axis
             print(describe(result), flush=True)
@@ -216,6 +236,7 @@ def main(argv) -> int:
         FLAGS.mode,
         FLAGS.steps,
         FLAGS.warmup,
+        FLAGS.slots,
     )
     print(describe(result))
     if FLAGS.json:

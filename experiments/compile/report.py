@@ -193,6 +193,18 @@ def kernel_counts(hlo: str) -> dict:
     }
 
 
+def train_pair_budget(config, mesh, global_batch: int) -> int | None:
+    """The pairs per device of the packed train step `main` runs (`data.pack_pairs`), from the prepared
+    indexes or the builders' declarations (`dealing.training_records`); None without packing."""
+    from unimmad_jax.data.dealing import choose_pair_budget, training_records
+    from unimmad_jax.sharding import DATA_AXIS
+
+    if not config.data.pack_pairs:
+        return None
+    keys, counts, _ = training_records(config)
+    return choose_pair_budget(keys, counts, global_batch, mesh.shape[DATA_AXIS], config.data.num_slots).pairs
+
+
 def abstract_inputs(config, mode: str, mesh, model, global_batch: int):
     """ShapeDtypeStructs (with shardings) of the step's arguments, as the loop and evaluation pass them."""
     import jax
@@ -202,11 +214,11 @@ def abstract_inputs(config, mode: str, mesh, model, global_batch: int):
     from unimmad_jax.models.unimmad import abstract_variables
 
     replicated = sharding.replicated(mesh)
-    batch = train.abstract_batch(config, mesh, global_batch)
+    batch = train.abstract_batch(config, mesh, global_batch, train_pair_budget(config, mesh, global_batch))
     if mode == "eval":
         variables = abstract_variables(model.config, config.data.num_slots)
         variables = sharding.placed(variables, sharding.state_sharding(variables, mesh, fsdp=False))
-        return variables, batch["specific_images"], batch["modality_mask"]
+        return variables, batch["specific_images"], batch["modality_mask"], None
     abstract = train.abstract_train_state(model, config, steps_per_epoch=1)
     state = sharding.placed(abstract, sharding.state_sharding(abstract, mesh, config.train.fsdp))
     return state, batch, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
@@ -274,6 +286,7 @@ def step_description(config, mode: str, topology: str, device_kind: str, devices
         "dtype": config.model.dtype,
         "image_size": config.image_size,
         "num_slots": config.data.num_slots,
+        "pack_pairs": config.data.pack_pairs,
         "fsdp": config.train.fsdp,
     }
 

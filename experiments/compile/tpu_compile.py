@@ -10,7 +10,9 @@
 The step is the one `unimmad_jax.main` runs: `train.make_train_step` (or `evaluate.make_score_fn`
 with `--mode=eval`, and with `--metrics-images` the pixel metrics of one class as well) over a data
 mesh of the topology's devices, traced from shapes alone and compiled ahead of time by libtpu's
-compiler ("deviceless"): nothing is computed.  Reported per
+compiler ("deviceless"): nothing is computed.  With `data.pack_pairs` the train step is the packed
+one at the run's pair budget (`report.train_pair_budget`: from the prepared indexes, else from
+what the builders declare), the step almost every batch runs.  Reported per
 device: the peak HBM (arguments, outputs, code), XLA's FLOPs and bytes accessed, the share of
 those bytes that HBM serves (XLA's count includes the chip's on-chip memory, where the compiled
 layouts keep many buffers), the collectives of the compiled HLO with their bytes, roofline step
@@ -270,6 +272,7 @@ def print_report(result: dict) -> None:
         f"{result['mode']} step, {result['topology']} ({result['devices']} x {result['device_kind']}), "
         f"global batch {result['global_batch']} ({result['batch_per_device']} per device), "
         f"conv_impl={result['conv_impl']}, dtype={result['dtype']}, fsdp={result['fsdp']}, "
+        f"pack_pairs={result['pack_pairs']}, "
         f"compiled in {result['compile_s']} s"
     )
     if "error" in result:

@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from unimmad_jax import sharding  # noqa: E402
+from unimmad_jax import packing, sharding  # noqa: E402
 from unimmad_jax.models import cmoe, layers  # noqa: E402
 
 flags.DEFINE_string("topology", "v5e:2x4", "A TPU topology, e.g. v5e:2x4, v4:2x2x2.")
@@ -56,9 +56,11 @@ def module_layer(module, input_shape) -> Form:
 def pair_conv_layer(kernel: int, forms: layers.LayerForms, batch: int) -> Form:
     """The C-MoE's per-pair convolution at level 0: 64 x 64, 256 channels, one kernel a (sample, slot) pair."""
     weights = jax.ShapeDtypeStruct((batch * SLOTS, kernel, kernel, 256, 256), DTYPE)
-    return Form(
-        lambda w, x: cmoe.pair_conv(x, w, forms.per_sample_conv), weights, (batch, 64, 64, 256), per_sample_weights=True
-    )
+
+    def conv(w, x):
+        return cmoe.pair_conv(x, w, packing.full_pairs(jnp.ones((batch, SLOTS), bool)), forms.per_sample_conv)
+
+    return Form(conv, weights, (batch, 64, 64, 256), per_sample_weights=True)
 
 
 def layer_rows(batch: int) -> dict[str, dict[str, Form]]:

@@ -8,7 +8,8 @@ See docs/parity.md for the cases and the tolerances.
 DIR is a model checkpoint written by `python -m unimmad_jax.convert official` from a reference
 checkpoint folder with the case's weights.  A single-step case holds the reference's inputs and
 outputs: eval-mode features, gates, maps and scores; train-mode losses in float32 and float64;
-float64 gradients of the total loss.  A trajectory case (it has `train_losses`) holds the batches
+float64 gradients of the total loss.  The model runs on the valid pairs only, packed
+(`unimmad_jax.packing`) as the loaders pack them.  A trajectory case (it has `train_losses`) holds the batches
 of a short training run of the reference in float64: it is replayed with the project's own
 training step, optimizer and schedule, then compared step by step (losses, learning rates), by
 BatchNorm buffer and parameter change, and by the eval-mode maps and scores after training;
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from unimmad_jax import anomaly_map, convert, sharding, train, weights
+from unimmad_jax import anomaly_map, convert, packing, sharding, train, weights
 from unimmad_jax.config import default_config, loss_config
 from unimmad_jax.losses import LossConfig, total_loss
 from unimmad_jax.models.layers import CONV_IMPLS
@@ -72,13 +73,23 @@ def case_inputs(case, prefix: str = "", slots: int | None = None) -> tuple[np.nd
     return images, mask
 
 
+def packed_pairs(mask: np.ndarray, budget: int | None = None) -> dict[str, np.ndarray]:
+    """The pair fields of a batch as one group of `budget` pairs (default: exactly its valid pairs)."""
+    return packing.pack_pairs(mask, groups=1, budget=int(mask.sum()) if budget is None else budget)
+
+
 def reference_pairs(case, mask: np.ndarray) -> np.ndarray:
-    """Our pair index (`b * S + s`) of each of the reference's pairs, in the reference's order."""
+    """Our packed pair (`packed_pairs(mask)`) of each of the reference's pairs, in the reference's order."""
     slots = mask.shape[1]
     ours = case["pair_sample"] * slots + case["pair_slot"]
     if not mask.reshape(-1)[ours].all() or len(ours) != mask.sum():
         raise SystemExit("the case's pairs (pair_sample, pair_slot) are not its valid modality slots")
-    return ours
+    # Packed pairs are the valid (sample, slot) in sample-major order: a pair's rank among them.
+    return np.searchsorted(np.flatnonzero(mask.reshape(-1)), ours)
+
+
+def pair_index(fields: dict[str, np.ndarray]) -> packing.PairIndex:
+    return packing.PairIndex(*(jnp.asarray(fields[key]) for key in packing.PAIR_KEYS))
 
 
 def channels_first(x) -> np.ndarray:
@@ -127,13 +138,13 @@ def compare_eval(model, variables, images, mask, case, valid, report: Report) ->
     batch = images.shape[0]
 
     @jax.jit
-    def run(variables, images, mask):
-        out = model.apply(variables, images, mask, train=False)
+    def run(variables, images, mask, pairs):
+        out = model.apply(variables, images, mask, train=False, pairs=pairs)
         raw = anomaly_map.raw_anomaly_map(out, batch, model.config.image_size)
         blurred = anomaly_map.blur(raw)
         return out, raw, blurred, anomaly_map.image_score(blurred)
 
-    out, raw, blurred, score = run(variables, jnp.asarray(images), jnp.asarray(mask))
+    out, raw, blurred, score = run(variables, jnp.asarray(images), jnp.asarray(mask), pair_index(packed_pairs(mask)))
     for level in range(len(out.prior)):
         report.max_abs(
             f"eval_prior_l{level}",
@@ -164,10 +175,9 @@ def compare_eval(model, variables, images, mask, case, valid, report: Report) ->
 
 
 def train_loss_fn(model):
-    def loss(params, batch_stats, images, mask, loss_weight, epoch):
-        out, _ = model.apply(
-            {"params": params, "batch_stats": batch_stats}, images, mask, train=True, mutable=["batch_stats"]
-        )
+    def loss(params, batch_stats, images, mask, pairs, loss_weight, epoch):
+        variables = {"params": params, "batch_stats": batch_stats}
+        out, _ = model.apply(variables, images, mask, train=True, pairs=pairs, mutable=["batch_stats"])
         return total_loss(out, loss_weight, epoch, REFERENCE_LOSS)
 
     return loss
@@ -181,6 +191,7 @@ def compare_train(model, variables, images, mask, case, report: Report, gradient
         variables["batch_stats"],
         jnp.asarray(images),
         jnp.asarray(mask),
+        pair_index(packed_pairs(mask)),
         jnp.asarray(case["loss_weight"]),
         jnp.asarray(case["epoch"]),
     )
@@ -203,13 +214,13 @@ def compare_train(model, variables, images, mask, case, report: Report, gradient
         report.relative(key, by_name[key], case[key], TOLERANCES["grad64"], measure="rel-L2")
 
 
-def trajectory_slots(case, steps: int) -> int:
-    """One slot count for every batch of the run and the evaluation: one compilation each."""
-    prefixes = [f"batch{i}/" for i in range(steps)] + ["eval_batch/"]
-    return max(int(case[f"{p}modality_num"].max()) for p in prefixes)
+def trajectory_slots(case, steps: int) -> tuple[int, int]:
+    """One slot count and one budget of pairs for every batch of the run: one compilation."""
+    counts = [case[f"batch{i}/modality_num"] for i in range(steps)]
+    return max(int(c.max()) for c in [*counts, case["eval_batch/modality_num"]]), max(int(c.sum()) for c in counts)
 
 
-def replay_training(model: UniMMAD, variables: dict, case, dtype, slots: int):
+def replay_training(model: UniMMAD, variables: dict, case, dtype, slots: int, budget: int):
     """The case's batches through the project's training step (as `unimmad_jax.loop` builds it, for
     `train.num_epochs` = the case's epochs) on one device; returns the final state, the per-step
     losses `[steps, 3]` and learning rates."""
@@ -235,6 +246,7 @@ def replay_training(model: UniMMAD, variables: dict, case, dtype, slots: int):
             "specific_images": jnp.asarray(images, dtype),
             "modality_mask": jnp.asarray(mask),
             "loss_weight": jnp.asarray(case[f"batch{step}/loss_weight"], dtype),
+            **packed_pairs(mask, budget),
         }
         rates.append(float(schedule(step)))
         start = time.perf_counter()
@@ -248,22 +260,27 @@ def evaluate_one_by_one(model: UniMMAD, variables: dict, images, mask):
     """Eval-mode raw and blurred maps `[B, H, W]` and image scores `[B]`, one sample at a time as the reference."""
 
     @jax.jit
-    def run(variables, images, mask):
-        raw = anomaly_map.raw_anomaly_map(model.apply(variables, images, mask, train=False), 1, model.config.image_size)
+    def run(variables, images, mask, pairs):
+        out = model.apply(variables, images, mask, train=False, pairs=pairs)
+        raw = anomaly_map.raw_anomaly_map(out, 1, model.config.image_size)
         blurred = anomaly_map.blur(raw)
         return raw, blurred, anomaly_map.image_score(blurred)
 
-    outputs = [run(variables, images[b : b + 1], mask[b : b + 1]) for b in range(images.shape[0])]
+    # Each sample with as many pairs as slots (padding pairs where it has fewer): one compilation.
+    outputs = [
+        run(variables, images[b : b + 1], mask[b : b + 1], pair_index(packed_pairs(mask[b : b + 1], mask.shape[1])))
+        for b in range(images.shape[0])
+    ]
     return [np.concatenate([np.asarray(o[i]) for o in outputs]) for i in range(3)]
 
 
 def compare_trajectory(model: UniMMAD, variables: dict, case, report: Report, dtype, drift_only: bool) -> None:
     tolerances = {k: np.inf for k in TRAJECTORY_TOLERANCES} if drift_only else TRAJECTORY_TOLERANCES
     steps = int(case["epochs"]) * int(case["steps_per_epoch"])
-    slots = trajectory_slots(case, steps)
+    slots, budget = trajectory_slots(case, steps)
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), variables)
     initial = jax.tree_util.tree_map(np.array, variables["params"])  # the step donates the state
-    state, losses, rates = replay_training(model, variables, case, dtype, slots)
+    state, losses, rates = replay_training(model, variables, case, dtype, slots, budget)
 
     for step in range(steps):
         for column, name in enumerate(STEP_LOSSES):

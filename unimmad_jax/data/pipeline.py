@@ -5,9 +5,7 @@ size ``B``, ``S = config.num_slots`` and ``H = W = config.image_size``:
 
 - ``specific_images`` float32 ``[B, S, H, W, 3]``: each modality preprocessed
   by type (`unimmad_jax.data.preprocess`); slots past the sample's modality
-  count are zero. Training batches bucketed by modality count
-  (``bucket_by_modality_count``) have S = the most modalities of a sample of
-  the global batch, which varies from batch to batch.
+  count are zero.
 - ``modality_mask`` bool ``[B, S]``: True for the sample's slots (the first).
 - ``loss_weight`` float32 ``[B]``: ``config.loss_weights[<record's dataset>]``
   (1 for datasets not listed).
@@ -18,6 +16,10 @@ size ``B``, ``S = config.num_slots`` and ``H = W = config.image_size``:
   ``modality_types`` (comma-separated, in slot order) (numpy unicode ``[B]``)
   and ``valid`` bool ``[B]`` (False for the padding
   rows of the last evaluation batch, which repeat the split's last sample).
+- with ``pack_pairs``: ``pair_sample``, ``pair_slot`` int32 and ``pair_valid``
+  bool ``[G_local, Pg]``, the (sample, slot) pairs the model computes
+  (`unimmad_jax.packing`), G_local = this host's groups (devices along the
+  data axis), Pg = the batch's pair budget per group (`dealing.PairBudget`).
 
 ``config`` is ``config.data`` of the project's configs, as made by
 `default_data_config`:
@@ -38,11 +40,12 @@ size ``B``, ``S = config.num_slots`` and ``H = W = config.image_size``:
 - ``replay_classes``: optional ``{dataset name: (class, ...)}`` of earlier
   tasks (continual learning) of which training draws only the first
   ``replay_per_class`` records of each class, beside ``datasets``.
-- ``bucket_by_modality_count``: training batches of one modality count each
-  (`bucket_by_modality_count`), so that padded slots cost no pair compute. Off
-  by default: the reference trains on mixed batches, and batches of one
-  modality count change the BatchNorm batch statistics and the loss's
-  batch-mean weighting that a step sees, i.e. the training recipe.
+- ``pack_pairs``: batches carry their valid (sample, slot) pairs, so that
+  padded slots cost no pair compute. Training deals each global batch's
+  samples to the groups by modality count (`dealing.deal_by_modality_count`)
+  and packs it to the run's pair budget, or to the full budget when it does
+  not fit; evaluation packs every batch of a split to one budget that fits
+  them all. False: no pair fields, every slot computed.
 - ``num_read_threads``: threads reading and preprocessing (0: in the caller).
 - ``prefetch_batches``: batches read ahead per host.
 """
@@ -61,7 +64,16 @@ import jax
 import ml_collections
 import numpy as np
 
+from unimmad_jax import packing
 from unimmad_jax.data import preprocess, schema
+from unimmad_jax.data.dealing import (
+    PairBudget,
+    choose_pair_budget,
+    class_balanced_probabilities,
+    deal_by_modality_count,
+    eval_pair_budget,
+    group_pairs,
+)
 from unimmad_jax.data.prepared import PreparedSplit, open_split
 from unimmad_jax.data.schema import InvalidDataError
 
@@ -88,7 +100,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.loss_weights = ml_collections.ConfigDict(DEFAULT_LOSS_WEIGHTS)
     config.replay_classes = ml_collections.ConfigDict()
     config.replay_per_class = 0
-    config.bucket_by_modality_count = False
+    config.pack_pairs = True
     config.num_read_threads = 8
     config.prefetch_batches = 4
     return config
@@ -257,38 +269,15 @@ def _global_position(step: int, row: int, batch_size: int, process_index: int, p
     return (step * process_count + process_index) * batch_size + row
 
 
-def bucket_by_modality_count(
-    draws: np.ndarray, counts: np.ndarray, batch_size: int, num_batches: int, rng: np.random.Generator
-) -> np.ndarray:
-    """`num_batches` batches `[num_batches, batch_size]` of `draws`, all but a few of one modality count.
-
-    The draws of each modality count (`counts`, one per draw) make batches in draw order; the
-    leftovers of every count (fewer than `batch_size` each), pooled in draw order, make the mixed
-    batches that the count's full batches leave to fill; `rng` shuffles the order of all batches.
-    At most (number of counts - 1) batches are mixed, and the draws left out are leftovers.
-    """
-    full, leftovers = [], []
-    for count in np.unique(counts):
-        group = np.flatnonzero(counts == count)  # indices into `draws`, in draw order
-        whole = len(group) // batch_size * batch_size
-        full.append(draws[group[:whole]].reshape(-1, batch_size))
-        leftovers.append(group[whole:])
-    full = np.concatenate(full)  # at most num_batches: they hold at most all the draws
-    mixed = num_batches - len(full)
-    pooled = draws[np.sort(np.concatenate(leftovers))][: mixed * batch_size]
-    batches = np.concatenate([full, pooled.reshape(mixed, batch_size)])
-    return batches[rng.permutation(num_batches)]
-
-
 class BalancedDraws:
-    """The global training batches of every epoch: which records, and how many modality slots.
+    """The global training batches of every epoch: which records, in which order, and their pair budgets.
 
     Epoch e draws as many records as there are, with replacement, record i with probability
     1 / (number of classes * size of i's class), from a generator seeded by (seed, e). Its
-    `steps_per_epoch` global batches of G = `global_batch_size` records are its first draws in
-    order, every sample padded to `num_slots`; or, with `bucket`, the draws grouped by modality
-    count (`bucket_by_modality_count`, shuffled by the same generator), every sample padded to the
-    most modalities of a sample of its global batch.
+    `steps_per_epoch` global batches of N = `global_batch_size` records are its first draws in
+    order; with `groups`, each batch dealt to the groups (`deal_by_modality_count`: the same
+    records in another order) and packed to `pair_budget` pairs per group, or to its full budget
+    when a group has more pairs.
     """
 
     def __init__(
@@ -298,46 +287,52 @@ class BalancedDraws:
         seed: int,
         global_batch_size: int,
         num_slots: int,
-        bucket: bool,
+        groups: int | None,
     ):
-        _, class_ids, class_sizes = np.unique(
-            np.array([f"{d}\0{c}" for d, c in class_keys]),
-            return_inverse=True,
-            return_counts=True,
-        )
-        probabilities = 1.0 / class_sizes[class_ids]
-        self.probabilities = probabilities / probabilities.sum()
+        self.probabilities = class_balanced_probabilities(class_keys)
         self.modality_counts = np.asarray(modality_counts)
         self.seed = seed
         self.global_batch_size = global_batch_size
         self.steps_per_epoch = len(class_keys) // global_batch_size
-        self.num_slots = num_slots
-        self.bucket = bucket
+        self.groups = groups
+        self.pair_budget: PairBudget | None = None
+        if groups is not None and self.steps_per_epoch:
+            self.pair_budget = choose_pair_budget(
+                class_keys, self.modality_counts, global_batch_size, groups, num_slots
+            )
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 (one sampler per run: keeping it alive costs nothing)
-    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The record positions `[steps_per_epoch, G]` of `epoch`'s global batches and their slot counts."""
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The record positions `[steps_per_epoch, N]` of `epoch`'s global batches and their pair budgets per group.
+
+        The budgets `[steps_per_epoch]` are None without `groups`.
+        """
         rng = np.random.default_rng([self.seed, epoch])
         size = len(self.probabilities)
         draws = rng.choice(size, size=size, replace=True, p=self.probabilities)
-        steps, batch_size = self.steps_per_epoch, self.global_batch_size
-        if not self.bucket:
-            return draws[: steps * batch_size].reshape(steps, batch_size), np.full(steps, self.num_slots)
-        batches = bucket_by_modality_count(draws, self.modality_counts[draws], batch_size, steps, rng)
-        return batches, self.modality_counts[batches].max(axis=1)
+        batches = draws[: self.steps_per_epoch * self.global_batch_size].reshape(self.steps_per_epoch, -1)
+        if self.pair_budget is None:
+            return batches, None
+        batches = np.take_along_axis(batches, deal_by_modality_count(self.modality_counts[batches], self.groups), 1)
+        most = group_pairs(self.modality_counts[batches], self.groups).max(axis=1)
+        return batches, np.array([self.pair_budget.for_batch(pairs) for pairs in most])
 
 
 def _host_reads(draws: BalancedDraws, batch_size: int, process_index: int, process_count: int):
-    """This host's sample counter -> (record position, slots of its global batch), epoch after epoch."""
+    """This host's sample counter -> record position, epoch after epoch."""
 
-    def read(counter: int) -> tuple[int, int]:
+    def read(counter: int) -> int:
         step, row = divmod(counter, batch_size)
         epoch, step_in_epoch = divmod(step, draws.steps_per_epoch)
-        batches, slots = draws.epoch(epoch)
-        position = _global_position(step_in_epoch, row, batch_size, process_index, process_count)
-        return int(batches.reshape(-1)[position]), int(slots[step_in_epoch])
+        batches, _ = draws.epoch(epoch)
+        return int(batches.reshape(-1)[_global_position(step_in_epoch, row, batch_size, process_index, process_count)])
 
     return read
+
+
+def _step_budget(draws: BalancedDraws, step: int) -> int:
+    epoch, step_in_epoch = divmod(step, draws.steps_per_epoch)
+    return int(draws.epoch(epoch)[1][step_in_epoch])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,25 +347,38 @@ class TrainLoader:
         host; epoch e is global steps [e * steps_per_epoch, (e + 1) * ...).
       epoch_size: training records of all datasets (draws per epoch).
       global_batch_size: per-host batch size * process count.
+      draws: the global batches (`BalancedDraws`); its `pair_budget` is None
+        without `pack_pairs`.
     """
 
     iterator: grain.DatasetIterator
     steps_per_epoch: int
     epoch_size: int
     global_batch_size: int
+    draws: BalancedDraws
 
     def seek(self, step: int) -> None:
         """The next batch is this host's share of global step `step`."""
         grain.experimental.set_next_index(self.iterator, step)
 
+    @property
+    def pair_budget(self) -> int | None:
+        """The pairs per group of a batch that fits the budget; None without packing."""
+        return None if self.draws.pair_budget is None else self.draws.pair_budget.pairs
+
+    def overflow_steps(self, epoch: int) -> int:
+        """The steps of `epoch` whose batch does not fit the pair budget and runs with the full one."""
+        budgets = self.draws.epoch(epoch)[1]
+        return 0 if budgets is None else int((budgets != self.draws.pair_budget.pairs).sum())
+
 
 def first_training_images(config: ml_collections.ConfigDict, *, seed: int, batch_size: int) -> np.ndarray:
     """The valid modality images `[n, H, W, 3]` of the first global training batch of `batch_size` samples.
 
-    Read whole on every host, whatever the number of hosts, so that what is computed from them is a
-    function of the config alone.
+    Read whole on every host, whatever the number of hosts and devices (one group: the draw order),
+    so that what is computed from them is a function of the config alone.
     """
-    loader = train_loader(config, seed=seed, batch_size=batch_size, process_index=0, process_count=1)
+    loader = train_loader(config, seed=seed, batch_size=batch_size, groups=1, process_index=0, process_count=1)
     batch = next(loader.iterator)
     return batch["specific_images"][batch["modality_mask"]]
 
@@ -380,6 +388,7 @@ def train_loader(
     *,
     seed: int,
     batch_size: int,
+    groups: int = 1,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> TrainLoader:
@@ -389,19 +398,21 @@ def train_loader(
       config: `config.data` (see module docstring).
       seed: the global seed; the draws of epoch e depend on (seed, e) only.
       batch_size: per-host batch size B.
+      groups: the pair groups of a global batch, the devices along the mesh's data axis (all hosts).
       process_index: this host (default `jax.process_index()`).
       process_count: hosts (default `jax.process_count()`).
     """
     process_index, process_count = _hosts(process_index, process_count)
     catalog = _with_replay(config, _open_catalog(config, config.datasets, "train"))
     global_batch_size = batch_size * process_count
+    local_groups = _local_groups(groups, batch_size, process_count)
     draws = BalancedDraws(
         catalog.class_keys,
         catalog.modality_counts,
         seed,
         global_batch_size,
         config.num_slots,
-        bucket=config.bucket_by_modality_count,
+        groups=groups if config.pack_pairs else None,
     )
     if draws.steps_per_epoch == 0:
         raise InvalidDataError(
@@ -412,11 +423,29 @@ def train_loader(
     reader = _SampleReader(catalog, config.image_size, dict(config.loss_weights), with_masks=False)
     batches = (
         grain.MapDataset.range(sys.maxsize)
-        .map(lambda counter: reader(*read(counter)))
+        .map(lambda counter: reader(read(counter), config.num_slots))
         .batch(batch_size, drop_remainder=True, batch_fn=_stack)
     )
+    if config.pack_pairs:
+        batches = batches.map_with_index(
+            lambda step, batch: _with_pairs(batch, local_groups, _step_budget(draws, step))
+        )
     iterator = iter(batches.to_iter_dataset(_read_options(config)))
-    return TrainLoader(iterator, draws.steps_per_epoch, len(catalog), global_batch_size)
+    return TrainLoader(iterator, draws.steps_per_epoch, len(catalog), global_batch_size, draws)
+
+
+def _local_groups(groups: int, batch_size: int, process_count: int) -> int:
+    """This host's share of the `groups` pair groups; every group has the same rows."""
+    if groups <= 0 or groups % process_count or batch_size % (groups // process_count):
+        raise ValueError(
+            f"{groups} pair groups (devices along the data axis) do not split over {process_count} hosts "
+            f"of {batch_size} samples each into groups of equal rows"
+        )
+    return groups // process_count
+
+
+def _with_pairs(batch: Batch, groups: int, budget: int) -> Batch:
+    return {**batch, **packing.pack_pairs(batch["modality_mask"], groups, budget)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,6 +472,7 @@ def eval_loader(
     split: str = "test",
     *,
     batch_size: int,
+    groups: int = 1,
     classes: Sequence[str] | None = None,
     shard_by_host: bool = False,
     process_index: int | None = None,
@@ -458,6 +488,8 @@ def eval_loader(
       dataset: a prepared dataset name, e.g. 'mvtec3d' or 'mmad_meta/brats'.
       split: 'train', 'validation' or 'test'.
       batch_size: per-host batch size.
+      groups: the pair groups of a batch over all the hosts it is split over, the devices along the
+        mesh's data axis.
       classes: the classes to keep (default: `config.classes[dataset]`, else all).
       shard_by_host: split the samples over hosts (each gets the same number of
         batches) instead of giving every host all of them.
@@ -487,4 +519,8 @@ def eval_loader(
         .map(read)
         .batch(batch_size, drop_remainder=True, batch_fn=_stack)
     )
+    if config.pack_pairs:
+        local_groups = _local_groups(groups, batch_size, process_count)
+        budget = eval_pair_budget(catalog.modality_counts, batch_size, process_count, local_groups)
+        batches = batches.map(lambda batch: _with_pairs(batch, local_groups, budget))
     return EvalLoader(batches, _read_options(config), num_batches, num_examples)

@@ -1,9 +1,10 @@
 """Cross Mixture-of-Experts (docs/model.md#c-moe): router, MoE-in-MoE branches (MiMoE) and the C-MoE of one level.
 
-Pairs are packed sample-major, `p = b * S + s`, so that sharding the batch shards the pairs.
-Every pair is computed (static shapes); `pair_mask` keeps padded pairs out of every statistic,
-loss and valid output.  Routing is dense (a `[P, R]` gate), and a branch runs one convolution
-per pair with its experts (and possibly `post`) composed into one kernel.
+The C-MoE computes the P pairs of a `packing.PairIndex`, grouped as the batch is split over the
+devices (`unimmad_jax.packing`).  The per-sample parts run once per sample and are gathered to
+the pairs; `pairs.mask` keeps padding pairs out of every statistic, loss and valid output.
+Routing is dense (a `[P, R]` gate), and a branch runs one convolution per pair with its experts
+(and possibly `post`) composed into one kernel.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from unimmad_jax.models.layers import ConvNormAct, Dtype, LayerForms, ModuleDef, NormAct, gelu
+from unimmad_jax.packing import PairIndex, gather_pairs
 
 ROUTER_CONDITIONS = ("cross", "specific")
 """What the routers' condition sees: the general feature and the specific prior, or the prior only (an ablation)."""
@@ -79,18 +81,13 @@ def fold_post(pixels: int, k: int, channels: int, pairs: int) -> bool:
     return folded <= after
 
 
-def pair_conv(x: jax.Array, kernels: jax.Array, per_sample_conv: Callable) -> jax.Array:
-    """`x [B, h, w, C]` per sample, `kernels [P, k, k, C, O]` per pair (P = B * S) -> `[P, h, w, O]`.
+def pair_conv(x: jax.Array, kernels: jax.Array, pairs: PairIndex, per_sample_conv: Callable) -> jax.Array:
+    """`x [B, h, w, C]` per sample, `kernels [P, k, k, C, O]` per pair -> `[P, h, w, O]`.
 
-    Sample b's S pair kernels side by side: one `per_sample_conv` (`layers.per_sample_conv` or its
-    CPU form) yields all its pairs.
+    Each pair's sample's feature, convolved with the pair's own kernel by one `per_sample_conv`
+    (`layers.per_sample_conv` or its CPU form) over the P pairs.
     """
-    num_samples, height, width, _ = x.shape
-    pairs, k, _, channels, out = kernels.shape
-    slots = pairs // num_samples
-    per_sample = kernels.reshape(num_samples, slots, k, k, channels, out).transpose(0, 2, 3, 4, 1, 5)
-    y = per_sample_conv(x, per_sample.reshape(num_samples, k, k, channels, slots * out))
-    return y.reshape(num_samples, height, width, slots, out).transpose(0, 3, 1, 2, 4).reshape(pairs, height, width, out)
+    return per_sample_conv(gather_pairs(x, pairs), kernels)
 
 
 class MiMoE(nn.Module):
@@ -109,8 +106,10 @@ class MiMoE(nn.Module):
     dtype: Dtype = None
 
     @nn.compact
-    def __call__(self, general_map: jax.Array, stats: jax.Array, base: jax.Array) -> tuple[jax.Array, Routing]:
-        """`general_map [B, h, w, C]` per sample, `stats [P, C]` per pair (P = B * S), `base [N, k, k, C, C]`."""
+    def __call__(
+        self, general_map: jax.Array, stats: jax.Array, base: jax.Array, pairs: PairIndex
+    ) -> tuple[jax.Array, Routing]:
+        """`general_map [B, h, w, C]` per sample, `stats [P, C]` per pair of `pairs`, `base [N, k, k, C, C]`."""
         c, k = self.embed_dim, self.kernel
         x = ConvNormAct(c, self.conv, self.norm, name="pre")(general_map)
         routing = Router(self.router_num, self.top_k, self.dtype, name="router")(stats)
@@ -126,18 +125,18 @@ class MiMoE(nn.Module):
         routed = jnp.einsum("pnc,nhwic->phwic", mixing, base.astype(dtype))
         if fold_post(x.shape[1] * x.shape[2], k, c, routed.shape[0]):
             kernels = jnp.einsum("hwic,co->hwio", fixed, post[:c]) + jnp.einsum("phwic,co->phwio", routed, post[c:])
-            y = pair_conv(x, kernels, self.per_sample_conv)
+            y = pair_conv(x, kernels, pairs, self.per_sample_conv)
         else:
             kernels = jnp.concatenate([jnp.broadcast_to(fixed, routed.shape), routed], axis=-1)
-            y = jnp.einsum("phwc,co->phwo", pair_conv(x, kernels, self.per_sample_conv), post)
+            y = jnp.einsum("phwc,co->phwo", pair_conv(x, kernels, pairs, self.per_sample_conv), post)
         return NormAct(self.norm, name="post_norm")(y), routing
 
 
 class PairConcatConv(nn.Module):
-    """`conv_kxk(cat[per-sample features repeated for each of its pairs, per-pair features])`, no bias.
+    """`conv_kxk(cat[each pair's sample's per-sample features, per-pair features])`, no bias.
 
     A convolution of a concatenation is the sum of each part's convolution, so the per-sample
-    part runs once per sample rather than once per pair.  With `pair_only` the per-sample part
+    part runs once per sample and is gathered to its pairs.  With `pair_only` the per-sample part
     is left out, as if it were zero; the kernel keeps its shape, so the parameters are the same.
     """
 
@@ -147,7 +146,7 @@ class PairConcatConv(nn.Module):
     pair_only: bool = False
 
     @nn.compact
-    def __call__(self, per_sample: jax.Array, per_pair: jax.Array) -> jax.Array:
+    def __call__(self, per_sample: jax.Array, per_pair: jax.Array, pairs: PairIndex) -> jax.Array:
         split = per_sample.shape[-1]
         kernel = self.param(
             "kernel",
@@ -162,15 +161,15 @@ class PairConcatConv(nn.Module):
                 x, w, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
             )
 
-        slots = per_pair.shape[0] // per_sample.shape[0]
         sample_kernel, pair_kernel = jnp.split(kernel, [split], axis=2)
         if self.pair_only:
             return conv(per_pair, pair_kernel)
-        return jnp.repeat(conv(per_sample, sample_kernel), slots, axis=0) + conv(per_pair, pair_kernel)
+        return gather_pairs(conv(per_sample, sample_kernel), pairs) + conv(per_pair, pair_kernel)
 
 
 class CrossMoE(nn.Module):
-    """The C-MoE of one level: general feature `[B, h, w, D]` and pair priors `[P, h, w, D]` -> `[P, h, w, D]`.
+    """The C-MoE of one level: general feature `[B, h, w, D]` and the priors `[P, h, w, D]` of `pairs`
+    -> `[P, h, w, D]`.
 
     Returns the decompressed pair features, the level's load-balance loss (summed over its
     branches) and each branch's routing.
@@ -188,8 +187,9 @@ class CrossMoE(nn.Module):
 
     @nn.compact
     def __call__(
-        self, general: jax.Array, prior: jax.Array, pair_mask: jax.Array, train: bool
+        self, general: jax.Array, prior: jax.Array, pairs: PairIndex, train: bool
     ) -> tuple[jax.Array, jax.Array, list[Routing]]:
+        pair_mask = pairs.mask
         c, dtype = self.embed_dim, self.forms.dtype
         conv, norm = self.forms.conv, self.forms.group_norm
         conv_norm_act = functools.partial(ConvNormAct, conv=conv, norm=norm)
@@ -197,7 +197,7 @@ class CrossMoE(nn.Module):
         general_map = conv_norm_act(c, name="key")(general)
         prior_map = conv_norm_act(c, name="query")(prior)
         pair_only = self.router_condition == "specific"
-        cond = PairConcatConv(c, dtype=dtype, pair_only=pair_only, name="cond_conv")(general_map, prior_map)
+        cond = PairConcatConv(c, dtype=dtype, pair_only=pair_only, name="cond_conv")(general_map, prior_map, pairs)
         cond = self.forms.batch_norm(train, name="cond_bn")(cond, mask=pair_mask[:, None, None, None])
         cond = NormAct(norm, name="cond_act")(gelu(cond))
         cond = conv_norm_act(c, name="cond_proj")(cond)
@@ -213,7 +213,7 @@ class CrossMoE(nn.Module):
             branch = MiMoE(
                 k, c, self.router_num, self.top_k, conv, norm, self.forms.per_sample_conv, dtype, name=f"mimoe_k{k}"
             )
-            out, routing = branch(general_map, stats, base)
+            out, routing = branch(general_map, stats, base, pairs)
             outputs.append(out)
             routings.append(routing)
         y = conv_norm_act(self.features, name="out")(jnp.concatenate(outputs, axis=-1))

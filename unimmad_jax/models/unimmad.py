@@ -15,6 +15,7 @@ from unimmad_jax.models.embedding import InputEmbedding
 from unimmad_jax.models.fcm import FeatureCompressorDecoder
 from unimmad_jax.models.layers import CONV_IMPLS, l2_normalize, layer_forms
 from unimmad_jax.models.wide_resnet import EXPANSION, WideResNetFeatures
+from unimmad_jax.packing import PairIndex, full_pairs, pair_images
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 """What the layers may compute in (docs/model.md#compute-dtype); parameters stay float32."""
@@ -87,7 +88,7 @@ class ModelConfig:
 
 
 class ModelOutput(NamedTuple):
-    """Per level l: `prior[l]`, `decompressed[l]` `[P, h, w, D]` for the P = B * S pairs, `p = b * S + s`.
+    """Per level l: `prior[l]`, `decompressed[l]` `[P, h, w, D]` for the P pairs of `pairs` (`packing.PairIndex`).
 
     `pair_mask [P]` marks valid pairs; `moe_loss [levels]` is each C-MoE's load-balance loss;
     `routing[l][branch]` the routers' decisions.
@@ -98,6 +99,7 @@ class ModelOutput(NamedTuple):
     pair_mask: jax.Array
     moe_loss: jax.Array
     routing: list[list[Routing]]
+    pairs: PairIndex
 
 
 def share_image(specific_images: jax.Array, max_modalities: int) -> jax.Array:
@@ -108,7 +110,12 @@ def share_image(specific_images: jax.Array, max_modalities: int) -> jax.Array:
 
 
 class UniMMAD(nn.Module):
-    """`specific_images [B, S, H, W, 3]` and `modality_mask [B, S]` (S <= max_modalities) -> `ModelOutput`."""
+    """`specific_images [B, S, H, W, 3]` and `modality_mask [B, S]` (S <= max_modalities) -> `ModelOutput`.
+
+    `pairs` (`unimmad_jax.packing`) are the (sample, slot) pairs the prior and the C-MoEs compute, the
+    valid ones of `modality_mask`; None computes every slot of every sample (`packing.full_pairs`).
+    Both give the same valid outputs, statistics and losses.
+    """
 
     config: ModelConfig
 
@@ -136,7 +143,9 @@ class UniMMAD(nn.Module):
             for level, dim in enumerate(cfg.feature_dims)
         ]
 
-    def __call__(self, specific_images: jax.Array, modality_mask: jax.Array, train: bool) -> ModelOutput:
+    def __call__(
+        self, specific_images: jax.Array, modality_mask: jax.Array, train: bool, pairs: PairIndex | None = None
+    ) -> ModelOutput:
         cfg = self.config
         _, slots, height, width, _ = specific_images.shape
         if slots > cfg.max_modalities or (height, width) != (cfg.image_size, cfg.image_size):
@@ -150,17 +159,17 @@ class UniMMAD(nn.Module):
         embedded = self.embedding(share_image(specific_images, cfg.max_modalities), train)
         general = self.fcm(self.encoder(embedded, train), train)
         # The prior generator is frozen: eval-mode BN, and no gradient flows into it.
-        prior = self.prior(specific_images.reshape(-1, height, width, 3), train=False)
+        pairs = full_pairs(modality_mask) if pairs is None else pairs
+        prior = self.prior(pair_images(specific_images, pairs), train=False)
         prior = [l2_normalize(jax.lax.stop_gradient(f)) for f in prior]
 
-        pair_mask = modality_mask.reshape(-1)
         decompressed, moe_loss, routing = [], [], []
         for cmoe, g, u in zip(self.cmoes, general, prior):
-            y, loss, level_routing = cmoe(l2_normalize(g), u, pair_mask, train)
+            y, loss, level_routing = cmoe(l2_normalize(g), u, pairs, train)
             decompressed.append(y)
             moe_loss.append(loss)
             routing.append(level_routing)
-        return ModelOutput(prior, decompressed, pair_mask, jnp.stack(moe_loss), routing)
+        return ModelOutput(prior, decompressed, pairs.mask, jnp.stack(moe_loss), routing, pairs)
 
     def prior_statistics(self, images: jax.Array) -> list[jax.Array]:
         """The prior on `images [n, H, W, 3]` with batch statistics; apply with `mutable=["batch_stats"]`."""

@@ -8,13 +8,19 @@ no builder code.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
 import tensorflow_datasets as tfds
 
-from unimmad_jax.data.builders.base import ExampleBuilder, FolderBuilder, NamedFolderBuilder, check_manual_dir
+from unimmad_jax.data.builders.base import (
+    ExampleBuilder,
+    FolderBuilder,
+    NamedFolderBuilder,
+    TrainClass,
+    check_manual_dir,
+)
 from unimmad_jax.data.builders.eyecandies import Eyecandies
 from unimmad_jax.data.builders.folder import Folder
 from unimmad_jax.data.builders.mmad_meta import MmadMeta
@@ -52,6 +58,18 @@ def make_builder(name: str, data_dir: str | Path) -> ExampleBuilder:
     if sub_name:
         raise InvalidDataError(f"Dataset {base_name!r} has no sub-datasets ({name!r}).")
     return builder_class(data_dir=data_dir)
+
+
+def declared_train_classes(name: str) -> tuple[Mapping[str, TrainClass], str]:
+    """(class -> `TrainClass`, source) that the builder of `name` declares; an error if it declares none."""
+    base_name, _, sub_name = name.partition("/")
+    declared = BUILDERS[base_name].declared_train_classes(sub_name) if base_name in BUILDERS else ({}, "")
+    if not declared[0]:
+        raise InvalidDataError(
+            f"Dataset {name!r} is not prepared and its builder declares no training classes: prepare it "
+            "(`python -m unimmad_jax.data prepare`) so that its index says what its samples hold."
+        )
+    return declared
 
 
 def prepare(name: str, data_dir: str | Path, manual_dir: str | Path | None = None) -> Path:

@@ -34,12 +34,29 @@ class SampleSpec(Protocol):
     def modality_types(self) -> tuple[str, ...]: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainClass:
+    """A class's training split as its source describes it: what sizes the pair budget without the data."""
+
+    modalities: int  # per sample
+    samples: int
+
+
 class ExampleBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of all builders (not registered with TFDS: see `builders.prepare`)."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
     HOMEPAGE = ""
+    TRAIN_CLASSES: Mapping[str, TrainClass] = {}
+    """Class -> its training split, as `TRAIN_CLASSES_SOURCE` says; empty for a builder of the user's own data."""
+    TRAIN_CLASSES_SOURCE = ""
+
+    @classmethod
+    def declared_train_classes(cls, dataset: str) -> tuple[Mapping[str, TrainClass], str]:
+        """(`TRAIN_CLASSES`, source) of dataset `dataset` (the name after the builder's, if any); empty if unknown."""
+        del dataset
+        return cls.TRAIN_CLASSES, cls.TRAIN_CLASSES_SOURCE
 
     @tfds.core.utils.classproperty
     @classmethod

@@ -31,6 +31,22 @@ class Eyecandies(base.FolderBuilder):
 
     name = "eyecandies"
     HOMEPAGE = "https://eyecan-ai.github.io/eyecandies/"
+    TRAIN_CLASSES = dict.fromkeys(
+        (
+            "CandyCane",
+            "ChocolateCookie",
+            "ChocolatePraline",
+            "Confetto",
+            "GummyBear",
+            "HazelnutTruffle",
+            "LicoriceSandwich",
+            "Lollipop",
+            "Marshmallow",
+            "PeppermintCandy",
+        ),
+        base.TrainClass(2, 1000),  # RGB + depth
+    )
+    TRAIN_CLASSES_SOURCE = "Bonfiglioli et al., The Eyecandies Dataset, ACCV 2022: 1,000 training samples per class"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
     Download the class archives of Eyecandies from {HOMEPAGE} (download page),
     extract them side by side and pass the folder holding CandyCane/,

@@ -53,6 +53,21 @@ class MmadMeta(base.NamedFolderBuilder):
     --dataset mmad_meta/<name> --manual-dir <that folder>, e.g. mmad_meta/brats.
     """
 
+    RELEASE_TRAIN_CLASSES = {
+        "brats": (
+            {"brats": base.TrainClass(4, 1000)},
+            "ASSUMED: FLAIR, T1, T1ce, T2 (the unified config's 4 slots); 1,000 samples (the release's 'BratsAD1K')",
+        ),
+        "retinaad": ({"retinal_edema": base.TrainClass(1, 4297)}, "ASSUMED: one OCT scan; BMAD's RESC training set"),
+        "liverad": ({"liver": base.TrainClass(1, 1452)}, "ASSUMED: one CT slice; BMAD's liver CT training set"),
+        "hyperad": ({"colon": base.TrainClass(1, 1000)}, "ASSUMED: one endoscopy image, 1,000 samples"),
+    }
+    """The release's datasets by name: (`TRAIN_CLASSES`, source)."""
+
+    @classmethod
+    def declared_train_classes(cls, dataset: str):
+        return cls.RELEASE_TRAIN_CLASSES.get(dataset, ({}, ""))
+
     @property
     def dataset_name(self) -> str:
         return self.builder_config.name

@@ -25,6 +25,27 @@ class MulsenAd(base.FolderBuilder):
 
     name = "mulsen_ad"
     HOMEPAGE = "https://github.com/ZZZBBBZZZ/MulSen-AD"
+    TRAIN_CLASSES = dict.fromkeys(
+        (
+            "button_cell",
+            "capsule",
+            "cotton",
+            "cube",
+            "flat_pad",
+            "light",
+            "nut",
+            "piggy",
+            "plastic_cylinder",
+            "screen",
+            "screw",
+            "solar_panel",
+            "spring_pad",
+            "toothbrush",
+            "zipper",
+        ),
+        base.TrainClass(2, 100),  # RGB + infrared
+    )
+    TRAIN_CLASSES_SOURCE = "the release's class list; 100 training samples per class ASSUMED (not verified)"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
     Download MulSen_AD.rar (links at {HOMEPAGE}), extract it and pass the
     MulSen_AD folder (holding capsule/, cotton/, ...) as --manual-dir. Expected

@@ -24,6 +24,22 @@ class Mvtec3d(base.FolderBuilder):
 
     name = "mvtec3d"
     HOMEPAGE = "https://www.mvtec.com/company/research/datasets/mvtec-3d-ad"
+    TRAIN_CLASSES = {
+        name: base.TrainClass(2, samples)  # RGB + depth
+        for name, samples in {
+            "bagel": 244,
+            "cable_gland": 223,
+            "carrot": 286,
+            "cookie": 210,
+            "dowel": 288,
+            "foam": 236,
+            "peach": 361,
+            "potato": 300,
+            "rope": 298,
+            "tire": 210,
+        }.items()
+    }
+    TRAIN_CLASSES_SOURCE = "Bergmann et al., The MVTec 3D-AD Dataset, VISAPP 2022, Table 1"
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
     Download mvtec_3d_anomaly_detection.tar.xz from {HOMEPAGE} (free
     registration), extract it, and pass the extracted folder (the one holding

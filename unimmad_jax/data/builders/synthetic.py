@@ -385,6 +385,8 @@ class Synthetic(base.ExampleBuilder):
 
     name = "synthetic"
     difficulty = EASY
+    TRAIN_CLASSES = {spec.name: base.TrainClass(len(_MODALITIES[spec.domain]), spec.num_train) for spec in CLASSES}
+    TRAIN_CLASSES_SOURCE = "the renderer's classes"
 
     def _list_samples(self, dl_manager):
         del dl_manager  # nothing to download
