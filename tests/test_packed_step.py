@@ -106,7 +106,7 @@ def assert_close_leaves(actual, expected, rtol):
 
 def activation_all_gathers(hlo: str) -> list[str]:
     """The result shapes of a compiled step's all-gathers of 4-D or 5-D (image or feature) arrays."""
-    return re.findall(r"= (\w+\[\d+(?:,\d+){3,4}\])\{[^}]*\} all-gather", hlo)
+    return sorted(re.findall(r"= (\w+\[\d+(?:,\d+){3,4}\])\{[^}]*\} all-gather", hlo))
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +114,25 @@ def padded_on_one(model64, variables64, padded_batch):
     return run_step(model64, variables64, padded_batch, 1)[0]
 
 
+@pytest.fixture(scope="module")
+def padded_hlo(model64, variables64, padded_batch, padded_on_one):
+    """The padded step's compiled HLO on `devices`; its results equal those on 1 device."""
+
+    def on(devices: int) -> str:
+        (metrics, _, _), hlo = run_step(model64, variables64, padded_batch, devices)
+        np.testing.assert_allclose(metrics["loss"], padded_on_one[0]["loss"], rtol=LOSS_RTOL)
+        return hlo
+
+    return on
+
+
 @pytest.mark.parametrize("devices", [1, 8])
 def test_packed_train_step_equals_the_padded_step(
-    devices, model64, variables64, padded_batch, packed_batch, padded_on_one
+    devices, model64, variables64, packed_batch, padded_on_one, padded_hlo
 ):
     """Loss within relative 1e-12, gradients and BatchNorm buffers within 1e-10, on 1 and 8 devices; on 8 the
-    packed step gathers no image or feature between devices (each pair gather stays on its device)."""
+    packed step gathers no image or feature between devices that the padded step does not (each pair gather
+    stays on its device)."""
     (metrics, grads, batch_stats), packed_hlo = run_step(model64, variables64, packed_batch, devices)
     expected_metrics, expected_grads, expected_stats = padded_on_one
     for name in ("loss", "cos_loss", "moe_loss"):
@@ -129,7 +142,8 @@ def test_packed_train_step_equals_the_padded_step(
     assert any(np.max(np.abs(g)) > 0 for g in jax.tree.leaves(grads["cmoe0"]))
     if devices > 1:
         assert " all-reduce" in packed_hlo  # the statistics over the global batch
-        assert activation_all_gathers(packed_hlo) == []
+        gathers, padded_gathers = activation_all_gathers(packed_hlo), activation_all_gathers(padded_hlo(devices))
+        assert all(gathers.count(g) <= padded_gathers.count(g) for g in gathers), (gathers, padded_gathers)
 
 
 def scores(model, variables, batch, devices: int) -> dict[str, np.ndarray]:
