@@ -54,6 +54,13 @@ def test_balance_loss_values():
     np.testing.assert_allclose(cmoe.balance_loss(routing, mask), cv2 + z, rtol=1e-5)
 
 
+def test_fold_post_decides_a_symbolic_pair_count_as_one_pair():
+    (pairs,) = jax.export.symbolic_shape("p")  # the exported model's: a batch may have a single pair
+    for pixels, kernel in ((4, 1), (4, 5), (64, 3)):
+        assert cmoe.fold_post(pixels, kernel, C, pairs) == cmoe.fold_post(pixels, kernel, C, 1)
+    assert not cmoe.fold_post(4, 1, C, 1) and cmoe.fold_post(4, 1, C, 16)
+
+
 @pytest.mark.parametrize("kernel", [1, 3, 5])
 @pytest.mark.parametrize("size", [7, 2])
 def test_branch_equals_three_convolutions(kernel, size):

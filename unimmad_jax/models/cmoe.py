@@ -74,8 +74,11 @@ def fold_post(pixels: int, k: int, channels: int, pairs: int) -> bool:
     """Whether folding `post` into the branch kernels costs fewer multiply-adds than applying it after.
 
     Folding wins on large maps; on small ones composing the kernels costs more than it saves
-    (docs/performance.md#folding-post).
+    (docs/performance.md#folding-post).  A symbolic pair count (`jax.export`) can be a single pair:
+    it decides for one.
     """
+    if jax.export.is_symbolic_dim(pairs):
+        pairs = 1
     folded = pairs * pixels * k * k * channels**2 + (pairs + 1) * k * k * channels**3
     after = pairs * pixels * (k * k * channels * 2 * channels + 2 * channels**2)
     return folded <= after
