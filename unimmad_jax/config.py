@@ -52,6 +52,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.fsdp = False
     config.train.eval_every_epochs = 10
     config.train.checkpoint_every_epochs = 1
+    # Also a checkpoint every this many steps (0: none), for epochs longer than the time a preemption may cost;
+    # keep_checkpoints counts every checkpoint.
+    config.train.checkpoint_every_steps = 0
     config.train.keep_checkpoints = 3
     config.train.best_metric = "All_Datasets_Mean/i_auroc"
     # The weights to start from, with a fresh optimizer and schedule: a training workdir (its latest

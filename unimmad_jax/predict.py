@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from unimmad_jax import calibrate, checkpoints, evaluate, sharding  # noqa: E402
+from unimmad_jax import calibrate, evaluate, sharding  # noqa: E402
 from unimmad_jax.config import eval_datasets  # noqa: E402
 from unimmad_jax.data import InvalidDataError, eval_loader, load_modality  # noqa: E402
 from unimmad_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -114,8 +114,11 @@ def _gathered_rows(batch: dict, out: dict, with_overlays: bool) -> dict[str, np.
     return columns
 
 
-def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, workdir: epath.PathLike) -> epath.Path:
-    """Score every image of `config.predict.input`; returns the output folder."""
+def predict(
+    model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, workdir: epath.PathLike, step: int | None
+) -> epath.Path:
+    """Score every image of `config.predict.input` with `variables` (checkpoint step `step`, whose calibration
+    it uses; None: not a checkpoint's); returns the output folder."""
     source = config.predict.input
     if not source:
         raise ValueError("config.predict.input is empty: give a folder of images or <dataset>:<split>")
@@ -135,7 +138,7 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
         name = f"{dataset.replace('/', '_')}_{split}"
     out_dir = epath.Path(workdir) / "predictions" / name
     main_process = sharding.is_main_process()
-    statistics = _statistics_lookup(config, workdir, None if folder.is_dir() else dataset)
+    statistics = _statistics_lookup(config, workdir, step, None if folder.is_dir() else dataset)
 
     score_fn = evaluate.make_score_fn(model, mesh)
     rows, overlays = [], []
@@ -182,14 +185,16 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
     return out_dir
 
 
-def _statistics_lookup(config: ml_collections.ConfigDict, workdir: epath.PathLike, dataset: str | None):
-    """`class name -> calibrate.Statistics` (overrides applied) for the images of `dataset` (None: a folder's).
+def _statistics_lookup(
+    config: ml_collections.ConfigDict, workdir: epath.PathLike, step: int | None, dataset: str | None
+):
+    """`class name -> calibrate.Statistics` (overrides applied) of checkpoint step `step` for the images of
+    `dataset` (None: a folder's).
 
     A folder's images belong to the dataset calibrated with `config.predict.class_name`; an unknown
     class takes the dataset-level statistics of the first evaluation dataset, and says so.
     """
-    latest = checkpoints.latest_record(workdir)
-    record = calibrate.load(workdir, latest[0] if latest else None)
+    record = calibrate.load(workdir, step)
     if dataset is None:
         wanted = config.predict.class_name
         holding = [name for name, entry in record["datasets"].items() if wanted in entry["classes"]]
