@@ -185,6 +185,8 @@ class Checkpoints:
         return False
 
     def due_at_epoch_end(self, step: int) -> bool:
+        """Whether the epoch that ends at `step` saves: every `train.checkpoint_every_epochs`-th, the last, and one
+        that ends on a step checkpoint (saved here once, with the evaluation's metrics)."""
         every_steps, epoch = self.run.config.train.checkpoint_every_steps, step // self.run.steps_per_epoch
         final = epoch == self.run.config.train.num_epochs
         return (
