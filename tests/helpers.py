@@ -7,11 +7,13 @@ reads them.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,3 +90,25 @@ def kill_when(command: list[str], path: Path) -> None:
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL, f"{command} ended before {path} appeared"
+
+
+def sigterm_when(processes: list[subprocess.Popen], ready: Callable[[], bool], receivers: Sequence[int]) -> None:
+    """Send SIGTERM, a preemption notice, to `processes[i]` for i in `receivers` as soon as `ready()`; every process
+    must still be running then."""
+    while not ready():
+        ended = [p.args for p in processes if p.poll() is not None]
+        assert not ended, f"{ended} ended before the preemption notice"
+        time.sleep(0.05)
+    for i in receivers:
+        processes[i].send_signal(signal.SIGTERM)
+
+
+def logged_step(workdir: Path, step: int) -> Callable[[], bool]:
+    """Whether the run in `workdir` has logged global step `step` (or a later one) to its `metrics.jsonl`."""
+
+    def ready() -> bool:
+        path = workdir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return any(json.loads(line)["step"] >= step for line in lines if line.endswith("}"))
+
+    return ready

@@ -24,11 +24,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, load_config, subprocess_env
+from helpers import REPO, load_config, logged_step, sigterm_when, subprocess_env
 
-from unimmad_jax import loop, sharding
+from unimmad_jax import loop, sharding, weights
 from unimmad_jax.config import model_config
 from unimmad_jax.models.unimmad import UniMMAD
+from unimmad_jax.preemption import EXIT_STATUS
 from unimmad_jax.serving import COLUMNS
 
 PROCESSES = 2
@@ -75,8 +76,10 @@ def main_args(workdir, data_dir, *args, **fields) -> list[str]:
     ]
 
 
-def run_processes(count: int, args: list[str], logs) -> list[str]:
-    """`python <args>` in `count` processes joined at a localhost coordinator (plain, for 1); each one's output."""
+def run_processes(count: int, args: list[str], logs, preemption=None, expected_code: int = 0) -> list[str]:
+    """`python <args>` in `count` processes joined at a localhost coordinator (plain, for 1); each one's output.
+
+    `preemption`: `(ready, receivers)`, SIGTERM to the processes of index in `receivers` once `ready()`."""
     if count == 1:
         commands, env = [[sys.executable, *args]], subprocess_env(1)
     else:
@@ -96,6 +99,8 @@ def run_processes(count: int, args: list[str], logs) -> list[str]:
         subprocess.Popen(c, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT) for c, f in zip(commands, files)
     ]
     try:
+        if preemption is not None:
+            sigterm_when(processes, *preemption)
         codes = [p.wait(timeout=1200) for p in processes]
     finally:
         for p in processes:
@@ -107,7 +112,7 @@ def run_processes(count: int, args: list[str], logs) -> list[str]:
         outputs.append(f.read())
         f.close()
     for i, (code, output) in enumerate(zip(codes, outputs)):
-        assert code == 0, f"process {i} of {count} exited with {code}:\n{output[-5000:]}"
+        assert code == expected_code, f"process {i} of {count} exited with {code}:\n{output[-5000:]}"
     return outputs
 
 
@@ -214,6 +219,32 @@ def test_two_processes_predict_every_image_once(two_process_run, tmp_path, synth
     paths = [row.split(",")[0] for row in rows[1:]]
     assert len(paths) == len(set(paths)) == 48
     assert len(list((workdir / "predictions" / "synthetic_test" / "overlays").glob("*.png"))) == 3
+
+
+def test_two_processes_stopped_by_sigterm_resume_to_identical_parameters(
+    one_process_run, two_process_run, tmp_path, synthetic_data_dir
+):
+    """The 2-process run of epochs 2 and 3 again, SIGTERM to process 1 alone once step 15 is logged: JAX's
+    preemption sync has both processes stop and save at one step of epoch 2, and run again they end with the
+    uninterrupted 2-process run's parameters."""
+    workdir = tmp_path / "preempted"
+    shutil.copytree(one_process_run[0], workdir / "checkpoints")
+    drop_after(workdir, 1)
+    args = main_args(workdir, synthetic_data_dir)
+    first, second = run_processes(
+        PROCESSES, args, tmp_path / "logs", (logged_step(workdir, 15), [1]), expected_code=EXIT_STATUS
+    )
+    stopped = int(re.search(r"Stopped by a preemption notice at step (\d+) ", first)[1])
+    assert 15 < stopped < 2 * STEPS_PER_EPOCH and "Stopped" not in second
+    assert max(int(p.name) for p in (workdir / "checkpoints").iterdir()) == stopped
+    first, _ = run_processes(PROCESSES, args, tmp_path / "logs")
+    assert f"Resumed from step {stopped} " in first
+    config = load_config("tiny")
+    config.data.data_dir = str(synthetic_data_dir)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
+    expected, resumed = (weights.evaluated_variables(config, w, mesh) for w in (two_process_run[0], workdir))
+    for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_initial_state_does_not_depend_on_the_process_count(tmp_path, synthetic_data_dir):

@@ -1,17 +1,19 @@
 """Research protocols on the tiny config: a continual sequence killed and resumed, forgetting, unified vs separate."""
 
 import json
+import re
 import subprocess
 
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, kill_when, load_config, main_command, run_main, subprocess_env
+from helpers import REPO, load_config, logged_step, main_command, run_main, sigterm_when, subprocess_env
 
 from unimmad_jax import loop, protocols, sharding, weights
 from unimmad_jax.config import model_config
 from unimmad_jax.data import InvalidDataError
 from unimmad_jax.models.unimmad import UniMMAD
+from unimmad_jax.preemption import EXIT_STATUS
 
 TASKS = '(("synthetic:tiles",),("synthetic:brain_scan",))'
 STEPS_PER_TASK = 2 * 48 // 8  # 2 epochs of 48 training images in batches of 8
@@ -53,19 +55,31 @@ def test_tasks_name_the_selection_at_fault(synthetic_data_dir):
 
 @pytest.fixture(scope="module")
 def continual_workdir(tmp_path_factory, synthetic_data_dir):
-    """A 2-task sequence killed in the middle of task 2, then run again to the end."""
+    """A 2-task sequence stopped by SIGTERM in the first epoch of task 2 (exit status 143), then run again to the
+    end."""
     workdir = tmp_path_factory.mktemp("continual")
     command = main_command(
         workdir, synthetic_data_dir, "--mode=continual", **{"continual.tasks": TASKS, "train.num_epochs": 2}
     )
-    middle_of_task_2 = workdir / "continual" / "task_2" / "checkpoints" / str(STEPS_PER_TASK // 2)
-    kill_when(command, middle_of_task_2)
+    with (workdir.parent / f"{workdir.name}.log").open("w+") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            sigterm_when([process], logged_step(workdir / "continual" / "task_2", 5), [0])
+            process.wait(timeout=900)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        log.seek(0)
+        stopped_output = log.read()
+    assert process.returncode == EXIT_STATUS, stopped_output[-3000:]
+    stopped = int(re.search(r"Stopped by a preemption notice at step (\d+) ", stopped_output)[1])
+    assert 5 <= stopped < STEPS_PER_TASK
     assert not (workdir / "continual" / "results.json").exists()
     task_1_log = (workdir / "continual" / "task_1" / "metrics.jsonl").read_text()
 
     result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"Resumed from step {STEPS_PER_TASK // 2}" in result.stdout
+    assert f"Resumed from step {stopped} " in result.stdout
     assert result.stdout.count("Resumed from step") == 1  # task 1 was complete: neither trained nor resumed
     assert (workdir / "continual" / "task_1" / "metrics.jsonl").read_text() == task_1_log
     return workdir

@@ -253,7 +253,7 @@ def load(workdir: epath.PathLike, step: int | None) -> dict:
         )
     if record["checkpoint_step"] != step:
         raise InvalidDataError(
-            f"{path} calibrates checkpoint step {record['checkpoint_step']} but the latest checkpoint is step "
-            f"{step}: run --mode=calibrate again"
+            f"{path} calibrates checkpoint step {record['checkpoint_step']} but the checkpoint in use is step "
+            f"{step}, which has no calibration: run --mode=calibrate again"
         )
     return record

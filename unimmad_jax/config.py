@@ -54,6 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.train.fsdp = False
     config.train.eval_every_epochs = 10
     config.train.checkpoint_every_epochs = 1
+    # Also a checkpoint every this many steps (0: none), for epochs longer than the time a preemption may cost;
+    # keep_checkpoints counts every checkpoint.
+    config.train.checkpoint_every_steps = 0
     config.train.keep_checkpoints = 3
     config.train.best_metric = "All_Datasets_Mean/i_auroc"
     # (START, STOP): a jax.profiler trace of the steps from START steps done to STOP, for TensorBoard's

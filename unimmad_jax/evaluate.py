@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import defaultdict
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -208,10 +209,16 @@ def _metrics_on_host(mesh: Mesh) -> bool:
 
 
 def evaluate(
-    model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, mesh: Mesh, progress: bool = True
+    model: UniMMAD,
+    variables: dict,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    progress: bool = True,
+    score_fn: Callable | None = None,
 ) -> dict:
-    """The metrics summary (`report.summarize_metrics`) over every evaluation dataset, with its pooled metrics."""
-    score_fn = make_score_fn(model, mesh)
+    """The metrics summary (`report.summarize_metrics`) over every evaluation dataset, with its pooled metrics;
+    `score_fn`: `make_score_fn`'s, or a wrapper of it (training's, that a preemption notice stops)."""
+    score_fn = score_fn or make_score_fn(model, mesh)
     variables = jax.device_put(variables, sharding.replicated(mesh))
     results, pooled = {}, {}
     for dataset in eval_datasets(config):

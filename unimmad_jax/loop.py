@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -24,7 +25,7 @@ from etils import epath
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from unimmad_jax import calibrate, checkpoints, evaluate, report, sharding, weights
+from unimmad_jax import calibrate, checkpoints, evaluate, preemption, report, sharding, weights
 from unimmad_jax.config import loss_config, model_config
 from unimmad_jax.data import TrainLoader, ensure_prepared, train_loader
 from unimmad_jax.models.unimmad import FROZEN, UniMMAD
@@ -152,12 +153,22 @@ def device_batches(run: TrainRun, depth: int) -> Iterator[dict[str, jax.Array]]:
         yield queue.popleft()
 
 
-def train_epoch(run: TrainRun, state: TrainState, step: int, batches: Iterator) -> tuple[TrainState, int]:
-    """One epoch from global step `step` (a host count); returns the state and the step after it."""
+def train_epoch(
+    run: TrainRun,
+    state: TrainState,
+    step: int,
+    batches: Iterator,
+    at_step_end: Callable[[TrainState, int, dict], bool] = lambda state, step, metrics: False,
+) -> tuple[TrainState, int]:
+    """The rest of the epoch from global step `step` (a host count; mid-epoch when resumed there); returns the
+    state and the step after it.  `at_step_end(state, step, metrics)` after every step: True ends the epoch
+    there (a preemption)."""
     epoch = step // run.steps_per_epoch
     config = run.config
     bar = tqdm(
-        range(run.steps_per_epoch),
+        range(step % run.steps_per_epoch, run.steps_per_epoch),
+        initial=step % run.steps_per_epoch,
+        total=run.steps_per_epoch,
         desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
         disable=not sharding.is_main_process(),
         dynamic_ncols=True,
@@ -190,6 +201,8 @@ def train_epoch(run: TrainRun, state: TrainState, step: int, batches: Iterator) 
                 input_wait=f"{values['input_wait_fraction']:.0%}",
             )
             run.logger.scalars(step, {f"train/{k}": v for k, v in values.items()})
+        if at_step_end(state, step, step_metrics):
+            break
     return state, step
 
 
@@ -238,9 +251,11 @@ def start_up_report(run: TrainRun, state: TrainState) -> dict:
 
 
 def run_evaluation(run: TrainRun, state: TrainState, step: int) -> dict:
+    """The evaluation after the epoch that ends at `step`; a preemption notice stops it (`preemption.Preempted`)."""
     epoch = step // run.steps_per_epoch
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    summary = evaluate.evaluate(run.model, variables, run.config, run.mesh)
+    score_fn = preemption.stoppable(evaluate.make_score_fn(run.model, run.mesh))
+    summary = evaluate.evaluate(run.model, variables, run.config, run.mesh, score_fn=score_fn)
     if sharding.is_main_process():
         print(f"\nEvaluation after epoch {epoch}:\n{report.summary_text(summary)}")
         report.write_summary(summary, run.workdir / "eval", f"epoch_{epoch:04d}")
@@ -248,22 +263,96 @@ def run_evaluation(run: TrainRun, state: TrainState, step: int) -> dict:
     return summary
 
 
-def _save(run: TrainRun, manager: ocp.CheckpointManager, state: TrainState, step: int, summary) -> None:
-    flat = evaluate.flat_scalars(summary) if summary is not None else None
-    if flat is not None and run.config.train.best_metric not in flat:
-        raise ValueError(
-            f"train.best_metric={run.config.train.best_metric!r} is not an evaluation metric; "
-            f"choose one of {sorted(flat)}"
+def evaluation_due(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int) -> bool:
+    """Whether an evaluation follows global step `step`: the end of every `train.eval_every_epochs`-th epoch
+    and of the last."""
+    epoch, ended = divmod(step, steps_per_epoch)
+    return ended == 0 and (epoch % config.train.eval_every_epochs == 0 or epoch == config.train.num_epochs)
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """Whether every floating-point value of `tree` is finite: one reduction on the devices."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all()
+
+
+class Checkpoints:
+    """The run's checkpoints: at epoch ends (`train.checkpoint_every_epochs`), every
+    `train.checkpoint_every_steps` steps, and at a preemption notice; none holds a non-finite value."""
+
+    def __init__(self, run: TrainRun, manager: ocp.CheckpointManager):
+        self.run, self.manager = run, manager
+        self.last_metrics = None  # of the latest step: its loss is checked with the state it saves
+
+    def at_step_end(self, state: TrainState, step: int, metrics: dict) -> bool:
+        """`train_epoch`'s hook: a step checkpoint when one is due mid-epoch; True at a preemption notice."""
+        self.last_metrics = metrics
+        if preemption.reached_stop():
+            return True
+        every = self.run.config.train.checkpoint_every_steps
+        if every and step % every == 0 and step % self.run.steps_per_epoch:
+            self.save(state, step, None)
+        return False
+
+    def due_at_epoch_end(self, step: int) -> bool:
+        """Whether the epoch that ends at `step` saves: every `train.checkpoint_every_epochs`-th, the last, and one
+        that ends on a step checkpoint (saved here once, with the evaluation's metrics)."""
+        every_steps, epoch = self.run.config.train.checkpoint_every_steps, step // self.run.steps_per_epoch
+        final = epoch == self.run.config.train.num_epochs
+        return (
+            epoch % self.run.config.train.checkpoint_every_epochs == 0
+            or final
+            or bool(every_steps and step % every_steps == 0)
         )
-    meta = {
-        "epoch": step // run.steps_per_epoch,
-        "step": step,
-        "steps_per_epoch": run.steps_per_epoch,
-        "seed": run.config.seed,
-        "config": run.config.to_dict(),
-        "metrics": flat,
-    }
-    checkpoints.save(manager, state, meta, flat)
+
+    def save(self, state: TrainState, step: int, summary: dict | None, evaluation_due: bool = False) -> None:
+        """Checkpoint `state` at global step `step`, with the metrics of `summary` (None: not evaluated).
+
+        `evaluation_due`: the evaluation after this step is still to run (a preemption stopped it)."""
+        run = self.run
+        flat = evaluate.flat_scalars(summary) if summary is not None else None
+        if flat is not None and run.config.train.best_metric not in flat:
+            raise ValueError(
+                f"train.best_metric={run.config.train.best_metric!r} is not an evaluation metric; "
+                f"choose one of {sorted(flat)}"
+            )
+        checked = (state.params, state.batch_stats, state.opt_state, self.last_metrics)
+        with jax.transfer_guard("allow"):  # a save is a sync point: orbax reads the state anyway
+            finite = bool(all_finite(checked))
+        if not finite:
+            raise FloatingPointError(
+                f"non-finite values in the train state or loss at step {step} (in epoch "
+                f"{(step - 1) // run.steps_per_epoch + 1}): not saved; the latest checkpoint in "
+                f"{self.manager.directory} is step {self.manager.latest_step()} (try a lower optimizer.learning_rate)"
+            )
+        meta = {
+            "epoch": step // run.steps_per_epoch,
+            "step": step,
+            "steps_per_epoch": run.steps_per_epoch,
+            "seed": run.config.seed,
+            "config": run.config.to_dict(),
+            "metrics": flat,
+            "evaluation_due": evaluation_due,
+        }
+        checkpoints.save(self.manager, state, meta, flat)
+
+    def save_and_stop(self, state: TrainState, step: int) -> None:
+        """At a preemption notice: save `state` at `step` (unless that checkpoint exists) and say how to go on."""
+        due = evaluation_due(self.run.config, step, self.run.steps_per_epoch)
+        if self.manager.latest_step() != step:
+            self.save(state, step, None, evaluation_due=due)
+        self.manager.wait_until_finished()
+        if sharding.is_main_process():
+            epoch, into = divmod(step, self.run.steps_per_epoch)
+            where = f"step {into}/{self.run.steps_per_epoch} of epoch {epoch + 1}" if into else f"end of epoch {epoch}"
+            evaluation = "; the resumed run evaluates it first" if due else ""
+            print(
+                f"\nStopped by a preemption notice at step {step} ({where}{evaluation}): saved "
+                f"{self.manager.directory / str(step)}; run the same command again to resume "
+                f"(exit status {preemption.EXIT_STATUS})",
+                flush=True,
+            )
 
 
 def initial_state(
@@ -283,13 +372,14 @@ def _start(
     mesh: Mesh,
     manager: ocp.CheckpointManager,
     workdir: epath.Path,
-) -> tuple[TrainState, int]:
-    """The state and global step to start from: the latest checkpoint, else `initial_state`."""
+) -> tuple[TrainState, int, bool]:
+    """The state and global step to start from, and whether the evaluation after that step is still to run:
+    the newest readable checkpoint (damaged ones are moved aside), else `initial_state`."""
     abstract = abstract_train_state(model, config, steps_per_epoch)
     target = sharding.placed(abstract, sharding.state_sharding(abstract, mesh, config.train.fsdp))
     restored = checkpoints.restore_latest(manager, target)
     if restored is None:
-        return initial_state(model, config, steps_per_epoch, mesh, workdir), 0
+        return initial_state(model, config, steps_per_epoch, mesh, workdir), 0, False
     state, meta = restored
     if meta["steps_per_epoch"] != steps_per_epoch:
         raise ValueError(
@@ -298,7 +388,7 @@ def _start(
         )
     if sharding.is_main_process():
         print(f"Resumed from step {meta['step']} (epoch {meta['epoch']}) in {manager.directory}")
-    return state, meta["step"]
+    return state, meta["step"], meta.get("evaluation_due", False)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> TrainState:
@@ -317,7 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     batch_size = sharding.per_host_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
     loader = train_loader(config.data, seed=config.seed, batch_size=batch_size, groups=mesh.shape[sharding.DATA_AXIS])
     manager = checkpoints.checkpoint_manager(workdir, config)
-    state, step = _start(model, config, loader.steps_per_epoch, mesh, manager, workdir)
+    state, step, resumed_evaluation_due = _start(model, config, loader.steps_per_epoch, mesh, manager, workdir)
     run = TrainRun(
         config=config,
         model=model,
@@ -334,20 +424,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     start_up_report(run, state)
     loader.seek(step)
     batches = device_batches(run, config.train.prefetch_batches)
+    saves = Checkpoints(run, manager)
     total = config.train.num_epochs * run.steps_per_epoch
-    while step < total:
-        state, step = train_epoch(run, state, step, batches)
-        epoch = step // run.steps_per_epoch
-        final = step == total
-        summary = None
-        if epoch % config.train.eval_every_epochs == 0 or final:
-            summary = run_evaluation(run, state, step)
-        if epoch % config.train.checkpoint_every_epochs == 0 or final:
-            _save(run, manager, state, step, summary)
-    run.profiler.stop(state)
-    manager.wait_until_finished()
-    manager.close()
-    run.logger.close()
+    try:
+        if resumed_evaluation_due:  # a preemption stopped it: its checkpoint holds the state it evaluates
+            run_evaluation(run, state, step)
+        while step < total:
+            state, step = train_epoch(run, state, step, batches, saves.at_step_end)
+            if preemption.stopping():
+                raise preemption.Preempted()
+            summary = run_evaluation(run, state, step) if evaluation_due(config, step, run.steps_per_epoch) else None
+            if saves.due_at_epoch_end(step):
+                saves.save(state, step, summary)
+    except preemption.Preempted:
+        saves.save_and_stop(state, step)
+        raise
+    finally:
+        run.profiler.stop(state)
+        manager.wait_until_finished()
+        manager.close()
+        run.logger.close()
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     calibrate.calibrate_workdir(model, variables, config, workdir, mesh, step)
     return state

@@ -58,7 +58,19 @@ def use_compilation_cache(directory: str) -> None:
 
 def run(argv) -> int:
     del argv
-    from unimmad_jax import calibrate, checkpoints, evaluate, loop, predict, protocols, report, sharding, sweep, weights
+    from unimmad_jax import (
+        calibrate,
+        checkpoints,
+        evaluate,
+        loop,
+        predict,
+        preemption,
+        protocols,
+        report,
+        sharding,
+        sweep,
+        weights,
+    )
     from unimmad_jax.config import model_config
     from unimmad_jax.data import InvalidDataError, ensure_prepared
     from unimmad_jax.models.unimmad import UniMMAD
@@ -70,21 +82,19 @@ def run(argv) -> int:
         use_compilation_cache(config.compilation_cache_dir)
     sharding.initialize_distributed(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     workdir = checkpoints.workdir_path(FLAGS.workdir)
+    trainings = {
+        "train": loop.train_and_evaluate,
+        "continual": protocols.run_continual,
+        "unified_vs_separate": protocols.run_unified_vs_separate,
+        "sweep": sweep.run_sweep,
+    }
     try:
-        if FLAGS.mode == "train":
-            loop.train_and_evaluate(config, workdir)
-            return 0
-        if FLAGS.mode == "continual":
-            protocols.run_continual(config, workdir)
-            return 0
-        if FLAGS.mode == "unified_vs_separate":
-            protocols.run_unified_vs_separate(config, workdir)
-            return 0
-        if FLAGS.mode == "sweep":
-            sweep.run_sweep(config, workdir)
+        if FLAGS.mode in trainings:
+            with preemption.sigterm_notice():
+                trainings[FLAGS.mode](config, workdir)
             return 0
         mesh = sharding.data_mesh()
-        variables = weights.evaluated_variables(config, workdir, mesh)
+        step, variables = weights.evaluated_checkpoint(config, workdir, mesh)  # step None: train.init_from
         model = UniMMAD(model_config(config))
         if FLAGS.mode == "eval":
             ensure_prepared(config.data.datasets, config.data.data_dir)
@@ -104,14 +114,17 @@ def run(argv) -> int:
                     print(f"wrote {path} and its .md")
         elif FLAGS.mode == "calibrate":
             ensure_prepared(config.data.datasets, config.data.data_dir)
-            latest = checkpoints.latest_record(workdir)  # None: the variables of train.init_from
-            step = latest[0] if latest else None
             calibrate.calibrate_workdir(model, variables, config, workdir, mesh, step)
-        elif predict.predict(model, variables, config, workdir).failed:
+        elif predict.predict(model, variables, config, workdir, step).failed:
             return SOME_INPUTS_FAILED
+    except preemption.Preempted:
+        return preemption.EXIT_STATUS
     except (InvalidDataError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:  # training diverged: not resumable as it is
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from unimmad_jax import calibrate, checkpoints, evaluate, packing, sharding  # noqa: E402
+from unimmad_jax import calibrate, evaluate, packing, sharding  # noqa: E402
 from unimmad_jax.config import eval_datasets  # noqa: E402
 from unimmad_jax.data import InvalidDataError, eval_loader, load_modality  # noqa: E402
 from unimmad_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -134,8 +134,11 @@ def _gathered_rows(batch: dict, out: dict, with_overlays: bool) -> dict[str, np.
     return columns
 
 
-def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, workdir: epath.PathLike) -> Predictions:
-    """Score every image of `config.predict.input`.
+def predict(
+    model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, workdir: epath.PathLike, step: int | None
+) -> Predictions:
+    """Score every image of `config.predict.input` with `variables` (checkpoint step `step`, whose calibration
+    it uses; None: not a checkpoint's).
 
     Raises `InvalidDataError` when none of a folder's images can be read (after writing `errors.csv`).
     """
@@ -159,7 +162,7 @@ def predict(model: UniMMAD, variables: dict, config: ml_collections.ConfigDict, 
         name = f"{dataset.replace('/', '_')}_{split}"
     out_dir = epath.Path(workdir) / "predictions" / name
     main_process = sharding.is_main_process()
-    statistics = _statistics_lookup(config, workdir, None if folder.is_dir() else dataset)
+    statistics = _statistics_lookup(config, workdir, step, None if folder.is_dir() else dataset)
 
     score_fn = evaluate.make_score_fn(model, mesh)
     rows, overlays, errors = [], [], []
@@ -220,14 +223,16 @@ def _write(out_dir: epath.Path, rows: list[dict], overlays: list[tuple], errors:
         print(f"{len(errors)} images could not be read, each listed with its error in {out_dir / 'errors.csv'}")
 
 
-def _statistics_lookup(config: ml_collections.ConfigDict, workdir: epath.PathLike, dataset: str | None):
-    """`class name -> calibrate.Statistics` (overrides applied) for the images of `dataset` (None: a folder's).
+def _statistics_lookup(
+    config: ml_collections.ConfigDict, workdir: epath.PathLike, step: int | None, dataset: str | None
+):
+    """`class name -> calibrate.Statistics` (overrides applied) of checkpoint step `step` for the images of
+    `dataset` (None: a folder's).
 
     A folder's images belong to the dataset calibrated with `config.predict.class_name`; an unknown
     class takes the dataset-level statistics of the first evaluation dataset, and says so.
     """
-    latest = checkpoints.latest_record(workdir)
-    record = calibrate.load(workdir, latest[0] if latest else None)
+    record = calibrate.load(workdir, step)
     if dataset is None:
         wanted = config.predict.class_name
         holding = [name for name, entry in record["datasets"].items() if wanted in entry["classes"]]

@@ -13,9 +13,10 @@ Cases 1 and 2 are `train.init_from`'s sources, read by `init_from_variables`: a 
 source is one more case there.  Only case 3 may reach the network, and only a fresh run starts.
 
 Evaluation, calibration, prediction, `jax.export` and `convert to-reference` use
-(`evaluated_variables`): the latest checkpoint in the workdir, else `train.init_from` (cases 1 and 2).
+(`evaluated_checkpoint`): the newest readable checkpoint in the workdir, else `train.init_from`
+(cases 1 and 2).
 
-A checkpoint's variables are read without its optimizer state (`checkpoints.restore_variables`)
+A checkpoint's variables are read without its optimizer state (`checkpoints.newest_variables`)
 and placed on the caller's mesh, whatever mesh wrote them.  Folders may be local or `gs://...`.
 """
 
@@ -58,13 +59,21 @@ def starting_variables(model: UniMMAD, config: ml_collections.ConfigDict, mesh: 
 
 
 def evaluated_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh: Mesh) -> dict:
-    """The variables to evaluate, calibrate, predict or export with, replicated on `mesh`: the latest checkpoint
-    in `workdir`, else `train.init_from` (a training workdir or a `convert official` folder)."""
-    latest = checkpoints.latest_record(workdir)
-    if latest is not None:
-        return checkpoint_variables(config, workdir, latest[0], mesh)
+    """`evaluated_checkpoint`'s variables."""
+    return evaluated_checkpoint(config, workdir, mesh)[1]
+
+
+def evaluated_checkpoint(
+    config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh: Mesh
+) -> tuple[int | None, dict]:
+    """(checkpoint step, variables) to evaluate, calibrate, predict or export with, replicated on `mesh`: the newest
+    readable checkpoint in `workdir` (damaged ones after it named in a warning), else (None, `train.init_from`: a
+    training workdir or a `convert official` folder)."""
+    newest = newest_checkpoint_variables(config, workdir, mesh)
+    if newest is not None:
+        return newest[0], newest[2]
     if config.train.init_from:
-        return jax.device_put(init_from_variables(config, mesh), sharding.replicated(mesh))
+        return None, jax.device_put(init_from_variables(config, mesh), sharding.replicated(mesh))
     raise FileNotFoundError(
         f"no checkpoint in {checkpoints.workdir_path(workdir) / 'checkpoints'} and no complete model or training "
         "workdir in train.init_from: train first, or convert a released model with `python -m unimmad_jax.convert`"
@@ -77,10 +86,10 @@ def init_from_variables(config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
     where = f"train.init_from={source}"
     # 1. A training workdir: its latest checkpoint, on `mesh`.
     if checkpoints.is_training_workdir(source):
-        latest = checkpoints.latest_record(source)
-        if latest is None:
+        newest = newest_checkpoint_variables(config, source, mesh)
+        if newest is None:
             raise FileNotFoundError(f"{where}: no complete checkpoint in {epath.Path(source) / 'checkpoints'}")
-        return checkpoint_variables(config, source, latest[0], mesh)
+        return newest[2]
     # 2. A folder of `python -m unimmad_jax.convert official`.
     kind, _, variables = model_io.load(source)
     if kind != "model":
@@ -91,11 +100,18 @@ def init_from_variables(config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
     return variables
 
 
-def checkpoint_variables(config: ml_collections.ConfigDict, workdir: epath.PathLike, step: int, mesh: Mesh) -> dict:
-    """The variables of the checkpoint at `step` in `workdir`, replicated on `mesh`; its optimizer state unread."""
-    abstract = abstract_variables(model_config(config), slots=config.data.num_slots)
-    target = sharding.placed(abstract, sharding.state_sharding(abstract, mesh, fsdp=False))
-    return checkpoints.restore_variables(workdir, step, target)
+def newest_checkpoint_variables(
+    config: ml_collections.ConfigDict | None, workdir: epath.PathLike, mesh: Mesh
+) -> tuple[int, dict, dict] | None:
+    """(step, JSON record, variables) of the newest readable checkpoint in `workdir`, replicated on `mesh`, its
+    optimizer state unread; None without checkpoints.  `config` None: the config recorded with the checkpoint."""
+
+    def target(record: dict) -> dict:
+        model_cfg = config if config is not None else ml_collections.ConfigDict(record["config"])
+        abstract = abstract_variables(model_config(model_cfg), slots=model_cfg.data.num_slots)
+        return sharding.placed(abstract, sharding.state_sharding(abstract, mesh, fsdp=False))
+
+    return checkpoints.newest_variables(workdir, target)
 
 
 def random_variables(model: UniMMAD, config: ml_collections.ConfigDict, prior_images: np.ndarray) -> dict:
@@ -141,14 +157,13 @@ def recorded_model(path: epath.PathLike) -> tuple[ModelConfig, dict]:
 
 
 def recorded_checkpoint(workdir: epath.PathLike) -> tuple[int, dict, dict] | None:
-    """(step, JSON record, numpy variables) of the latest checkpoint in `workdir`, its variables read for the
-    config recorded with it; None without a checkpoint."""
-    latest = checkpoints.latest_record(workdir)
-    if latest is None:
-        return None
-    step, record = latest
+    """(step, JSON record, numpy variables) of the newest readable checkpoint in `workdir`, its variables read for
+    the config recorded with it; None without a checkpoint."""
     mesh = Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
-    variables = checkpoint_variables(ml_collections.ConfigDict(record["config"]), workdir, step, mesh)
+    newest = newest_checkpoint_variables(None, workdir, mesh)
+    if newest is None:
+        return None
+    step, record, variables = newest
     return step, record, jax.tree_util.tree_map(np.asarray, variables)
 
 
