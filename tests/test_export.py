@@ -195,9 +195,9 @@ def test_predict_lists_unreadable_images_and_scores_the_others(workdir, syntheti
     config.predict.input = str(tmp_path / "unreadable")
     (tmp_path / "unreadable").mkdir()
     shutil.copy(truncated, tmp_path / "unreadable")
-    variables = weights.evaluated_variables(config, workdir, sharding.data_mesh())
+    step, variables = weights.evaluated_checkpoint(config, workdir, sharding.data_mesh())
     with pytest.raises(InvalidDataError, match="none of the 1 images of config.predict.input="):
-        predict.predict(UniMMAD(model_config(config)), variables, config, workdir)
+        predict.predict(UniMMAD(model_config(config)), variables, config, workdir, step)
     assert len(read_csv(workdir / "predictions" / "unreadable" / "errors.csv")) == 1
 
 
