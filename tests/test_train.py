@@ -8,6 +8,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import kill_when, load_config, main_command, run_main
 from jax.sharding import Mesh
 
@@ -53,10 +54,11 @@ def test_train_eval_predict_write_their_files(trained_workdir, synthetic_data_di
     final = json.loads((trained_workdir / "eval" / "final.json").read_text())
     assert final["All_Class_Mean"] == summary["All_Class_Mean"]  # the same weights give the same metrics
     subsets = json.loads((trained_workdir / "eval" / "modality_subsets.json").read_text())["datasets"]["synthetic"]
-    assert subsets["classes"] == {
-        "tiles": {"gray": None},
-        "brain_scan": {"gray": final["datasets"]["synthetic"]["classes"]["brain_scan"]},
-    }
+    assert set(subsets["classes"]) == {"tiles", "brain_scan"} and subsets["classes"]["tiles"] == {"gray": None}
+    # brain_scan is gray only, so its subset is the full evaluation, but with its own pair budget: another
+    # compiled program, whose float32 sums round differently (measured: 3e-9 of P-AP).
+    expected = final["datasets"]["synthetic"]["classes"]["brain_scan"]
+    assert subsets["classes"]["brain_scan"]["gray"] == pytest.approx(expected, rel=1e-6, abs=1e-7)
     assert final["paper"] == {} and "paper" not in summary  # the paper reports no synthetic results
 
     predictions = trained_workdir / "predictions" / "synthetic_test"
