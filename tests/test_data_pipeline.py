@@ -230,9 +230,11 @@ def test_pair_budget_is_a_function_of_the_records():
     budget = dealing.choose_pair_budget(keys, counts, 16, 4, num_slots=4)
     assert budget == dealing.choose_pair_budget(keys, counts, 16, 4, num_slots=4)
     assert budget.full == 16 and 7 <= budget.pairs < budget.full and 0 < budget.expected_waste < 0.5
-    assert budget.for_batch(budget.pairs) == budget.pairs and budget.for_batch(budget.pairs + 1) == 16
+    assert budget.pairs < budget.overflow <= budget.full
+    assert budget.for_batch(budget.pairs) == budget.pairs and budget.for_batch(budget.pairs + 1) == budget.overflow
+    assert budget.for_batch(budget.overflow) == budget.overflow and budget.for_batch(budget.overflow + 1) == 16
     alike = dealing.choose_pair_budget(keys[:8], np.full(8, 2), 8, 2, num_slots=4)
-    assert (alike.pairs, alike.overflow_rate, alike.expected_waste) == (8, 0.0, 0.0)
+    assert (alike.pairs, alike.overflow, alike.overflow_rate, alike.expected_waste) == (8, 16, 0.0, 0.0)
 
 
 def test_packed_batches_are_the_draws_dealt_to_the_groups(data_dir):
@@ -253,8 +255,8 @@ def test_packed_batches_are_the_draws_dealt_to_the_groups(data_dir):
     assert all(0 <= count <= packed.steps_per_epoch for count in epochs)
 
 
-def test_batches_that_do_not_fit_get_the_full_budget_on_every_host(data_dir, monkeypatch):
-    tight = dealing.PairBudget(pairs=4, full=6, overflow_rate=0.5, expected_waste=0.5)
+def test_batches_that_do_not_fit_get_the_larger_budgets_on_every_host(data_dir, monkeypatch):
+    tight = dealing.PairBudget(pairs=4, overflow=5, full=6, overflow_rate=0.5, expected_waste=0.5)
     monkeypatch.setattr(pipeline, "choose_pair_budget", lambda *args: tight)
     config = _config(data_dir, datasets=MIXED)
     single = train_loader(config, seed=2, batch_size=6, groups=2, process_index=0, process_count=1)
@@ -263,14 +265,14 @@ def test_batches_that_do_not_fit_get_the_full_budget_on_every_host(data_dir, mon
     widths = []
     for whole, first, second in zip(_take(single.iterator, steps), *(_take(h.iterator, steps) for h in hosts)):
         widths.append(whole["pair_sample"].shape[1])
-        assert widths[-1] == (4 if _group_pairs(whole, 2).max() <= 4 else 6)
+        assert widths[-1] == min(w for w in (4, 5, 6) if _group_pairs(whole, 2).max() <= w)
         assert first["pair_sample"].shape == second["pair_sample"].shape == (1, widths[-1])
         for key in PAIR_KEYS:
             np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), whole[key])
         for share in (first, second):
             assert share["pair_valid"].sum() == _counts(share).sum()  # no pair dropped
-    assert set(widths) == {4, 6}
-    assert sum(single.overflow_steps(epoch) for epoch in range(2)) == widths.count(6)
+    assert set(widths) == {4, 5, 6}
+    assert sum(single.overflow_steps(epoch) for epoch in range(2)) == len(widths) - widths.count(4)
     resumed = train_loader(config, seed=2, batch_size=3, groups=2, process_index=1, process_count=2)
     resumed.seek(3)
     again = _take(resumed.iterator, 3)

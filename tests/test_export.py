@@ -100,7 +100,7 @@ def in_framework(workdir, synthetic_data_dir, folder, batch_size: int) -> dict[s
     variables = weights.evaluated_variables(config, workdir, mesh)
     score_fn = evaluate.make_score_fn(UniMMAD(model_config(config)), mesh)
     stats = scan_statistics(workdir)
-    batches = predict.folder_batches(folder, "gray", config.image_size, config.data.num_slots, batch_size)
+    batches = predict.folder_batches(folder, "gray", config.image_size, config.data.num_slots, batch_size, groups=1)
     maps, scores = [], []
     for batch in batches:
         pairs = packing.batch_pairs(batch)

@@ -50,13 +50,15 @@ class Predictions:
 
 
 def folder_batches(
-    folder: epath.Path, modality_type: str, image_size: int, num_slots: int, batch_size: int
+    folder: epath.Path, modality_type: str, image_size: int, num_slots: int, batch_size: int, groups: int | None
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's batches of the images in `folder`, each a one-modality sample.
 
     Global batch k holds files [k * G, (k + 1) * G), G = batch_size * process count, and process p
     reads its p-th block of batch_size rows; rows past the last file are padding (`valid` False).
-    A file that cannot be read is a row with `valid` False and its message in `error`.
+    A file that cannot be read is a row with `valid` False and its message in `error`.  With
+    `groups` (the devices along the data axis), batches carry their pairs (`packing.pack_pairs`):
+    one per readable image, at a budget of a group's rows; None: no pair fields.
     """
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -64,6 +66,7 @@ def folder_batches(
     if modality_type not in MODALITY_TYPES:
         raise InvalidDataError(f"config.predict.modality_type={modality_type!r} is not one of {MODALITY_TYPES}")
     global_batch_size = batch_size * jax.process_count()
+    local_groups = None if groups is None else groups // jax.process_count()
     for start in range(0, len(files), global_batch_size):
         first = start + jax.process_index() * batch_size
         chunk = files[first : first + batch_size]
@@ -75,9 +78,13 @@ def folder_batches(
             except InvalidDataError as error:
                 errors[row] = str(error)
         valid = (np.arange(batch_size) < len(chunk)) & (np.asarray(errors) == "")
+        modality_mask = (np.arange(num_slots) == 0)[None] & valid[:, None]
+        rows = None if local_groups is None else batch_size // local_groups
+        pairs = {} if local_groups is None else packing.pack_pairs(modality_mask, local_groups, rows)
         yield {
+            **pairs,
             "specific_images": images,
-            "modality_mask": (np.arange(num_slots) == 0)[None] & valid[:, None],
+            "modality_mask": modality_mask,
             "valid": valid,
             "path": np.array([str(p) for p in chunk] + [""] * (batch_size - len(chunk))),
             "error": np.asarray(errors),
@@ -148,16 +155,21 @@ def predict(
     mesh = sharding.data_mesh()
     batch_size = sharding.per_host_batch_size(config.predict.batch_size, mesh, "config.predict.batch_size")
     folder = epath.Path(source)
+    groups = mesh.shape[sharding.DATA_AXIS]
     if folder.is_dir():
         batches = folder_batches(
-            folder, config.predict.modality_type, config.image_size, config.data.num_slots, batch_size
+            folder,
+            config.predict.modality_type,
+            config.image_size,
+            config.data.num_slots,
+            batch_size,
+            groups if config.data.pack_pairs else None,
         )
         name = folder.name
     else:
         dataset, _, split = source.partition(":")
         if not split:
             raise InvalidDataError(f"config.predict.input={source!r} is neither a folder nor <dataset>:<split>")
-        groups = mesh.shape[sharding.DATA_AXIS]
         batches = eval_loader(config.data, dataset, split, batch_size=batch_size, groups=groups, shard_by_host=True)
         name = f"{dataset.replace('/', '_')}_{split}"
     out_dir = epath.Path(workdir) / "predictions" / name

@@ -5,11 +5,12 @@
 Simulates the training loader's draws (`unimmad_jax.data.pipeline.BalancedDraws`, seeded as in
 training) for `--epochs` epochs, with every sample padded to `config.data.num_slots` (the layout
 without `data.pack_pairs`) and packed: each global batch dealt to the devices by modality count and
-computed with the run's pair budget per device, or with the full budget when it does not fit
-(`unimmad_jax.data.dealing`). The records are the prepared training indexes of
-`config.data.datasets` when all are prepared in `config.data.data_dir`, else what the builders
-declare. Waste = 1 - valid pairs / pairs computed, over all steps: padded pairs inside the budgets
-plus the full-budget steps' extra pairs. No data is read and nothing is computed on a device.
+computed with the run's pair budget per device, or with its overflow budget when it does not fit,
+or with the full budget when it fits neither (`unimmad_jax.data.dealing`). The records are the
+prepared training indexes of `config.data.datasets` when all are prepared in `config.data.data_dir`,
+else what the builders declare. Waste = 1 - valid pairs / pairs computed, over all steps: padded
+pairs inside the budgets plus the larger budgets' extra pairs. No data is read and nothing is
+computed on a device.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main(argv):
     if len(devices) != len(batches):
         raise app.UsageError(f"--devices has {len(devices)} entries, --global-batch {len(batches)}")
     print(
-        "| global batch | devices | steps/epoch | pair budget per device (full) | steps with the full budget "
+        "| global batch | devices | steps/epoch | pair budgets per device (overflow, full) | steps over the budget "
         "| waste: padded | waste: packed | expected by the budget |"
     )
     print("|---|---|---|---|---|---|---|---|")
@@ -72,7 +73,8 @@ def main(argv):
         run = simulate(keys, counts, config.seed, global_batch, groups, config.data.num_slots, FLAGS.epochs)
         budget = run["budget"]
         print(
-            f"| {global_batch} | {groups} | {run['steps_per_epoch']} | {budget.pairs} ({budget.full}) | "
+            f"| {global_batch} | {groups} | {run['steps_per_epoch']} | "
+            f"{budget.pairs} ({budget.overflow}, {budget.full}) | "
             f"{100 * run['overflow_share']:.1f} % | {100 * run['padded']:.1f} % | {100 * run['packed']:.1f} % | "
             f"{100 * budget.expected_waste:.1f} % |"
         )

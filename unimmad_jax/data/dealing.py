@@ -3,9 +3,10 @@
 A packed batch (`unimmad_jax.packing`) computes a fixed budget of (sample, slot) pairs per group,
 G groups = the devices along the mesh's data axis, B/G samples each. Dealing each global batch's
 samples to the groups by modality count evens out their pairs, so that one small budget fits
-almost every batch; a batch that does not fit runs with the full budget, B/G x num_slots, which
-fits every batch. The budget minimises the expected pair compute over simulated class-balanced
-draws, a function of the training records and the batch layout alone (docs/scale.md#padded-modality-slots).
+most batches; a batch that does not fit runs with an overflow budget, and one that does not fit
+that either with the full budget, B/G x num_slots, which fits every batch. The two smaller budgets
+minimise the expected pair compute over simulated class-balanced draws, a function of the
+training records and the batch layout alone (docs/scale.md#padded-modality-slots).
 """
 
 from __future__ import annotations
@@ -78,23 +79,25 @@ def group_pairs(counts: np.ndarray, groups: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class PairBudget:
-    """Pairs per group of the packed step, and of the step that a batch which does not fit runs.
+    """Pairs per group of the packed steps: the budget, the overflow budget and the full one.
 
     Attributes:
       pairs: the packed step's budget per group.
-      full: samples per group * num_slots, the budget of a batch that does not fit `pairs`.
+      overflow: the budget of a batch that does not fit `pairs` (at most `full`).
+      full: samples per group * num_slots, the budget of a batch that fits neither.
       overflow_rate: the share of simulated global batches that do not fit `pairs`.
       expected_waste: 1 - valid pairs / pairs computed, expected over steps.
     """
 
     pairs: int
+    overflow: int
     full: int
     overflow_rate: float
     expected_waste: float
 
     def for_batch(self, most_pairs: int) -> int:
         """The budget of a global batch whose fullest group has `most_pairs` pairs."""
-        return self.pairs if most_pairs <= self.pairs else self.full
+        return next(budget for budget in (self.pairs, self.overflow, self.full) if most_pairs <= budget)
 
 
 def choose_pair_budget(
@@ -104,11 +107,13 @@ def choose_pair_budget(
     groups: int,
     num_slots: int,
 ) -> PairBudget:
-    """The budget per group that minimises the expected pairs computed per step (`PairBudget`).
+    """The budget and overflow budget per group that minimise the expected pairs computed per step (`PairBudget`).
 
     Simulates global batches of class-balanced draws of the records (`class_keys`, their
-    `modality_counts`), deals each (`deal_by_modality_count`) and weighs every candidate budget's
-    padding against the full-budget steps of the batches that do not fit it.
+    `modality_counts`), deals each (`deal_by_modality_count`) and weighs every candidate pair of
+    budgets' padding against the steps of the batches that fit only the larger or neither. A
+    third budget costs one more compile, once, and pays where two leave much padding: at 8
+    samples a group, a group with a 4-modality sample fits 16 pairs only beside two 1-modality ones.
     """
     counts = np.asarray(modality_counts, np.int64)
     probabilities = class_balanced_probabilities(class_keys)
@@ -121,14 +126,22 @@ def choose_pair_budget(
     full = global_batch_size // groups * num_slots
     candidates = np.arange(1, full + 1)
     fits = (most[None, :] <= candidates[:, None]).mean(axis=1)
-    computed = candidates * fits + full * (1 - fits)
-    best = int(np.argmin(computed))
+    # computed[i, j]: budget candidates[i], overflow budget candidates[j] (j >= i), then the full one.
+    computed = (
+        candidates[:, None] * fits[:, None]
+        + candidates[None, :] * (fits[None, :] - fits[:, None])
+        + full * (1 - fits[None, :])
+    )
+    computed = np.where(candidates[None, :] >= candidates[:, None], computed, np.inf)
+    # Ties go to the larger budgets: a budget that every simulated batch fits needs no overflow budget below full.
+    best, overflow = (full - 1 - i for i in np.unravel_index(np.argmin(computed[::-1, ::-1]), computed.shape))
     valid = global_batch_size * float(value_probabilities @ values) / groups
     return PairBudget(
         pairs=int(candidates[best]),
+        overflow=int(candidates[overflow]),
         full=full,
         overflow_rate=float(1 - fits[best]),
-        expected_waste=float(1 - valid / computed[best]),
+        expected_waste=float(1 - valid / computed[best, overflow]),
     )
 
 

@@ -43,8 +43,8 @@ size ``B``, ``S = config.num_slots`` and ``H = W = config.image_size``:
 - ``pack_pairs``: batches carry their valid (sample, slot) pairs, so that
   padded slots cost no pair compute. Training deals each global batch's
   samples to the groups by modality count (`dealing.deal_by_modality_count`)
-  and packs it to the run's pair budget, or to the full budget when it does
-  not fit; evaluation packs every batch of a split to one budget that fits
+  and packs it to the run's pair budget, or to a larger one when it does
+  not fit (`dealing.PairBudget`); evaluation packs every batch of a split to one budget that fits
   them all. False: no pair fields, every slot computed.
 - ``num_read_threads``: threads reading and preprocessing (0: in the caller).
 - ``prefetch_batches``: batches read ahead per host.
@@ -276,8 +276,8 @@ class BalancedDraws:
     1 / (number of classes * size of i's class), from a generator seeded by (seed, e). Its
     `steps_per_epoch` global batches of N = `global_batch_size` records are its first draws in
     order; with `groups`, each batch dealt to the groups (`deal_by_modality_count`: the same
-    records in another order) and packed to `pair_budget` pairs per group, or to its full budget
-    when a group has more pairs.
+    records in another order) and packed to `pair_budget` pairs per group, or to its overflow or
+    full budget when a group has more pairs (`PairBudget.for_batch`).
     """
 
     def __init__(
@@ -367,7 +367,7 @@ class TrainLoader:
         return None if self.draws.pair_budget is None else self.draws.pair_budget.pairs
 
     def overflow_steps(self, epoch: int) -> int:
-        """The steps of `epoch` whose batch does not fit the pair budget and runs with the full one."""
+        """The steps of `epoch` whose batch does not fit the pair budget and runs with a larger one."""
         budgets = self.draws.epoch(epoch)[1]
         return 0 if budgets is None else int((budgets != self.draws.pair_budget.pairs).sum())
 
