@@ -75,7 +75,7 @@ class PreemptedRun(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def resumed_workdir(tmp_path_factory, trained_workdir, synthetic_data_dir) -> PreemptedRun:
+def preempted_run(tmp_path_factory, trained_workdir, synthetic_data_dir) -> PreemptedRun:
     """The uninterrupted run's checkpoint of epoch 2 run on: stopped by SIGTERM mid-epoch 3, run again and stopped
     by SIGTERM in the final evaluation, run again to its end.  Epochs 1 and 2 would be the uninterrupted run's
     again, and one run stopped twice spares a run of its own for the stop in an evaluation."""
@@ -100,35 +100,35 @@ def resumed_workdir(tmp_path_factory, trained_workdir, synthetic_data_dir) -> Pr
 
 
 def test_sigterm_mid_epoch_saves_and_the_resumed_run_ends_with_identical_parameters(
-    resumed_workdir, trained_workdir, synthetic_data_dir
+    preempted_run, trained_workdir, synthetic_data_dir
 ):
     # keep_checkpoints=3 counts the step checkpoints too (every 5 steps, and the epochs' ends 12, 24, 36)
-    assert checkpoint_steps(resumed_workdir.workdir) == [30, 35, 36]
-    assert_same_params(resumed_workdir.workdir, trained_workdir, synthetic_data_dir)
+    assert checkpoint_steps(preempted_run.workdir) == [30, 35, 36]
+    assert_same_params(preempted_run.workdir, trained_workdir, synthetic_data_dir)
 
 
-def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_evaluates_again(resumed_workdir):
+def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_evaluates_again(preempted_run):
     """The second stop of the fixture's run: in the evaluation after epoch 3."""
-    workdir, end = resumed_workdir.workdir, 3 * STEPS_PER_EPOCH
-    output = resumed_workdir.in_evaluation
+    workdir, end = preempted_run.workdir, 3 * STEPS_PER_EPOCH
+    output = preempted_run.in_evaluation
     assert f"at step {end} (end of epoch 3; the resumed run evaluates it first)" in output
-    assert "Evaluation after epoch 3" not in output and not resumed_workdir.evaluated_in_evaluation
-    assert resumed_workdir.checkpoints_in_evaluation == [30, 35, end]
-    assert f"Resumed from step {end} " in resumed_workdir.last and "Evaluation after epoch 3" in resumed_workdir.last
+    assert "Evaluation after epoch 3" not in output and not preempted_run.evaluated_in_evaluation
+    assert preempted_run.checkpoints_in_evaluation == [30, 35, end]
+    assert f"Resumed from step {end} " in preempted_run.last and "Evaluation after epoch 3" in preempted_run.last
     assert (workdir / "eval" / "epoch_0003.json").is_file() and (workdir / "calibration.json").is_file()
     assert checkpoint_steps(workdir) == [30, 35, end]
 
 
-def copy_of(resumed_workdir, tmp_path):
+def copy_of(preempted_run, tmp_path):
     workdir = tmp_path / "copy"
-    shutil.copytree(resumed_workdir.workdir, workdir)
+    shutil.copytree(preempted_run.workdir, workdir)
     return workdir
 
 
 def test_training_moves_a_truncated_latest_checkpoint_aside_and_resumes_from_the_previous(
-    resumed_workdir, trained_workdir, synthetic_data_dir, tmp_path
+    preempted_run, trained_workdir, synthetic_data_dir, tmp_path
 ):
-    workdir = copy_of(resumed_workdir, tmp_path)
+    workdir = copy_of(preempted_run, tmp_path)
     data_files = sorted((workdir / "checkpoints" / "36" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
     with data_files[-1].open("r+b") as f:
         f.truncate(100)
@@ -143,9 +143,9 @@ def test_training_moves_a_truncated_latest_checkpoint_aside_and_resumes_from_the
 
 
 def test_eval_and_predict_step_over_a_damaged_latest_checkpoint_without_moving_it(
-    resumed_workdir, synthetic_data_dir, tmp_path
+    preempted_run, synthetic_data_dir, tmp_path
 ):
-    workdir = copy_of(resumed_workdir, tmp_path)
+    workdir = copy_of(preempted_run, tmp_path)
     (workdir / "checkpoints" / "36" / "state" / "_METADATA").unlink()
     result = run(workdir, synthetic_data_dir, "--mode=eval")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -161,9 +161,9 @@ def test_eval_and_predict_step_over_a_damaged_latest_checkpoint_without_moving_i
 
 
 def test_a_checkpoint_of_another_config_is_an_error_naming_the_fields_and_stays(
-    resumed_workdir, synthetic_data_dir, tmp_path
+    preempted_run, synthetic_data_dir, tmp_path
 ):
-    workdir = copy_of(resumed_workdir, tmp_path)
+    workdir = copy_of(preempted_run, tmp_path)
     result = run(workdir, synthetic_data_dir, **{"model.planes": "(4,8,32)"})
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"checkpoint {workdir / 'checkpoints' / '36'} does not fit the configured model" in result.stderr
@@ -171,8 +171,8 @@ def test_a_checkpoint_of_another_config_is_an_error_naming_the_fields_and_stays(
     assert checkpoint_steps(workdir) == [30, 35, 36] and not (workdir / "checkpoints_damaged").exists()
 
 
-def test_no_readable_checkpoint_is_an_error_naming_the_folder(resumed_workdir, synthetic_data_dir, tmp_path):
-    workdir = copy_of(resumed_workdir, tmp_path)
+def test_no_readable_checkpoint_is_an_error_naming_the_folder(preempted_run, synthetic_data_dir, tmp_path):
+    workdir = copy_of(preempted_run, tmp_path)
     for step in (30, 35, 36):
         (workdir / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
     result = run(workdir, synthetic_data_dir)
