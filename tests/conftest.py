@@ -52,3 +52,17 @@ def trained_workdir(tmp_path_factory, synthetic_data_dir) -> Path:
     workdir = tmp_path_factory.mktemp("uninterrupted")
     run_main(workdir, synthetic_data_dir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def trained_predictions(trained_workdir, synthetic_data_dir) -> Path:
+    """`--mode=predict` of `trained_workdir` on the synthetic test split, 5 overlays: its output folder."""
+    from helpers import run_main
+
+    run_main(
+        trained_workdir,
+        synthetic_data_dir,
+        "--mode=predict",
+        **{"predict.input": "synthetic:test", "predict.max_overlays": 5},
+    )
+    return trained_workdir / "predictions" / "synthetic_test"

@@ -78,18 +78,22 @@ def run_main(workdir, data_dir, *args, **fields) -> str:
     return result.stdout
 
 
-def kill_when(command: list[str], path: Path) -> None:
-    """Run `command` and kill it (SIGKILL: nothing runs on exit) as soon as `path` exists; it must not end first."""
-    process = subprocess.Popen(
-        command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        while not path.exists() and process.poll() is None:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, f"{command} ended before {path} appeared"
+def kill_when(command: list[str], path: Path, output: Path) -> str:
+    """Run `command` and kill it (SIGKILL: nothing runs on exit) as soon as `path` exists; it must not end first.
+    Returns what it printed, kept in `output` (unbuffered: a killed process flushes nothing)."""
+    with output.open("w+") as f:
+        process = subprocess.Popen(
+            command, cwd=REPO, env={**subprocess_env(), "PYTHONUNBUFFERED": "1"}, stdout=f, stderr=subprocess.STDOUT
+        )
+        try:
+            while not path.exists() and process.poll() is None:
+                time.sleep(0.02)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.wait()
+        assert process.returncode == -signal.SIGKILL, f"{command} ended before {path} appeared"
+        f.seek(0)
+        return f.read()
 
 
 def sigterm_when(processes: list[subprocess.Popen], ready: Callable[[], bool], receivers: Sequence[int]) -> None:

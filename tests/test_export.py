@@ -77,9 +77,8 @@ def test_training_writes_a_calibration_whose_good_only_thresholds_leave_good_ima
     assert set(calibrate.DECISION_METRICS) | {"i_auroc", "p_auroc"} <= set(test)
 
 
-def test_predict_uses_each_class_threshold(workdir, synthetic_data_dir):
-    run_main(workdir, synthetic_data_dir, "--mode=predict", **{"predict.input": "synthetic:test"})
-    out = workdir / "predictions" / "synthetic_test"
+def test_predict_uses_each_class_threshold(workdir, trained_predictions):
+    out = trained_predictions
     assert (out / "scores.csv").read_text().splitlines()[0] == ",".join(serving.COLUMNS)
     rows = read_csv(out / "scores.csv")
     assert [{k: str(v) for k, v in row.items()} for row in json.loads((out / "scores.json").read_text())] == rows

@@ -37,6 +37,7 @@ DEVICES_PER_PROCESS = 2
 STEPS_PER_EPOCH = 96 // 8  # the tiny config's 96 training images, global batches of 8
 EPOCHS = 3
 LOSS_LINE = re.compile(r"process (\d+) step (\d+): (\{.*\})")
+STOPPED = re.compile(r"Stopped by a preemption notice at step (\d+) ")
 INITIAL_STATE_WORKER = """
 import sys
 import jax
@@ -221,28 +222,42 @@ def test_two_processes_predict_every_image_once(two_process_run, tmp_path, synth
     assert len(list((workdir / "predictions" / "synthetic_test" / "overlays").glob("*.png"))) == 3
 
 
+def variables_at(workdir, step: int, data_dir, copy) -> dict:
+    """The evaluated variables of `workdir`'s checkpoint `step`, read from a copy holding that checkpoint alone."""
+    shutil.copytree(workdir / "checkpoints" / str(step), copy / "checkpoints" / str(step))
+    config = load_config("tiny")
+    config.data.data_dir = str(data_dir)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
+    return weights.evaluated_variables(config, copy, mesh)
+
+
 def test_two_processes_stopped_by_sigterm_resume_to_identical_parameters(
     one_process_run, two_process_run, tmp_path, synthetic_data_dir
 ):
-    """The 2-process run of epochs 2 and 3 again, SIGTERM to process 1 alone once step 15 is logged: JAX's
-    preemption sync has both processes stop and save at one step of epoch 2, and run again they end with the
-    uninterrupted 2-process run's parameters."""
-    workdir = tmp_path / "preempted"
+    """The 2-process run of epoch 2 again, SIGTERM to process 1 alone once the train step is compiled: JAX's
+    preemption sync has both processes stop and save at one step of epoch 2, and run again they end epoch 2 with
+    the uninterrupted 2-process run's parameters.
+
+    A second notice, once epoch 2 is logged, stops the resumed run in epoch 3, and its checkpoint of epoch 2 is
+    compared: running on to the end would add epoch 3, an evaluation and a calibration, each compiled anew (the
+    multi-process runs go without the compilation cache), and check nothing more."""
+    workdir, logs, end = tmp_path / "preempted", tmp_path / "logs", 2 * STEPS_PER_EPOCH
     shutil.copytree(one_process_run[0], workdir / "checkpoints")
     drop_after(workdir, 1)
     args = main_args(workdir, synthetic_data_dir)
-    first, second = run_processes(
-        PROCESSES, args, tmp_path / "logs", (logged_step(workdir, 15), [1]), expected_code=EXIT_STATUS
-    )
-    stopped = int(re.search(r"Stopped by a preemption notice at step (\d+) ", first)[1])
-    assert 15 < stopped < 2 * STEPS_PER_EPOCH and "Stopped" not in second
+
+    def compiled() -> bool:
+        return "start-up:" in (logs / "process_0.log").read_text()
+
+    first, second = run_processes(PROCESSES, args, logs, (compiled, [1]), expected_code=EXIT_STATUS)
+    stopped = int(STOPPED.search(first)[1])
+    assert STEPS_PER_EPOCH < stopped < end and "Stopped" not in second
     assert max(int(p.name) for p in (workdir / "checkpoints").iterdir()) == stopped
-    first, _ = run_processes(PROCESSES, args, tmp_path / "logs")
-    assert f"Resumed from step {stopped} " in first
-    config = load_config("tiny")
-    config.data.data_dir = str(synthetic_data_dir)
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
-    expected, resumed = (weights.evaluated_variables(config, w, mesh) for w in (two_process_run[0], workdir))
+    first, second = run_processes(PROCESSES, args, logs, (logged_step(workdir, end), [1]), expected_code=EXIT_STATUS)
+    assert f"Resumed from step {stopped} " in first and "Resumed" not in second
+    assert end <= int(STOPPED.search(first)[1]) < EPOCHS * STEPS_PER_EPOCH and "Stopped" not in second
+    expected = variables_at(two_process_run[0], end, synthetic_data_dir, tmp_path / "uninterrupted")
+    resumed = variables_at(workdir, end, synthetic_data_dir, tmp_path / "resumed")
     for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
 
