@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from unimmad_jax import packing, sharding, train, weights
 from unimmad_jax.config import loss_config, model_config
 from unimmad_jax.data import first_training_images, train_loader
-from unimmad_jax.models.unimmad import IMAGE_SIZE_MULTIPLE, UniMMAD
+from unimmad_jax.models.unimmad import UniMMAD
 
 EPOCHS = 3  # of configs/tiny.py, on its classes tiles and brain_scan
 CLASSES = ("tiles", "brain_scan")  # 96 training images: 12 steps of 8 per epoch
@@ -116,13 +116,11 @@ def test_eight_devices_step_like_one(synthetic_data_dir):
     that sit before a norm and stay near zero); the largest loss difference seen was 6e-12.  In float32
     the tiny model's train-mode BatchNorm over 8 samples and Adam on parameters whose true gradient is
     zero amplify rounding differences to ~1 % after a few steps, on one device as much as on eight (a
-    reordered batch does the same), so float32 shows noise.  At 32 px, the smallest size the model takes:
-    splitting the batch does not depend on the size, and a CPU computes float64 convolutions slowly.
+    reordered batch does the same), so float32 shows noise.
     """
     assert len(jax.devices()) == 8
     config = tiny_config(synthetic_data_dir)
-    config.image_size = IMAGE_SIZE_MULTIPLE  # the model's and the data's
-    # float32 variables, as every run starts from
+    # float32 variables, as every run of the tiny config starts from (the compiled initialisation is shared)
     images = first_training_images(config.data, seed=0, batch_size=8)
     variables = weights.random_variables(UniMMAD(model_config(config)), config, images)
     config.model.dtype = "float64"
