@@ -2,6 +2,8 @@
 
 One batch of 16 samples with 1, 2, 3 and 4 of 4 modalities, packed in 8 groups with a budget of
 5 pairs (of 8 slots per group); the padded step (no pair fields: every slot computed) is the oracle.
+The tiny model runs at the smallest size it takes: packing does not depend on the size, and a CPU
+computes float64 convolutions slowly.
 """
 
 import dataclasses
@@ -16,7 +18,7 @@ from jax.sharding import Mesh
 
 from unimmad_jax import evaluate, packing, sharding, train
 from unimmad_jax.losses import LossConfig
-from unimmad_jax.models.unimmad import UniMMAD, init_variables
+from unimmad_jax.models.unimmad import IMAGE_SIZE_MULTIPLE, UniMMAD, init_variables
 
 GROUPS, BUDGET, SLOTS = 8, 5, 4
 COUNTS = (1, 4, 2, 3, 3, 2, 4, 1, 1, 1, 2, 2, 1, 3, 2, 1)
@@ -24,6 +26,12 @@ COUNTS = (1, 4, 2, 3, 3, 2, 4, 1, 1, 1, 2, 2, 1, 3, 2, 1)
 LOSS_RTOL, GRAD_RTOL = 1e-12, 1e-10
 ZERO_UP_TO_ROUNDING = 1e-12
 """Relative to the largest magnitude of all arrays: below it an array is zero up to float64 rounding."""
+
+
+@pytest.fixture(scope="module")
+def config32(tiny_config):
+    """The tiny model at 32 px, the smallest size (`IMAGE_SIZE_MULTIPLE`)."""
+    return dataclasses.replace(tiny_config, image_size=IMAGE_SIZE_MULTIPLE)
 
 
 def mesh_of(devices: int) -> Mesh:
@@ -39,12 +47,12 @@ def recorded_gradients() -> optax.GradientTransformation:
 
 
 @pytest.fixture(scope="module")
-def padded_batch(tiny_config):
+def padded_batch(config32):
     rng = np.random.default_rng(0)
     mask = np.zeros((len(COUNTS), SLOTS), bool)
     for row, count in enumerate(COUNTS):
         mask[row, rng.choice(SLOTS, count, replace=False)] = True
-    size = tiny_config.image_size
+    size = config32.image_size
     return {
         "specific_images": rng.standard_normal((len(COUNTS), SLOTS, size, size, 3)),
         "modality_mask": mask,
@@ -60,13 +68,13 @@ def packed_batch(padded_batch):
 
 
 @pytest.fixture(scope="module")
-def model64(tiny_config):
-    return UniMMAD(dataclasses.replace(tiny_config, dtype="float64"))
+def model64(config32):
+    return UniMMAD(dataclasses.replace(config32, dtype="float64"))
 
 
 @pytest.fixture(scope="module")
-def variables64(tiny_config):
-    variables = init_variables(UniMMAD(tiny_config), seed=0, slots=2)  # the tests' shared initialisation
+def variables64(config32):
+    variables = init_variables(UniMMAD(config32), seed=0, slots=2)
     with jax.enable_x64(True):
         return jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
 

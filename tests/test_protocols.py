@@ -16,7 +16,13 @@ from unimmad_jax.models.unimmad import UniMMAD
 from unimmad_jax.preemption import EXIT_STATUS
 
 TASKS = '(("synthetic:tiles",),("synthetic:brain_scan",))'
-STEPS_PER_TASK = 2 * 48 // 8  # 2 epochs of 48 training images in batches of 8
+EPOCHS = 1
+"""Of every protocol run here: the continual tasks compile the training steps that the separate runs reuse (a
+run's schedule, and so its compiled step, depends on `train.num_epochs`)."""
+STEPS_PER_TASK = EPOCHS * 48 // 8  # 48 training images in batches of 8
+STOP_AFTER_STEP = 2
+"""The continual run is stopped once task 2 has logged this step (every step logged): mid-epoch, with steps to
+spare before the epoch's end."""
 
 
 def tiny_protocol_config(data_dir, tasks):
@@ -55,16 +61,15 @@ def test_tasks_name_the_selection_at_fault(synthetic_data_dir):
 
 @pytest.fixture(scope="module")
 def continual_workdir(tmp_path_factory, synthetic_data_dir):
-    """A 2-task sequence stopped by SIGTERM in the first epoch of task 2 (exit status 143), then run again to the
+    """A 2-task sequence stopped by SIGTERM in the middle of task 2's epoch (exit status 143), then run again to the
     end."""
     workdir = tmp_path_factory.mktemp("continual")
-    command = main_command(
-        workdir, synthetic_data_dir, "--mode=continual", **{"continual.tasks": TASKS, "train.num_epochs": 2}
-    )
+    fields = {"continual.tasks": TASKS, "train.num_epochs": EPOCHS, "train.log_every_steps": 1}
+    command = main_command(workdir, synthetic_data_dir, "--mode=continual", **fields)
     with (workdir.parent / f"{workdir.name}.log").open("w+") as log:
         process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
         try:
-            sigterm_when([process], logged_step(workdir / "continual" / "task_2", 5), [0])
+            sigterm_when([process], logged_step(workdir / "continual" / "task_2", STOP_AFTER_STEP), [0])
             process.wait(timeout=900)
         finally:
             if process.poll() is None:
@@ -73,7 +78,7 @@ def continual_workdir(tmp_path_factory, synthetic_data_dir):
         stopped_output = log.read()
     assert process.returncode == EXIT_STATUS, stopped_output[-3000:]
     stopped = int(re.search(r"Stopped by a preemption notice at step (\d+) ", stopped_output)[1])
-    assert 5 <= stopped < STEPS_PER_TASK
+    assert STOP_AFTER_STEP <= stopped < STEPS_PER_TASK
     assert not (workdir / "continual" / "results.json").exists()
     task_1_log = (workdir / "continual" / "task_1" / "metrics.jsonl").read_text()
 
@@ -125,7 +130,10 @@ def test_a_task_starts_from_the_previous_ones_weights_with_a_fresh_optimizer(
 
 def test_unified_vs_separate(tmp_path, synthetic_data_dir):
     run_main(
-        tmp_path, synthetic_data_dir, "--mode=unified_vs_separate", **{"continual.tasks": TASKS, "train.num_epochs": 1}
+        tmp_path,
+        synthetic_data_dir,
+        "--mode=unified_vs_separate",
+        **{"continual.tasks": TASKS, "train.num_epochs": EPOCHS},
     )
     root = tmp_path / "unified_vs_separate"
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["separate_1", "separate_2", "unified"]
