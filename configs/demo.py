@@ -7,9 +7,9 @@ Its prior is random (`train.prior=random`, it says so): the ImageNet WideResNet-
 small widths, so the prior generator is a fixed random feature extractor whose BatchNorm statistics
 are measured on a training batch; the method still has to find the defects.
 
-Expected (docs/performance.md#the-demo, 2-core Intel Xeon CPUs, 12 epochs): 3 to 4 minutes in all;
-mean over the 5 classes I-AUROC 100.00, P-AUROC 98.10, AUPRO@30% 93.77, P-AP 30.18 on a Sapphire Rapids
-Xeon (float32 rounds differently on other CPUs).  With
+Expected (docs/performance.md#the-demo, 2-core Intel Xeon CPUs, 12 epochs): about 4 minutes in all;
+mean over the 5 classes I-AUROC 100.00, P-AUROC 98.24, AUPRO@30% 94.19, P-AP 32.23 on a Xeon with AMX
+(float32 rounds differently on other CPUs).  With
 `--config.data.datasets='("synthetic_hard",)'`: 5.0 minutes, I-AUROC 88.75.
 """
 
