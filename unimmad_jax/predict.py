@@ -33,6 +33,7 @@ from tqdm import tqdm  # noqa: E402
 from unimmad_jax import calibrate, evaluate, packing, sharding  # noqa: E402
 from unimmad_jax.config import eval_datasets  # noqa: E402
 from unimmad_jax.data import InvalidDataError, eval_loader, load_modality  # noqa: E402
+from unimmad_jax.data.pipeline import host_groups  # noqa: E402
 from unimmad_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from unimmad_jax.data.schema import DEPTH_TYPES, MODALITY_TYPES  # noqa: E402
 from unimmad_jax.models.unimmad import UniMMAD  # noqa: E402
@@ -66,7 +67,7 @@ def folder_batches(
     if modality_type not in MODALITY_TYPES:
         raise InvalidDataError(f"config.predict.modality_type={modality_type!r} is not one of {MODALITY_TYPES}")
     global_batch_size = batch_size * jax.process_count()
-    local_groups = None if groups is None else groups // jax.process_count()
+    local_groups = None if groups is None else host_groups(groups, batch_size, jax.process_count())
     for start in range(0, len(files), global_batch_size):
         first = start + jax.process_index() * batch_size
         chunk = files[first : first + batch_size]
@@ -79,8 +80,9 @@ def folder_batches(
                 errors[row] = str(error)
         valid = (np.arange(batch_size) < len(chunk)) & (np.asarray(errors) == "")
         modality_mask = (np.arange(num_slots) == 0)[None] & valid[:, None]
-        rows = None if local_groups is None else batch_size // local_groups
-        pairs = {} if local_groups is None else packing.pack_pairs(modality_mask, local_groups, rows)
+        pairs = (
+            {} if local_groups is None else packing.pack_pairs(modality_mask, local_groups, batch_size // local_groups)
+        )
         yield {
             **pairs,
             "specific_images": images,

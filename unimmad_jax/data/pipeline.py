@@ -405,7 +405,7 @@ def train_loader(
     process_index, process_count = _hosts(process_index, process_count)
     catalog = _with_replay(config, _open_catalog(config, config.datasets, "train"))
     global_batch_size = batch_size * process_count
-    local_groups = _local_groups(groups, batch_size, process_count)
+    local_groups = host_groups(groups, batch_size, process_count)
     draws = BalancedDraws(
         catalog.class_keys,
         catalog.modality_counts,
@@ -434,8 +434,8 @@ def train_loader(
     return TrainLoader(iterator, draws.steps_per_epoch, len(catalog), global_batch_size, draws)
 
 
-def _local_groups(groups: int, batch_size: int, process_count: int) -> int:
-    """This host's share of the `groups` pair groups; every group has the same rows."""
+def host_groups(groups: int, batch_size: int, process_count: int) -> int:
+    """This host's share of the `groups` pair groups (of its `batch_size` rows); every group has the same rows."""
     if groups <= 0 or groups % process_count or batch_size % (groups // process_count):
         raise ValueError(
             f"{groups} pair groups (devices along the data axis) do not split over {process_count} hosts "
@@ -520,7 +520,7 @@ def eval_loader(
         .batch(batch_size, drop_remainder=True, batch_fn=_stack)
     )
     if config.pack_pairs:
-        local_groups = _local_groups(groups, batch_size, process_count)
+        local_groups = host_groups(groups, batch_size, process_count)
         budget = eval_pair_budget(catalog.modality_counts, batch_size, process_count, local_groups)
         batches = batches.map(lambda batch: _with_pairs(batch, local_groups, budget))
     return EvalLoader(batches, _read_options(config), num_batches, num_examples)
